@@ -1,0 +1,72 @@
+"""npe2 hooks: the reader and the sample data. No Qt here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .images import is_supported, read_smear
+
+#: Typical red-cell diameter, the ruler of a smear.
+RBC_DIAMETER_UM = 7.5
+
+
+def smear_layer_data(smear, name: str | None = None) -> tuple:
+    """Layer-data tuple for a :class:`~napari_wbc.images.Smear` (scale in µm when known)."""
+    meta = {
+        "pixel_size_um": smear.pixel_size_um,
+        "path": str(smear.path) if smear.path else None,
+        "conversions": list(smear.conversions),
+    }
+    kwargs = {
+        "name": name or (smear.path.stem if smear.path else "smear"),
+        "rgb": True,
+        "multiscale": smear.multiscale,
+        "metadata": meta,
+    }
+    if smear.pixel_size_um:
+        kwargs["scale"] = (smear.pixel_size_um, smear.pixel_size_um)
+        kwargs["units"] = ("µm", "µm")
+    data = smear.levels if smear.multiscale else smear.levels[0]
+    return (data, kwargs, "image")
+
+
+def get_reader(path):
+    """Return a reader for one supported image path, else None (napari tries others)."""
+    if isinstance(path, list):
+        if len(path) != 1:
+            return None
+        path = path[0]
+    if not is_supported(path):
+        return None
+    return _read
+
+
+def _read(path):
+    paths = path if isinstance(path, list) else [path]
+    layers = []
+    for p in paths:
+        smear = read_smear(p)
+        layers.append(smear_layer_data(smear, Path(p).stem))
+    return layers
+
+
+def make_sample_data():
+    """The built-in synthetic smear (generated, works offline)."""
+    from .synthetic import SmearParams, make_sample_smear
+
+    image = make_sample_smear()
+    # A red cell is about 7.5 µm across; the generator draws it rbc_diameter px wide.
+    pixel_size = RBC_DIAMETER_UM / SmearParams().rbc_diameter
+    return [
+        (
+            image,
+            {
+                "name": "synthetic smear",
+                "rgb": True,
+                "scale": (pixel_size, pixel_size),
+                "units": ("µm", "µm"),
+                "metadata": {"pixel_size_um": pixel_size, "synthetic": True},
+            },
+            "image",
+        )
+    ]

@@ -1,0 +1,1 @@
+"""Qt widgets: thin views over the compute core."""

@@ -1,0 +1,185 @@
+"""The ``napari-wbc`` command line.
+
+Each subcommand is a thin layer over one core generator, driven with a
+terminal progress bar. Errors napari-wbc raises on purpose are printed as one
+line and exit with status 2; Ctrl-C exits with status 130 and leaves no
+half-written output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from . import __version__
+from .errors import WBCError
+from .progress import TerminalBar, run
+
+log = logging.getLogger("napari_wbc")
+
+
+def _drive(gen, quiet: bool = False):
+    """Run a progress generator with a terminal bar (unless quiet)."""
+    bar = None if quiet else TerminalBar()
+    try:
+        return run(gen, bar)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+# ------------------------------------------------------------------ normalize
+
+
+def _load_reference(spec: str | None):
+    from .images import read_smear
+    from .stain import StainReference, default_reference, iter_fit_stain_reference
+
+    if spec is None:
+        return default_reference()
+    path = Path(spec)
+    if path.suffix.lower() == ".json":
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise WBCError(f"cannot read stain reference {path}: {exc}") from exc
+        return StainReference.from_dict(data)
+    smear = read_smear(path)
+    try:
+        return run(iter_fit_stain_reference(smear.levels[-1], description=f"fitted on {path.name}"))
+    finally:
+        smear.close()
+
+
+def cmd_normalize(args) -> int:
+    from .images import read_smear
+    from .stain import iter_prepare_normalizer, normalize_array
+    from .tiff import iter_write_pyramid_tiff
+
+    reference = _load_reference(args.reference)
+    smear = read_smear(args.input)
+    try:
+        normalizer = _drive(
+            iter_prepare_normalizer(smear.levels, args.method, reference), args.quiet
+        )
+        out = normalize_array(smear.levels[0], normalizer)
+        meta = {"napari_wbc": {"stain_method": args.method, "source": str(args.input)}}
+        path = _drive(
+            iter_write_pyramid_tiff(
+                args.output, out, pixel_size_um=smear.pixel_size_um, tile=args.tile, metadata=meta
+            ),
+            args.quiet,
+        )
+    finally:
+        smear.close()
+    if args.save_reference:
+        Path(args.save_reference).write_text(json.dumps(normalizer.source.to_dict(), indent=2))
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_reference(args) -> int:
+    reference = _load_reference(args.image)
+    text = json.dumps(reference.to_dict(), indent=2)
+    if args.output:
+        Path(args.output).write_text(text + "\n")
+    else:
+        print(text)
+    return 0
+
+
+# ----------------------------------------------------------------------- view
+
+
+def cmd_view(args) -> int:
+    import napari
+
+    viewer = napari.Viewer()
+    if args.files:
+        viewer.open(args.files, plugin="napari-wbc")
+    else:
+        viewer.open_sample("napari-wbc", "smear")
+    viewer.window.add_plugin_dock_widget("napari-wbc", "Stain normalization")
+    if args.screenshot:
+        from qtpy.QtWidgets import QApplication
+
+        for _ in range(20):
+            QApplication.processEvents()
+        viewer.screenshot(args.screenshot, canvas_only=False, flash=False)
+        viewer.close()
+        return 0
+    napari.run()
+    return 0
+
+
+# ----------------------------------------------------------------------- main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="napari-wbc",
+        description="Find, classify and count white blood cells in blood smears.",
+    )
+    parser.add_argument("--version", action="version", version=f"napari-wbc {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more detail")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser(
+        "normalize",
+        help="stain-normalize a smear into a tiled pyramidal TIFF",
+        description="Stain-normalize a smear image of any size, streaming tile by tile, "
+        "into a tiled, pyramidal BigTIFF.",
+    )
+    p.add_argument("input", type=Path, help="image to normalize (TIFF, SVS, JPEG, PNG, BMP)")
+    p.add_argument("-o", "--output", type=Path, required=True, help="output .tif")
+    p.add_argument("--method", choices=("macenko", "reinhard", "none"), default="macenko")
+    p.add_argument(
+        "--reference",
+        help="image to take the target stain from, or a reference .json; "
+        "default: the built-in PBC reference",
+    )
+    p.add_argument("--tile", type=int, default=512, help="TIFF tile size (default 512)")
+    p.add_argument("--save-reference", help="also save the input's fitted stain statistics (.json)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_normalize)
+
+    p = sub.add_parser(
+        "reference",
+        help="print the stain reference of an image (or the built-in one) as JSON",
+    )
+    p.add_argument("image", nargs="?", help="image to fit on; default: the built-in reference")
+    p.add_argument("-o", "--output", help="write the JSON here instead of printing it")
+    p.set_defaults(func=cmd_reference)
+
+    p = sub.add_parser("view", help="open napari with the plugin (on the sample smear by default)")
+    p.add_argument("files", nargs="*", help="images to open instead of the sample")
+    p.add_argument("--screenshot", help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_view)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s: %(message)s",
+    )
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 1
+    try:
+        return int(args.func(args) or 0)
+    except WBCError as exc:
+        print(f"napari-wbc {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"napari-wbc {args.command}: cancelled", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

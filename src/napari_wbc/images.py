@@ -1,0 +1,416 @@
+"""Reading smear images of any size as lazy, multiscale, RGB dask arrays.
+
+A whole slide is never loaded into memory: TIFF files (plain, OME, pyramidal
+SVS-like) are opened through tifffile's zarr interface and wrapped in dask
+arrays; small formats (JPEG, PNG, BMP) are decoded once.
+
+Every image comes out as ``uint8`` RGB with the channel axis last. Documented
+conversions:
+
+- grayscale → RGB by repeating the channel;
+- RGBA → RGB by compositing over a white background (transparent = glass);
+- 16-bit → 8-bit by scaling the full 0–65535 range to 0–255;
+- float → 8-bit when values lie in 0–1 (scaled by 255) or 0–255 (rounded).
+
+Anything else (two channels, several Z/T planes, signed or complex pixels,
+float values outside 0–255) is refused with an :class:`ImageReadError`.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import dask.array as da
+import numpy as np
+
+from .errors import ImageReadError
+
+log = logging.getLogger(__name__)
+
+TIFF_SUFFIXES = (".tif", ".tiff", ".svs", ".ome.tif", ".ome.tiff", ".btf", ".tf8")
+PLAIN_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+SUPPORTED_SUFFIXES = TIFF_SUFFIXES + PLAIN_SUFFIXES
+
+#: Plausible microscope pixel sizes; resolution tags outside this range (such
+#: as the 72 dpi that cameras write) say nothing about the specimen.
+PLAUSIBLE_UM_PER_PX = (0.02, 10.0)
+
+#: Add lazily downsampled levels to single-level images larger than this.
+PYRAMID_THRESHOLD = 8192
+
+
+@dataclass
+class Smear:
+    """A smear image opened lazily.
+
+    Attributes
+    ----------
+    levels : list of dask.array.Array
+        Resolution levels, full resolution first, each ``(Y, X, 3)`` uint8.
+    pixel_size_um : float or None
+        Micrometres per pixel at full resolution, when the file says so.
+    path : Path or None
+        Where the image came from.
+    conversions : list of str
+        What was done to make it 8-bit RGB, for the user to see.
+    """
+
+    levels: list[da.Array]
+    pixel_size_um: float | None = None
+    path: Path | None = None
+    conversions: list[str] = field(default_factory=list)
+    _handles: list = field(default_factory=list, repr=False)
+
+    @property
+    def data(self) -> da.Array:
+        """Full-resolution level."""
+        return self.levels[0]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.levels[0].shape)
+
+    @property
+    def multiscale(self) -> bool:
+        return len(self.levels) > 1
+
+    def close(self) -> None:
+        """Close file handles held for lazy reading."""
+        for handle in self._handles:
+            handle.close()
+        self._handles.clear()
+
+
+def is_supported(path: str | Path) -> bool:
+    """True when the file name has an extension napari-wbc reads."""
+    return str(path).lower().endswith(SUPPORTED_SUFFIXES)
+
+
+def read_smear(path: str | Path, chunk: int = 1024) -> Smear:
+    """Open a smear image lazily as 8-bit RGB.
+
+    Parameters
+    ----------
+    path : str or Path
+        A TIFF/OME-TIFF/SVS-like pyramidal TIFF, JPEG, PNG or BMP file.
+    chunk : int
+        Dask chunk edge (pixels) for images that are not tiled on disk.
+
+    Returns
+    -------
+    Smear
+
+    Raises
+    ------
+    ImageReadError
+        When the file is missing, empty, corrupt, truncated, not an image, or
+        cannot be converted to RGB (the message says which and what to do).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ImageReadError(f"{path}: no such file")
+    if path.is_dir():
+        raise ImageReadError(f"{path} is a folder; choose an image file")
+    if path.stat().st_size == 0:
+        raise ImageReadError(f"{path} is an empty file (0 bytes)")
+    name = path.name.lower()
+    if name.endswith(TIFF_SUFFIXES):
+        smear = _read_tiff(path, chunk)
+    elif name.endswith(PLAIN_SUFFIXES):
+        smear = _read_plain(path, chunk)
+    else:
+        raise ImageReadError(
+            f"{path.name}: unsupported file type; napari-wbc reads "
+            + ", ".join(SUPPORTED_SUFFIXES)
+        )
+    smear.path = path
+    if len(smear.levels) == 1 and max(smear.shape[:2]) > PYRAMID_THRESHOLD:
+        smear.levels = build_pyramid(smear.levels[0])
+    for note in smear.conversions:
+        log.info("%s: %s", path.name, note)
+    return smear
+
+
+def build_pyramid(level0: da.Array, min_size: int = 1024) -> list[da.Array]:
+    """Lazily add 2× downsampled levels (by striding) until the image fits ``min_size``."""
+    levels = [level0]
+    while max(levels[-1].shape[:2]) > min_size:
+        levels.append(levels[-1][::2, ::2])
+    return levels
+
+
+# --------------------------------------------------------------------------- TIFF
+
+
+def _read_tiff(path: Path, chunk: int) -> Smear:
+    import tifffile
+    import zarr
+
+    try:
+        tif = tifffile.TiffFile(path)
+    except Exception as exc:  # tifffile raises many types for bad files
+        raise ImageReadError(
+            f"{path.name} is not a readable TIFF file (corrupt or not a TIFF: {exc})"
+        ) from exc
+    try:
+        if not tif.series:
+            raise ImageReadError(f"{path.name}: the TIFF file holds no readable image; it may be corrupt")
+        series = tif.series[0]
+        axes = series.axes
+        store = series.aszarr()
+        node = zarr.open(store, mode="r")
+        if isinstance(node, zarr.Array):
+            arrays = [node]
+        else:
+            arrays = [node[str(i)] for i in range(len(series.levels))]
+        levels = [da.from_zarr(a) for a in arrays]
+        conversions: list[str] = []
+        levels = [_to_yxc(level, axes, path.name, conversions) for level in levels]
+        # Tile-sized chunks for untiled TIFFs read as one strip.
+        levels = [_rechunk(level, chunk) for level in levels]
+        levels = _to_rgb8(levels, path.name, conversions)
+        pixel_size = _tiff_pixel_size(tif)
+        _check_tiff_complete(tif, series, path)
+    except ImageReadError:
+        tif.close()
+        raise
+    except Exception as exc:
+        tif.close()
+        raise ImageReadError(f"{path.name}: cannot read the TIFF image ({exc})") from exc
+    # Touch one block so a truncated file fails now, not deep inside napari.
+    try:
+        levels[-1][:1, :1].compute()
+    except Exception as exc:
+        tif.close()
+        raise ImageReadError(
+            f"{path.name}: the image data cannot be decoded; the file is truncated or corrupt ({exc})"
+        ) from exc
+    return Smear(levels, pixel_size, path, _dedupe(conversions), [tif])
+
+
+def _check_tiff_complete(tif, series, path: Path) -> None:
+    """Refuse a file whose pixel data runs past its end (a cut-off copy or download)."""
+    size = path.stat().st_size
+    for level in series.levels:
+        for page in level.pages:
+            if page is None:
+                continue
+            offsets = np.asarray(page.dataoffsets, dtype=np.int64)
+            counts = np.asarray(page.databytecounts, dtype=np.int64)
+            if len(offsets) and int((offsets + counts).max()) > size:
+                raise ImageReadError(
+                    f"{path.name} is truncated: its pixel data runs past the end of the file "
+                    f"({size} bytes). Copy or export the file again."
+                )
+
+
+def _to_yxc(arr: da.Array, axes: str, name: str, conversions: list[str]) -> da.Array:
+    """Reorder a TIFF series to (Y, X, C), dropping singleton extra axes."""
+    axes = axes.upper()
+    index = []
+    kept = []
+    for ax, size in zip(axes, arr.shape, strict=True):
+        if ax in "YX" or ax in "SC":
+            index.append(slice(None))
+            kept.append(ax)
+        elif size == 1:
+            index.append(0)
+        else:
+            raise ImageReadError(
+                f"{name} has {size} planes along axis {ax!r} (axes {axes}); "
+                "napari-wbc expects one 2-D RGB smear. Save a single plane and try again."
+            )
+    arr = arr[tuple(index)]
+    channel_axes = [i for i, ax in enumerate(kept) if ax in "SC"]
+    if len(channel_axes) > 1:
+        raise ImageReadError(f"{name}: cannot interpret axes {axes} as an RGB image")
+    if not channel_axes:
+        return arr[..., None]
+    return da.moveaxis(arr, channel_axes[0], -1)
+
+
+def _tiff_pixel_size(tif) -> float | None:
+    """Micrometres per pixel from OME, SVS (MPP) or resolution tags, if plausible."""
+    lo, hi = PLAUSIBLE_UM_PER_PX
+    candidates: list[float] = []
+    if tif.is_ome and tif.ome_metadata:
+        match = re.search(r'PhysicalSizeX="([0-9.eE+-]+)"', tif.ome_metadata)
+        unit = re.search(r'PhysicalSizeXUnit="([^"]+)"', tif.ome_metadata)
+        if match:
+            value = float(match.group(1))
+            scale = {"nm": 1e-3, "mm": 1e3, "m": 1e6, "cm": 1e4}.get(
+                unit.group(1) if unit else "µm", 1.0
+            )
+            candidates.append(value * scale)
+    page = tif.pages.first
+    desc = page.description or ""
+    match = re.search(r"MPP\s*=\s*([0-9.]+)", desc)
+    if match:
+        candidates.append(float(match.group(1)))
+    tags = page.tags
+    if "XResolution" in tags and "ResolutionUnit" in tags:
+        num, den = tags["XResolution"].value
+        unit = int(tags["ResolutionUnit"].value)
+        if num and den:
+            per_unit = num / den
+            if unit == 3:  # centimetre
+                candidates.append(1e4 / per_unit)
+            elif unit == 2:  # inch
+                candidates.append(25400.0 / per_unit)
+    for value in candidates:
+        if lo <= value <= hi:
+            return float(value)
+    return None
+
+
+# ------------------------------------------------------------------ JPEG/PNG/BMP
+
+
+def _read_plain(path: Path, chunk: int) -> Smear:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            mode = im.mode
+            dpi = im.info.get("dpi")
+            if mode == "P":
+                im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+            elif mode in ("CMYK", "YCbCr", "LAB", "HSV"):
+                im = im.convert("RGB")
+            arr = np.asarray(im)
+    except UnidentifiedImageError as exc:
+        raise ImageReadError(
+            f"{path.name} is not an image napari-wbc can read (is it really a "
+            f"{path.suffix.lstrip('.').upper()} file?)"
+        ) from exc
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageReadError(
+            f"{path.name}: the image cannot be decoded; the file is truncated or corrupt ({exc})"
+        ) from exc
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    levels = [da.from_array(arr, chunks=(chunk, chunk, -1))]
+    conversions: list[str] = []
+    if mode == "P":
+        conversions.append("palette image expanded to RGB")
+    levels = _to_rgb8(levels, path.name, conversions)
+    pixel_size = None
+    if dpi and dpi[0]:
+        value = 25400.0 / float(dpi[0])
+        if PLAUSIBLE_UM_PER_PX[0] <= value <= PLAUSIBLE_UM_PER_PX[1]:
+            pixel_size = value
+    return Smear(levels, pixel_size, path, _dedupe(conversions))
+
+
+# --------------------------------------------------------------- conversions
+
+
+def as_rgb8(image, name: str = "image") -> tuple[da.Array | np.ndarray, list[str]]:
+    """Convert one array (numpy or dask, ``(Y, X)`` or ``(Y, X, C)``) to 8-bit RGB.
+
+    Returns the converted array (same kind as the input) and the list of
+    conversions made. Raises :class:`ImageReadError` for unusable inputs.
+    """
+    is_numpy = isinstance(image, np.ndarray)
+    arr = da.asarray(image) if is_numpy else image
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    if arr.ndim != 3:
+        raise ImageReadError(
+            f"{name} has {arr.ndim} dimensions; expected a 2-D image (Y, X) or (Y, X, channels)"
+        )
+    conversions: list[str] = []
+    (out,) = _to_rgb8([arr], name, conversions)
+    if is_numpy:
+        out = out.compute()
+    return out, conversions
+
+
+def _to_rgb8(levels: list[da.Array], name: str, conversions: list[str]) -> list[da.Array]:
+    """Apply the documented conversions to every level, or refuse."""
+    first = levels[0]
+    if first.ndim != 3:
+        raise ImageReadError(f"{name}: expected a 2-D image, got shape {first.shape}")
+    if 0 in first.shape:
+        raise ImageReadError(f"{name} is empty (shape {first.shape})")
+    channels = first.shape[-1]
+    if channels not in (1, 3, 4):
+        raise ImageReadError(
+            f"{name} has {channels} channels; expected RGB (3), RGBA (4) or grayscale (1)"
+        )
+    dtype = np.dtype(first.dtype)
+    scale = _dtype_scale(dtype, levels[-1], name, conversions)
+    out = []
+    for level in levels:
+        level = level.rechunk({2: -1})
+        if scale is not None:
+            level = level.map_blocks(_scale_block, scale, dtype=np.uint8, meta=np.empty((0, 0, 0), np.uint8))
+        if channels == 4:
+            level = level.map_blocks(
+                _composite_on_white,
+                chunks=(*level.chunks[:2], (3,)),
+                dtype=np.uint8,
+                meta=np.empty((0, 0, 0), np.uint8),
+            )
+        elif channels == 1:
+            level = da.concatenate([level] * 3, axis=2)
+        out.append(level)
+    if channels == 4:
+        conversions.append("RGBA converted to RGB by compositing over white")
+    elif channels == 1:
+        conversions.append("grayscale converted to RGB (channel repeated)")
+    return out
+
+
+def _dtype_scale(dtype: np.dtype, smallest: da.Array, name: str, conversions: list[str]):
+    """Factor that maps the pixel type to 0–255, or None for uint8."""
+    if dtype == np.uint8:
+        return None
+    if dtype == np.uint16:
+        conversions.append("16-bit converted to 8-bit (0–65535 scaled to 0–255)")
+        return 255.0 / 65535.0
+    if dtype == np.bool_:
+        raise ImageReadError(f"{name} is a binary mask, not a smear image")
+    if np.issubdtype(dtype, np.floating):
+        # Decide the range from the smallest level: cheap even for a slide.
+        vmin, vmax = da.compute(smallest.min(), smallest.max())
+        if not (np.isfinite(vmin) and np.isfinite(vmax)):
+            raise ImageReadError(f"{name} holds NaN or infinite values")
+        if vmin >= 0 and vmax <= 1.0:
+            conversions.append("float image in 0–1 scaled to 8-bit")
+            return 255.0
+        if vmin >= 0 and vmax <= 255.0:
+            conversions.append("float image in 0–255 rounded to 8-bit")
+            return 1.0
+        raise ImageReadError(
+            f"{name} is a float image with values {vmin:g}..{vmax:g}; expected 0–1 or 0–255. "
+            "Rescale it to 8-bit RGB first."
+        )
+    raise ImageReadError(
+        f"{name} has pixel type {dtype}; expected 8-bit or 16-bit unsigned integers or float"
+    )
+
+
+def _scale_block(block: np.ndarray, scale: float) -> np.ndarray:
+    return np.clip(np.rint(block.astype(np.float32) * scale), 0, 255).astype(np.uint8)
+
+
+def _composite_on_white(block: np.ndarray) -> np.ndarray:
+    rgb = block[..., :3].astype(np.float32)
+    alpha = block[..., 3:4].astype(np.float32) / 255.0
+    return np.clip(np.rint(rgb * alpha + 255.0 * (1.0 - alpha)), 0, 255).astype(np.uint8)
+
+
+def _rechunk(level: da.Array, chunk: int) -> da.Array:
+    ys, xs = level.chunks[0], level.chunks[1]
+    if max(ys) > 4 * chunk or max(xs) > 4 * chunk:
+        return level.rechunk((chunk, chunk, -1))
+    return level
+
+
+def _dedupe(items: list[str]) -> list[str]:
+    return list(dict.fromkeys(items))

@@ -1,0 +1,368 @@
+"""Classify cell crops with a test-time-augmented ensemble.
+
+Each member of an :class:`Ensemble` sees every crop under each transform of a
+test-time augmentation (TTA) set; its softmax probabilities are averaged over
+the transforms, and the members' averages are combined with the member weights
+(arXiv 2603.01976: different timm backbones, flips and 90° rotations,
+probability averaging). Blood-cell crops have no preferred orientation, so
+the dihedral group D4 (4 rotations × optional mirror) is the natural TTA set.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from napari_wbc.errors import DataError, ModelFileError, WBCError
+from napari_wbc.models.build import get_device
+from napari_wbc.models.files import ModelConfig, class_difference
+from napari_wbc.progress import Progress, ProgressGen, run
+
+logger = logging.getLogger(__name__)
+
+
+# --- test-time augmentation -----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class D4Transform:
+    """An element of the dihedral group D4 acting on the last two axes.
+
+    The image is first mirrored left-right (when ``flip``), then rotated by
+    ``k`` quarter turns counter-clockwise. Works on NCHW tensors.
+    """
+
+    k: int = 0
+    flip: bool = False
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.flip:
+            x = x.flip(-1)
+        return torch.rot90(x, self.k % 4, dims=(-2, -1)) if self.k % 4 else x
+
+    @property
+    def name(self) -> str:
+        names = {
+            (0, False): "identity",
+            (1, False): "rot90",
+            (2, False): "rot180",
+            (3, False): "rot270",
+            (0, True): "hflip",
+            (1, True): "hflip+rot90",
+            (2, True): "vflip",
+            (3, True): "hflip+rot270",
+        }
+        return names[(self.k % 4, self.flip)]
+
+
+#: Named TTA sets: lists of transforms on NCHW tensors. "flips" holds the
+#: identity, the two mirrors and their product (a half turn); "d4" all 8
+#: symmetries of the square.
+TTA_SETS: dict[str, list[Callable[[torch.Tensor], torch.Tensor]]] = {
+    "none": [D4Transform(0, False)],
+    "flips": [D4Transform(0, False), D4Transform(0, True), D4Transform(2, True), D4Transform(2)],
+    "d4": [D4Transform(k, f) for f in (False, True) for k in range(4)],
+}
+
+
+# --- ensembles ------------------------------------------------------------------
+
+
+class EnsembleMember(NamedTuple):
+    """One model of an ensemble with its config and (unnormalised) weight."""
+
+    model: torch.nn.Module
+    config: ModelConfig
+    weight: float = 1.0
+
+
+@dataclass
+class Ensemble:
+    """Models that classify the same crops, combined by weighted probability averaging.
+
+    Parameters
+    ----------
+    members : list of EnsembleMember or (model, config, weight) tuples
+        The models. They must share classes (in order) and field of view.
+    tta : {"none", "flips", "d4"}
+        Default test-time augmentation set.
+    name, metrics, notes, path
+        Description (from the ensemble or model file).
+
+    Raises
+    ------
+    ModelFileError
+        When members disagree on classes or field of view.
+    """
+
+    members: list[EnsembleMember]
+    tta: str = "d4"
+    name: str = ""
+    metrics: dict[str, Any] = field(default_factory=dict)
+    notes: str = ""
+    path: Path | None = None
+
+    def __post_init__(self):
+        self.members = [EnsembleMember(*m) for m in self.members]
+        if not self.members:
+            raise ModelFileError("an ensemble needs at least one member model")
+        if self.tta not in TTA_SETS:
+            raise WBCError(f"unknown TTA set {self.tta!r}; use one of {', '.join(TTA_SETS)}")
+        first = self.members[0].config
+        for i, member in enumerate(self.members[1:], start=1):
+            diff = class_difference(first.classes, member.config.classes)
+            if diff:
+                raise ModelFileError(
+                    f"ensemble members 0 ({first.name}) and {i} ({member.config.name}) have "
+                    f"different classes: {diff}"
+                )
+            ratio = member.config.spec.fov_rbc / first.spec.fov_rbc
+            if abs(ratio - 1) > 1e-6:
+                raise ModelFileError(
+                    f"ensemble members 0 ({first.name}) and {i} ({member.config.name}) see "
+                    "different fields of view; they cannot classify the same crops"
+                )
+            if member.weight <= 0:
+                raise ModelFileError(f"member {i} has weight {member.weight}; must be positive")
+        stains = {repr(m.config.stain) for m in self.members}
+        if len(stains) > 1:
+            logger.warning(
+                "ensemble %s: members were trained on different stain references; "
+                "crops are normalised to the first one's",
+                self.name,
+            )
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return self.members[0].config.classes
+
+    @property
+    def fov_px(self) -> int:
+        """Crop side in pixels at training scale (of the first member)."""
+        return self.members[0].config.spec.fov_px
+
+    @property
+    def rbc_diameter_px(self) -> float:
+        """Red-cell diameter in pixels at training scale (of the first member)."""
+        return self.members[0].config.spec.rbc_diameter_px
+
+    @property
+    def fov_rbc(self) -> float:
+        """Crop side in red-cell diameters (the same for every member)."""
+        return self.members[0].config.spec.fov_rbc
+
+    @property
+    def stain(self) -> dict[str, Any] | None:
+        """Stain reference that crops should be normalised to (first member's)."""
+        return self.members[0].config.stain
+
+    @property
+    def weights(self) -> np.ndarray:
+        """Member weights normalised to sum to 1."""
+        w = np.array([m.weight for m in self.members], dtype=np.float64)
+        return w / w.sum()
+
+    @property
+    def device(self) -> torch.device:
+        return _model_device(self.members[0].model)
+
+    def to(self, device: str | torch.device) -> Ensemble:
+        """Move every member model to ``device`` (in place); return self."""
+        device = get_device(device)
+        for member in self.members:
+            member.model.to(device)
+        return self
+
+    def predict(self, crops, **kwargs) -> dict[str, Any]:
+        """Shortcut for :func:`predict_crops` (``ensemble.predict(crops)``)."""
+        return predict_crops(self, crops, **kwargs)
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    """Device of a model's first parameter (CPU for a model without parameters)."""
+    for param in model.parameters():
+        return param.device
+    return torch.device("cpu")
+
+
+# --- prediction -----------------------------------------------------------------
+
+
+def predict_crops(
+    ensemble: Ensemble,
+    crops: np.ndarray | Sequence[np.ndarray],
+    batch_size: int = 64,
+    tta: str | None = None,
+    device: str | torch.device | None = None,
+) -> dict[str, Any]:
+    """Classify crops with an ensemble; see :func:`iter_predict_crops`."""
+    return run(iter_predict_crops(ensemble, crops, batch_size, tta, device))
+
+
+def iter_predict_crops(
+    ensemble: Ensemble,
+    crops: np.ndarray | Sequence[np.ndarray],
+    batch_size: int = 64,
+    tta: str | None = None,
+    device: str | torch.device | None = None,
+) -> ProgressGen[dict[str, Any]]:
+    """Classify crops with an ensemble, yielding progress after each batch and member.
+
+    Parameters
+    ----------
+    ensemble : Ensemble
+        The models.
+    crops : ndarray (N, H, W, 3) uint8, or sequence of (H, W, 3) uint8 arrays
+        RGB crops already cut at the models' field of view (``ensemble.fov_px``
+        at training scale) and stain-normalised; any size, they are resized to
+        each member's input size (bilinear, antialiased).
+    batch_size : int
+        Crops per forward pass.
+    tta : {"none", "flips", "d4"}, optional
+        TTA set; default ``ensemble.tta``.
+    device : str or torch.device, optional
+        Where to run; member models are moved there. Default: where the first
+        member is.
+
+    Yields
+    ------
+    Progress
+        Stage "classify"; ``done``/``total`` count crop × member passes.
+
+    Returns
+    -------
+    dict
+        ``probs`` (N, C) float32 ensemble probabilities; ``member_probs``
+        (M, N, C) float32 per member (each averaged over TTA); ``classes``
+        tuple of names; ``pred`` (N,) int64 argmax of ``probs``;
+        ``confidence`` (N,) float32 max of ``probs``.
+    """
+    crops = _check_crops(crops)
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise WBCError(f"batch_size must be a positive integer, got {batch_size!r}")
+    tta = ensemble.tta if tta is None else tta
+    if tta not in TTA_SETS:
+        raise WBCError(f"unknown TTA set {tta!r}; use one of {', '.join(TTA_SETS)}")
+    transforms = TTA_SETS[tta]
+    device = ensemble.device if device is None else get_device(device)
+    n, m, c = len(crops), len(ensemble.members), len(ensemble.classes)
+
+    prepared = []
+    for member in ensemble.members:
+        model = member.model
+        if _model_device(model) != device:
+            model.to(device)
+        # channels_last makes convolutions faster on CPU and GPU alike.
+        model.to(memory_format=torch.channels_last).eval()
+        spec = member.config.spec
+        mean = torch.tensor(spec.mean, device=device).view(1, 3, 1, 1)
+        std = torch.tensor(spec.std, device=device).view(1, 3, 1, 1)
+        prepared.append((model, spec.input_size, mean, std))
+
+    member_probs = np.zeros((m, n, c), dtype=np.float32)
+    total = n * m
+    done = 0
+    with torch.inference_mode():
+        for start in range(0, n, batch_size):
+            stop = min(start + batch_size, n)
+            batch = crops[start:stop]
+            resized: dict[int, torch.Tensor] = {}
+            for j, (model, size, mean, std) in enumerate(prepared):
+                if size not in resized:
+                    resized[size] = _to_input(batch, size, device)
+                x = ((resized[size] - mean) / std).contiguous(memory_format=torch.channels_last)
+                acc = torch.zeros((stop - start, c), dtype=torch.float32, device=device)
+                for transform in transforms:
+                    logits = model(transform(x))
+                    if logits.shape[-1] != c:
+                        raise ModelFileError(
+                            f"member {j} outputs {logits.shape[-1]} scores but its config "
+                            f"lists {c} classes"
+                        )
+                    acc += logits.float().softmax(dim=-1)
+                member_probs[j, start:stop] = (acc / len(transforms)).cpu().numpy()
+                done += stop - start
+                yield Progress(
+                    "classify",
+                    done,
+                    total,
+                    f"classified {stop}/{n} crops (model {j + 1}/{m}, TTA {tta})",
+                )
+
+    weights = ensemble.weights.astype(np.float32)
+    probs = np.tensordot(weights, member_probs, axes=1).astype(np.float32)
+    return {
+        "probs": probs,
+        "member_probs": member_probs,
+        "classes": tuple(ensemble.classes),
+        "pred": probs.argmax(axis=1).astype(np.int64),
+        "confidence": (probs.max(axis=1) if n else np.zeros(0)).astype(np.float32),
+    }
+
+
+def _check_crops(crops) -> np.ndarray | list[np.ndarray]:
+    """Accept an (N, H, W, 3) uint8 array or a sequence of (H, W, 3) uint8 arrays."""
+    hint = "crops must be RGB uint8, as an (N, H, W, 3) array or a list of (H, W, 3) arrays"
+    if isinstance(crops, np.ndarray):
+        if crops.ndim != 4 or crops.shape[-1] != 3:
+            raise DataError(f"{hint}; got an array of shape {crops.shape}")
+        if crops.dtype != np.uint8:
+            raise DataError(f"{hint}; got dtype {crops.dtype}")
+        return crops
+    crops = list(crops)
+    for i, crop in enumerate(crops):
+        crop = np.asarray(crop)
+        if crop.ndim != 3 or crop.shape[-1] != 3 or crop.dtype != np.uint8:
+            raise DataError(f"{hint}; crop {i} has shape {crop.shape} and dtype {crop.dtype}")
+    return crops
+
+
+def _to_input(batch, size: int, device: torch.device) -> torch.Tensor:
+    """Turn uint8 HWC crops into a float NCHW tensor in [0, 1] of side ``size``."""
+    if isinstance(batch, np.ndarray):
+        parts = [batch]
+    else:
+        parts = [np.asarray(crop)[None] for crop in batch]
+    out = []
+    for part in parts:
+        # Send uint8 to the device: four times less to transfer than float.
+        x = torch.from_numpy(np.ascontiguousarray(part)).to(device)
+        x = x.permute(0, 3, 1, 2).float().div_(255.0)
+        if x.shape[-2:] != (size, size):
+            x = F.interpolate(
+                x, size=(size, size), mode="bilinear", antialias=True, align_corners=False
+            )
+        out.append(x)
+    return out[0] if len(out) == 1 else torch.cat(out)
+
+
+def disagreement(member_probs: np.ndarray, probs: np.ndarray | None = None) -> np.ndarray:
+    """Fraction of members whose top class differs from the ensemble's, per crop.
+
+    Parameters
+    ----------
+    member_probs : ndarray (M, N, C)
+        Per-member probabilities (``member_probs`` of :func:`predict_crops`).
+    probs : ndarray (N, C), optional
+        Ensemble probabilities; default the unweighted mean of the members.
+
+    Returns
+    -------
+    ndarray (N,) float32
+        0 where all members agree with the ensemble, up to 1.
+    """
+    member_probs = np.asarray(member_probs)
+    if member_probs.ndim != 3:
+        raise DataError(
+            f"member_probs must be (members, crops, classes), got {member_probs.shape}"
+        )
+    probs = member_probs.mean(axis=0) if probs is None else np.asarray(probs)
+    ensemble_pred = probs.argmax(axis=-1)
+    return (member_probs.argmax(axis=-1) != ensemble_pred[None]).mean(axis=0).astype(np.float32)

@@ -1,0 +1,49 @@
+"""Shared fixtures."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from napari_wbc.settings import DATA_ENV, data_root
+
+
+@pytest.fixture
+def data_dir():
+    """Root of the real smear data; skips the test when it is absent."""
+    root = data_root()
+    if not (root / "pbc" / "labels.csv").exists():
+        pytest.skip(f"real smear data not found at {root} (set {DATA_ENV} to the folder)")
+    return root
+
+
+def stained_image(
+    stains: np.ndarray,
+    background=(240.0, 235.0, 238.0),
+    shape=(200, 260),
+    seed: int = 0,
+    blobs: int = 40,
+) -> np.ndarray:
+    """An RGB image made by Beer–Lambert mixing of two stains drawn as random discs.
+
+    ``stains`` is 3×2 (optical density per unit concentration of each stain).
+    A third of the image stays bare glass.
+    """
+    rng = np.random.default_rng(seed)
+    h, w = shape
+    yy, xx = np.mgrid[:h, :w]
+    conc = np.zeros((2, h, w))
+    for _ in range(blobs):
+        k = rng.integers(0, 2)
+        cy, cx = rng.uniform(0, h), rng.uniform(w / 3, w)
+        r = rng.uniform(6, 18)
+        conc[k] += rng.uniform(0.4, 1.2) * ((yy - cy) ** 2 + (xx - cx) ** 2 < r * r)
+    od = np.einsum("cs,shw->hwc", np.asarray(stains, float), conc)
+    img = np.asarray(background)[None, None, :] * np.exp(-od)
+    img += rng.normal(0, 1.0, img.shape)
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+
+
+@pytest.fixture
+def make_stained():
+    return stained_image

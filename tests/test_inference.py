@@ -1,0 +1,263 @@
+"""TTA sets, ensemble prediction on crops, and member disagreement."""
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from napari_wbc.errors import DataError, ModelFileError
+from napari_wbc.inference import (
+    TTA_SETS,
+    D4Transform,
+    Ensemble,
+    EnsembleMember,
+    disagreement,
+    iter_predict_crops,
+    predict_crops,
+)
+from napari_wbc.models.build import build_model
+from napari_wbc.models.files import TTA_NAMES, ModelConfig, load_any, save_model
+from napari_wbc.models.registry import get_preset
+from napari_wbc.progress import Progress, run
+
+
+@pytest.fixture(scope="module")
+def tiny_members():
+    members = []
+    for seed, spec in enumerate(get_preset("tiny")):
+        torch.manual_seed(seed)
+        model, _ = build_model(spec)
+        members.append(EnsembleMember(model.eval(), ModelConfig(spec=spec, name=spec.name), 1.0))
+    return members
+
+
+@pytest.fixture
+def ensemble(tiny_members):
+    weighted = [m._replace(weight=w) for m, w in zip(tiny_members, (1.0, 2.0, 3.0), strict=True)]
+    return Ensemble(weighted, tta="d4")
+
+
+def random_crops(n, size=48, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+
+def radial_crop(size=64):
+    """An image that every symmetry of the square maps onto itself."""
+    c = (size - 1) / 2
+    y, x = np.mgrid[:size, :size]
+    r = np.hypot(y - c, x - c) / c
+    rgb = np.stack([np.cos(6 * r), np.sin(4 * r), r], axis=-1)
+    return np.round(127.5 * (rgb - rgb.min()) / np.ptp(rgb) * 2).astype(np.uint8)
+
+
+# numpy reference versions of the D4 elements, on HWC images
+NUMPY_D4 = [
+    lambda a, k=k, f=f: np.rot90(a[:, ::-1] if f else a, k, axes=(0, 1))
+    for f in (False, True)
+    for k in range(4)
+]
+
+
+# --- TTA sets -------------------------------------------------------------------
+
+
+def test_tta_names_match_the_file_format():
+    assert tuple(TTA_SETS) == TTA_NAMES
+
+
+def _images(transforms, x):
+    return [t(x) for t in transforms]
+
+
+def _index_of(y, images):
+    hits = [i for i, img in enumerate(images) if torch.equal(img, y)]
+    assert len(hits) == 1
+    return hits[0]
+
+
+@pytest.mark.parametrize(("name", "size"), [("none", 1), ("flips", 4), ("d4", 8)])
+def test_tta_sets_are_groups_of_distinct_transforms(name, size):
+    transforms = TTA_SETS[name]
+    x = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).reshape(2, 3, 4, 4)
+    images = _images(transforms, x)
+    assert len(transforms) == size
+    # distinct: an asymmetric image gives a different result under each
+    assert len({tuple(img.flatten().tolist()) for img in images}) == size
+    # the identity is there
+    _index_of(x, images)
+    # closed under composition, and every element has an inverse
+    for a, b in itertools.product(transforms, repeat=2):
+        _index_of(a(b(x)), images)
+    for a in transforms:
+        assert any(torch.equal(b(a(x)), x) for b in transforms)
+
+
+def test_d4_transforms_agree_with_numpy_rotations_and_mirrors():
+    img = np.arange(5 * 5 * 3).reshape(5, 5, 3)
+    x = torch.from_numpy(img).permute(2, 0, 1)[None]
+    got = [t(x)[0].permute(1, 2, 0).numpy() for t in TTA_SETS["d4"]]
+    want = [f(img) for f in NUMPY_D4]
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_array_equal(g, w)
+    np.testing.assert_array_equal(D4Transform(0, True)(x)[0, 0].numpy(), img[:, ::-1, 0])
+    np.testing.assert_array_equal(D4Transform(2, True)(x)[0, 0].numpy(), img[::-1, :, 0])
+    assert [t.name for t in TTA_SETS["flips"]] == ["identity", "hflip", "vflip", "rot180"]
+
+
+def test_symmetric_crop_gives_the_same_probabilities_under_every_transform(tiny_members):
+    crop = radial_crop(64)
+    for f in NUMPY_D4:
+        np.testing.assert_array_equal(f(crop), crop)
+    ens = Ensemble(tiny_members, tta="none")
+    reference = predict_crops(ens, crop[None])["member_probs"]
+    for f in NUMPY_D4:
+        out = predict_crops(ens, np.ascontiguousarray(f(crop))[None])["member_probs"]
+        np.testing.assert_allclose(out, reference, atol=1e-6)
+    d4 = predict_crops(ens, crop[None], tta="d4")
+    np.testing.assert_allclose(d4["member_probs"], reference, atol=1e-5)
+
+
+def test_d4_average_equals_the_mean_over_transformed_crops(tiny_members):
+    # crops at the input size, so resizing plays no part
+    crops = random_crops(3, size=32, seed=4)
+    ens = Ensemble(tiny_members, tta="d4")
+    per_view = [
+        predict_crops(ens, np.stack([f(c) for c in crops]), tta="none")["member_probs"]
+        for f in NUMPY_D4
+    ]
+    expected = np.mean(per_view, axis=0)
+    got = predict_crops(ens, crops)["member_probs"]
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    # and TTA matters for these non-symmetric models and crops
+    assert np.abs(got - per_view[0]).max() > 1e-4
+
+
+# --- predict_crops --------------------------------------------------------------
+
+
+def test_predict_crops_shapes_and_weighted_average(ensemble):
+    crops = random_crops(5)
+    out = predict_crops(ensemble, crops, batch_size=2)
+    probs, member = out["probs"], out["member_probs"]
+    assert probs.shape == (5, 8) and probs.dtype == np.float32
+    assert member.shape == (3, 5, 8) and member.dtype == np.float32
+    np.testing.assert_allclose(probs.sum(axis=1), 1, atol=1e-5)
+    np.testing.assert_allclose(member.sum(axis=2), 1, atol=1e-5)
+    expected = (1 * member[0] + 2 * member[1] + 3 * member[2]) / 6
+    np.testing.assert_allclose(probs, expected, atol=1e-6)
+    np.testing.assert_array_equal(out["pred"], probs.argmax(axis=1))
+    np.testing.assert_allclose(out["confidence"], probs.max(axis=1))
+    assert out["classes"] == get_preset("tiny")[0].classes
+
+
+def test_batching_does_not_change_results(ensemble):
+    crops = random_crops(7, seed=1)
+    one = predict_crops(ensemble, crops, batch_size=64, tta="flips")
+    small = predict_crops(ensemble, crops, batch_size=3, tta="flips")
+    np.testing.assert_allclose(one["member_probs"], small["member_probs"], atol=1e-5)
+
+
+def test_member_probabilities_follow_the_spec_preprocessing(tiny_members):
+    member = tiny_members[1]  # ImageNet mean/std, unlike the others
+    spec = member.config.spec
+    crops = random_crops(2, size=40, seed=2)
+    out = predict_crops(Ensemble([member], tta="none"), crops)
+    x = torch.from_numpy(crops).permute(0, 3, 1, 2).float() / 255
+    x = torch.nn.functional.interpolate(
+        x, size=(spec.input_size,) * 2, mode="bilinear", antialias=True, align_corners=False
+    )
+    x = (x - torch.tensor(spec.mean).view(1, 3, 1, 1)) / torch.tensor(spec.std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        want = member.model(x).softmax(-1).numpy()
+    np.testing.assert_allclose(out["probs"], want, atol=1e-5)
+
+
+def test_crops_of_different_sizes_in_a_list(ensemble):
+    a, b = random_crops(1, size=48, seed=5)[0], random_crops(1, size=40, seed=6)[0]
+    both = predict_crops(ensemble, [a, b], tta="none")["probs"]
+    np.testing.assert_allclose(
+        both[0], predict_crops(ensemble, a[None], tta="none")["probs"][0], atol=1e-5
+    )
+    np.testing.assert_allclose(
+        both[1], predict_crops(ensemble, b[None], tta="none")["probs"][0], atol=1e-5
+    )
+
+
+def test_no_crops_give_empty_results(ensemble):
+    out = predict_crops(ensemble, np.zeros((0, 48, 48, 3), np.uint8))
+    assert out["probs"].shape == (0, 8) and out["member_probs"].shape == (3, 0, 8)
+    assert out["pred"].shape == (0,) and out["confidence"].shape == (0,)
+
+
+@pytest.mark.parametrize(
+    "crops",
+    [
+        np.zeros((2, 32, 32, 3), np.float32),
+        np.zeros((2, 32, 32), np.uint8),
+        np.zeros((2, 32, 32, 4), np.uint8),
+        [np.zeros((32, 32), np.uint8)],
+    ],
+)
+def test_bad_crops_are_refused(ensemble, crops):
+    with pytest.raises(DataError, match="RGB uint8"):
+        predict_crops(ensemble, crops)
+
+
+def test_iter_predict_crops_reports_progress_per_batch(ensemble):
+    crops = random_crops(5)
+    events = []
+    out = run(iter_predict_crops(ensemble, crops, batch_size=2, tta="none"), events.append)
+    assert all(isinstance(e, Progress) and e.stage == "classify" for e in events)
+    assert len(events) == 3 * 3  # 3 batches × 3 members
+    dones = [e.done for e in events]
+    assert dones == sorted(dones) and dones[-1] == events[-1].total == 5 * 3
+    np.testing.assert_allclose(
+        out["probs"], predict_crops(ensemble, crops, tta="none")["probs"], atol=1e-6
+    )
+
+
+def test_saved_models_predict_like_the_originals(tiny_members, tmp_path):
+    paths = [
+        save_model(tmp_path / f"{i}.safetensors", m.model, m.config)
+        for i, m in enumerate(tiny_members)
+    ]
+    crops = random_crops(4, seed=3)
+    direct = predict_crops(Ensemble([tiny_members[0]], tta="flips"), crops)
+    loaded = predict_crops(load_any(paths[0], tta="flips"), crops)
+    np.testing.assert_array_equal(loaded["probs"], direct["probs"])
+
+
+def test_ensemble_members_must_agree_on_classes(tiny_members):
+    a = tiny_members[0]
+    spec = a.config.spec
+    other = ModelConfig(spec=type(spec)(**{**spec.__dict__, "classes": spec.classes[::-1]}))
+    with pytest.raises(ModelFileError, match="different order"):
+        Ensemble([a, EnsembleMember(a.model, other, 1.0)])
+
+
+def test_ensemble_exposes_scale_and_weights(ensemble):
+    assert ensemble.fov_px == 360 and ensemble.rbc_diameter_px == 75.0
+    np.testing.assert_allclose(ensemble.weights, [1 / 6, 2 / 6, 3 / 6])
+    assert ensemble.device == torch.device("cpu")
+
+
+# --- disagreement ---------------------------------------------------------------
+
+
+def test_disagreement_counts_members_against_the_ensemble():
+    # 3 members, 2 crops, 3 classes
+    member_probs = np.array(
+        [
+            [[0.8, 0.1, 0.1], [0.2, 0.7, 0.1]],
+            [[0.6, 0.3, 0.1], [0.1, 0.1, 0.8]],
+            [[0.1, 0.8, 0.1], [0.1, 0.1, 0.8]],
+        ]
+    )
+    # mean: crop 0 -> class 0 (one member says 1); crop 1 -> class 2 (one says 1)
+    np.testing.assert_allclose(disagreement(member_probs), [1 / 3, 1 / 3])
+    # with ensemble probs that pick class 1 for crop 0, two members disagree
+    probs = np.array([[0.1, 0.9, 0.0], [0.0, 0.0, 1.0]])
+    np.testing.assert_allclose(disagreement(member_probs, probs), [2 / 3, 1 / 3])
+    with pytest.raises(DataError):
+        disagreement(member_probs[0])

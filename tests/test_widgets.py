@@ -1,0 +1,100 @@
+"""Widget tests in a real viewer (run under Xvfb with Mesa OpenGL)."""
+
+import dask.array as da
+import numpy as np
+import pytest
+
+from napari_wbc._qt.normalize import REFERENCE_LAYER, StainNormalizeWidget
+
+pytestmark = pytest.mark.gui
+
+
+@pytest.fixture
+def viewer_with_sample(make_napari_viewer):
+    viewer = make_napari_viewer()
+    layers = viewer.open_sample("napari-wbc", "smear")
+    assert len(layers) == 1 and layers[0].rgb
+    return viewer
+
+
+def _wait(qtbot, widget, timeout=60_000):
+    qtbot.waitUntil(lambda: not widget.runner.running, timeout=timeout)
+
+
+def test_plugin_widget_and_sample_are_listed(make_napari_viewer):
+    viewer = make_napari_viewer()
+    dock, widget = viewer.window.add_plugin_dock_widget("napari-wbc", "Stain normalization")
+    assert isinstance(widget, StainNormalizeWidget)
+    from napari._app_model import get_app_model
+
+    menus = {
+        menu_id: {getattr(getattr(item, "command", None), "id", None) for item in items}
+        for menu_id, items in get_app_model().menus
+    }
+    assert "napari-wbc.normalize_widget" in menus["napari/plugins"]
+    assert "napari-wbc.smear" in menus["napari/file/samples"]
+
+
+def test_normalize_widget_adds_then_replaces_a_lazy_layer(viewer_with_sample, qtbot):
+    viewer = viewer_with_sample
+    source = viewer.layers[0]
+    widget = StainNormalizeWidget(viewer)
+    widget.image.value = source
+    widget.method.value = "reinhard"
+    widget.run()
+    _wait(qtbot, widget)
+    name = f"{source.name} (reinhard)"
+    assert name in viewer.layers
+    out = viewer.layers[name]
+    assert out.rgb and out.data.shape == source.data.shape
+    assert isinstance(out.data, np.ndarray)  # in-memory input, computed in the worker
+    assert tuple(out.scale) == tuple(source.scale)
+    assert not np.array_equal(np.asarray(out.data[:256, :256]), source.data[:256, :256])
+    n_layers = len(viewer.layers)
+    widget.run()
+    _wait(qtbot, widget)
+    assert len(viewer.layers) == n_layers  # re-run replaced, did not pile up
+
+
+def test_reference_from_another_layer(viewer_with_sample, qtbot):
+    viewer = viewer_with_sample
+    source = viewer.layers[0]
+    ref = viewer.add_image(np.ascontiguousarray(source.data[::-1]), rgb=True, name="reference")
+    widget = StainNormalizeWidget(viewer)
+    widget.image.value = source
+    widget.reference.value = REFERENCE_LAYER
+    assert not widget.reference_layer.native.isHidden()
+    widget.reference_layer.value = ref
+    widget.run()
+    _wait(qtbot, widget)
+    assert f"{source.name} (macenko)" in viewer.layers
+
+
+def test_cancel_leaves_viewer_usable_and_no_layer(viewer_with_sample, qtbot):
+    viewer = viewer_with_sample
+    base = viewer.layers[0].data
+    big = viewer.add_image(da.from_array(base, chunks=(64, 64, 3)), rgb=True, name="tiled")
+    n_layers = len(viewer.layers)
+    widget = StainNormalizeWidget(viewer)
+    widget.image.value = big
+    widget.run()
+    widget.runner.worker.yielded.connect(lambda _event: widget.cancel())
+    _wait(qtbot, widget)
+    assert len(viewer.layers) == n_layers
+    assert "cancel" in widget.status.value
+    assert widget.run_button.enabled and not widget.cancel_button.enabled
+    # Still usable: a new run completes.
+    widget.run()
+    _wait(qtbot, widget)
+    assert "tiled (macenko)" in viewer.layers
+    assert isinstance(viewer.layers["tiled (macenko)"].data, da.Array)  # lazy output
+
+
+def test_blank_image_error_is_reported_not_raised(make_napari_viewer, qtbot):
+    viewer = make_napari_viewer()
+    viewer.add_image(np.full((256, 256, 3), 255, np.uint8), rgb=True, name="blank")
+    widget = StainNormalizeWidget(viewer)
+    widget.run()
+    _wait(qtbot, widget)
+    assert "blank" in widget.status.value and "failed" in widget.status.value
+    assert len(viewer.layers) == 1
