@@ -316,6 +316,12 @@ def test_params_object_and_overrides_agree():
     np.testing.assert_array_equal(a, b)
     c = make_smear((200, 260), 1, params=p, noise=3.0)
     assert not np.array_equal(a, c)
+    # Parameters compare and hash by value, and own their class weights.
+    weights = {"lymphocyte": 1.0}
+    q = SmearParams(class_weights=weights)
+    weights["basophil"] = 1.0
+    assert q == SmearParams(class_weights={"lymphocyte": 1.0})
+    assert hash(q) == hash(SmearParams(class_weights={"lymphocyte": 1.0}))
 
 
 @pytest.mark.parametrize(

@@ -158,6 +158,9 @@ class SmearParams:
     background: tuple[float, float, float] = (251.0, 228.0, 204.0)
 
     def __post_init__(self):
+        # Own copies, so that changing the caller's dict cannot change the smear.
+        object.__setattr__(self, "class_weights", dict(self.class_weights))
+        object.__setattr__(self, "background", tuple(float(v) for v in self.background))
         if not 10.0 <= self.rbc_diameter <= 500.0:
             raise SmearParamsError(
                 f"rbc_diameter={self.rbc_diameter} px is out of range; use 10-500 "
@@ -220,6 +223,9 @@ class SmearParams:
         """Normalised class weights in :data:`WBC_CLASSES` order."""
         w = np.array([float(self.class_weights.get(c, 0.0)) for c in WBC_CLASSES])
         return w / w.sum()
+
+    def __hash__(self):
+        return hash(self.key())
 
     def key(self) -> tuple:
         """Hashable summary of every parameter (for dask names)."""

@@ -271,8 +271,9 @@ register_preset(
 #   fastvit_t8              re-param. hybrid        segfaults in backward with
 #                                                   channels_last (0.47 s without)
 #
-# At 160 px resnet18 takes 0.57 s a step (3.0 min an epoch) on a quiet CPU,
-# too close to the 4 min budget once data loading and other work share the
+# With other jobs on the same two cores a step was 3-6x slower (resnet18 at
+# 128 px: 1.9 s). At 160 px resnet18 takes ~0.57 s a step (3.0 min an epoch)
+# even when quiet, too close to the 4 min budget once data loading shares the
 # cores, so "lite" uses 128 px (a red cell is then ~27 px, a white cell 35-55).
 # Picked one of each family, preferring models that learn well from random
 # init (no ImageNet download offline): resnet18, mobilenetv3_large_100 and the
