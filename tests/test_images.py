@@ -52,7 +52,7 @@ def test_pyramidal_tiff_is_lazy_multiscale_with_pixel_size(tmp_path):
     assert smear.levels[0].chunksize[:2] == (256, 256)
     np.testing.assert_array_equal(smear.levels[1].compute(), base[::2, ::2])
     layers = get_reader(str(path))(str(path))
-    data, kwargs, kind = layers[0]
+    _data, kwargs, kind = layers[0]
     assert kind == "image" and kwargs["multiscale"] and kwargs["rgb"]
     assert kwargs["scale"] == pytest.approx((0.25, 0.25))
 
@@ -159,7 +159,7 @@ def test_non_image_file_is_refused(tmp_path):
 def test_corrupt_tiff_is_refused(tmp_path):
     path = tmp_path / "bad.tif"
     path.write_bytes(b"II*\x00" + b"\x07" * 200)
-    with pytest.raises(ImageReadError, match="not a readable TIFF|no readable image|cannot read"):
+    with pytest.raises(ImageReadError, match=r"not a readable TIFF|no readable image|cannot read"):
         read_smear(path)
 
 

@@ -190,13 +190,15 @@ def test_repeated_loads_come_from_the_cache_until_the_file_changes(tmp_path):
 
 
 def test_cache_is_least_recently_used(tmp_path, monkeypatch):
-    monkeypatch.setattr(files, "MODEL_CACHE_SIZE", 1)
-    a = save_model(tmp_path / "a.safetensors", *make_model())
-    b = save_model(tmp_path / "b.safetensors", *make_model(seed=2))
-    model_a = load_model(a)[0]
+    monkeypatch.setattr(files, "MODEL_CACHE_SIZE", 2)
+    a, b, c = (
+        save_model(tmp_path / f"{n}.safetensors", *make_model(seed=i)) for i, n in enumerate("abc")
+    )
+    model_a, model_b = load_model(a)[0], load_model(b)[0]
+    assert load_model(a)[0] is model_a  # a is now the most recently used
+    load_model(c)  # evicts b, the least recently used
     assert load_model(a)[0] is model_a
-    load_model(b)
-    assert load_model(a)[0] is not model_a
+    assert load_model(b)[0] is not model_b
 
 
 # --- refusals -------------------------------------------------------------------

@@ -23,7 +23,7 @@ def _wait(qtbot, widget, timeout=60_000):
 
 def test_plugin_widget_and_sample_are_listed(make_napari_viewer):
     viewer = make_napari_viewer()
-    dock, widget = viewer.window.add_plugin_dock_widget("napari-wbc", "Stain normalization")
+    _dock, widget = viewer.window.add_plugin_dock_widget("napari-wbc", "Stain normalization")
     assert isinstance(widget, StainNormalizeWidget)
     from napari._app_model import get_app_model
 

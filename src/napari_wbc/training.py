@@ -277,9 +277,7 @@ def iter_train(
         torch.set_num_threads(old_threads)
 
 
-def validation_split(
-    data: pd.DataFrame, config: TrainConfig
-) -> tuple[pd.DataFrame, pd.DataFrame]:
+def validation_split(data: pd.DataFrame, config: TrainConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The training and validation rows :func:`iter_train` uses for ``data`` and ``config``."""
     train_idx, val_idx = stratified_split(
         [str(v) for v in data["label"]], config.val_fraction, seed=config.seed

@@ -1,0 +1,303 @@
+"""Model subcommands of the ``napari-wbc`` command line: train, evaluate, predict.
+
+:func:`add_model_commands` adds them to the main parser's subparsers. Each
+command is a thin layer over :mod:`napari_wbc.training`; torch is imported only
+when a command runs, so ``napari-wbc --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from .errors import DataError, WBCError
+from .progress import Progress, TerminalBar, run
+
+__all__ = [
+    "add_model_commands",
+    "cmd_evaluate",
+    "cmd_predict",
+    "cmd_train",
+    "default_model_path",
+    "member_paths",
+]
+
+
+def default_model_path() -> Path:
+    """The model the plugin uses when none is named.
+
+    Raises
+    ------
+    WBCError
+        Always, for now: napari-wbc does not ship a trained model yet.
+    """
+    raise WBCError("no default model is installed yet; pass --model")
+
+
+def _drive(gen, quiet: bool, on_epoch=None):
+    """Run a progress generator with a terminal bar; epoch events go to ``on_epoch``."""
+    bar = None if quiet else TerminalBar()
+
+    def callback(event: Progress) -> None:
+        if event.info.get("event") == "epoch" and on_epoch is not None:
+            if bar is not None:
+                bar.close()
+            on_epoch(event)
+        elif bar is not None:
+            bar(event)
+
+    try:
+        return run(gen, callback)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+# ----------------------------------------------------------------------- train
+
+
+def member_paths(output: Path, names: list[str]) -> tuple[list[Path], Path | None]:
+    """Model files to write for preset members ``names``, and the ensemble file (or None).
+
+    One member is written to ``output`` itself (``.safetensors`` added when it
+    has no suffix). Several members are written next to the ensemble file
+    ``output`` (``.json``) as ``<stem>-<member>.safetensors``.
+    """
+    if len(names) == 1:
+        path = output if output.suffix else output.with_suffix(".safetensors")
+        return [path], None
+    ensemble = output.with_suffix(".json")
+    return [ensemble.with_name(f"{ensemble.stem}-{n}.safetensors") for n in names], ensemble
+
+
+def _format_metrics(m: dict[str, Any]) -> str:
+    return (
+        f"n={m['n']} accuracy={m['accuracy']:.3f} macro-F1={m['macro_f1']:.3f} "
+        f"balanced accuracy={m['balanced_accuracy']:.3f}"
+    )
+
+
+def cmd_train(args) -> int:
+    from .datasets import load_labelled_crops, long_tailed_subset
+    from .models.files import read_model_config, save_ensemble
+    from .models.registry import get_preset
+    from .training import TrainConfig, evaluate, iter_train, validation_split
+
+    df = load_labelled_crops(args.data)
+    if args.subtypes:
+        if "subtype" not in df.columns:
+            raise DataError(f"{args.data} has no 'subtype' column; drop --subtypes")
+        df = df.assign(label=df["subtype"].astype(str))
+    if args.long_tail_ratio is not None:
+        df = long_tailed_subset(df, imbalance_ratio=args.long_tail_ratio, seed=args.seed)
+        print(f"long-tailed subset: {df['label'].value_counts().to_dict()}")
+    specs = get_preset(args.preset)
+    if args.member:
+        specs = [s for s in specs if s.name in args.member]
+        if not specs:
+            raise WBCError(f"preset {args.preset!r} has no member named {args.member}")
+    paths, ensemble = member_paths(Path(args.output), [s.name for s in specs])
+
+    configs = []
+    for spec, path in zip(specs, paths, strict=True):
+        config = TrainConfig(
+            spec=spec.name,
+            epochs_stage1=args.epochs1,
+            epochs_stage2=args.epochs2,
+            batch_size=args.batch_size,
+            lr_stage1=args.lr1,
+            lr_stage2=args.lr2,
+            val_fraction=args.val_fraction,
+            seed=args.seed,
+            stain_normalize=args.stain_normalization,
+            input_size=args.input_size,
+            num_threads=args.threads,
+            stages=args.stages,
+            device=args.device,
+        )
+        configs.append(config)
+        print(f"training {spec.name} ({spec.arch}) -> {path}")
+
+        def on_epoch(event: Progress, name=spec.name) -> None:
+            info = event.info
+            print(
+                f"{name} {event.stage} epoch {info['epoch']}: loss {info['loss']:.4f} "
+                f"val macro-F1 {info['val_macro_f1']:.3f} (best {info['best_val_macro_f1']:.3f})",
+                flush=True,
+            )
+
+        written = _drive(iter_train(df, config, path, resume=args.resume), args.quiet, on_epoch)
+        print(f"{spec.name}: validation {_format_metrics(read_model_config(written).metrics)}")
+
+    if ensemble is not None:
+        _, val = validation_split(df, configs[0])
+        # Score the ensemble on the members' shared validation split, then
+        # store the numbers in the ensemble file.
+        save_ensemble(ensemble, paths, tta="d4", name=ensemble.stem)
+        metrics = evaluate(ensemble, val, tta="d4")
+        save_ensemble(
+            ensemble,
+            paths,
+            tta="d4",
+            name=ensemble.stem,
+            metrics={k: metrics[k] for k in ("n", "accuracy", "macro_f1", "balanced_accuracy")},
+        )
+        print(f"ensemble {ensemble}: validation (d4 TTA) {_format_metrics(metrics)}")
+    return 0
+
+
+# -------------------------------------------------------------------- evaluate
+
+
+def cmd_evaluate(args) -> int:
+    from .training import iter_evaluate
+
+    model = args.model or default_model_path()
+    metrics = _drive(
+        iter_evaluate(
+            model, args.data, tta=args.tta, batch_size=args.batch_size, device=args.device
+        ),
+        args.quiet or args.json,
+    )
+    if args.confusion:
+        from .metrics import save_confusion_png
+
+        save_confusion_png(metrics, args.confusion)
+    if args.json:
+        print(json.dumps(metrics))
+        return 0
+    print(f"{metrics['model']} (TTA {metrics['tta']}): {_format_metrics(metrics)}")
+    print(f"{'class':<16}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>10}")
+    for name, row in metrics["per_class"].items():
+        print(
+            f"{name:<16}{row['precision']:>10.3f}{row['recall']:>10.3f}"
+            f"{row['f1']:>10.3f}{row['support']:>10d}"
+        )
+    if metrics.get("absent_classes"):
+        print(f"classes with no crop in the data (left out of the averages): "
+              f"{', '.join(metrics['absent_classes'])}")  # fmt: skip
+    return 0
+
+
+# --------------------------------------------------------------------- predict
+
+
+def cmd_predict(args) -> int:
+    from .training import iter_classify_files, list_crop_files
+
+    model = args.model or default_model_path()
+    files = list_crop_files(args.crops)
+    result = _drive(
+        iter_classify_files(model, files, tta=args.tta, batch_size=args.batch_size,
+                            device=args.device),
+        args.quiet or args.output is None,
+    )  # fmt: skip
+    classes = list(result["classes"])
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["path", "class", "confidence", *classes])
+    for path, pred, conf, probs in zip(
+        result["paths"], result["pred"], result["confidence"], result["probs"], strict=True
+    ):
+        writer.writerow(
+            [path, classes[int(pred)], f"{float(conf):.6f}", *(f"{float(p):.6f}" for p in probs)]
+        )
+    if args.output is None:
+        sys.stdout.write(buffer.getvalue())
+    else:
+        Path(args.output).write_text(buffer.getvalue())
+        print(f"wrote {len(files)} predictions to {args.output}")
+    return 0
+
+
+# ---------------------------------------------------------------------- parser
+
+
+def add_model_commands(subparsers) -> None:
+    """Add the ``train``, ``evaluate`` and ``predict`` subcommands.
+
+    Parameters
+    ----------
+    subparsers
+        The object returned by ``ArgumentParser.add_subparsers()``; each
+        command sets ``func`` (called with the parsed arguments, returns the
+        exit status).
+    """
+    from .models.registry import list_presets
+
+    p = subparsers.add_parser(
+        "train",
+        help="train a classifier (or a preset's ensemble) on labelled crops",
+        description="Decoupled two-stage training (arXiv 2603.01976): the whole network "
+        "with instance-balanced sampling, then the classifier alone with class-aware "
+        "sampling and the hybrid loss. A preset with several members is trained member "
+        "by member and saved as an ensemble file.",
+    )
+    p.add_argument(
+        "data", type=Path, help="CSV with path,label columns, or a class-per-folder tree"
+    )
+    p.add_argument("--preset", default="lite", choices=sorted(list_presets()), help="default lite")
+    p.add_argument("--member", action="append", help="train only this member (repeatable)")
+    p.add_argument("-o", "--output", type=Path, required=True,
+                   help="model file (.safetensors), or ensemble file (.json) for several members")  # fmt: skip
+    p.add_argument("--epochs1", type=int, default=10, help="stage-1 epochs (default 10)")
+    p.add_argument("--epochs2", type=int, default=10, help="stage-2 epochs (default 10)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr1", type=float, default=1e-3, help="stage-1 learning rate")
+    p.add_argument("--lr2", type=float, default=1e-3, help="stage-2 learning rate")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--val-fraction", type=float, default=0.2)
+    p.add_argument("--stages", choices=("both", "stage1", "stage2"), default="both",
+                   help="stage2 re-trains the classifier of the model already at -o")  # fmt: skip
+    p.add_argument("--no-stain-normalization", dest="stain_normalization",
+                   action="store_false", help="train on the crops' own colours")  # fmt: skip
+    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                   help="continue from <output>.ckpt when present (default)")  # fmt: skip
+    p.add_argument("--long-tail-ratio", type=float,
+                   help="train on a long-tailed subset with this largest/smallest class ratio")  # fmt: skip
+    p.add_argument("--subtypes", action="store_true",
+                   help="use the 'subtype' column as the label (e.g. PBC's ig subtypes)")  # fmt: skip
+    p.add_argument("--input-size", type=int, help="override the network input size (px)")
+    p.add_argument("--threads", type=int, help="CPU threads for torch")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+    p = subparsers.add_parser(
+        "evaluate",
+        help="score a model on labelled crops",
+        description="Classify labelled crops and print accuracy, macro-F1, balanced "
+        "accuracy, per-class scores and the confusion matrix. Averages run over the "
+        "classes present in the data.",
+    )
+    p.add_argument(
+        "data", type=Path, help="CSV with path,label columns, or a class-per-folder tree"
+    )
+    p.add_argument("--model", type=Path, help="model (.safetensors) or ensemble (.json)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--tta", choices=("none", "flips", "d4"), help="default: the model's")
+    p.add_argument("--confusion", type=Path, help="also save the confusion matrix as a PNG")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="auto")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = subparsers.add_parser(
+        "predict",
+        help="classify crop images and write a CSV table",
+        description="Classify crops (files, or folders searched recursively). The table "
+        "has path, class, confidence and one probability column per class.",
+    )
+    p.add_argument("crops", nargs="+", type=Path, help="crop images or folders of them")
+    p.add_argument("--model", type=Path, help="model (.safetensors) or ensemble (.json)")
+    p.add_argument("-o", "--output", type=Path, help="CSV to write; default: standard output")
+    p.add_argument("--tta", choices=("none", "flips", "d4"), help="default: the model's")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="auto")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_predict)
