@@ -98,3 +98,22 @@ def test_blank_image_error_is_reported_not_raised(make_napari_viewer, qtbot):
     _wait(qtbot, widget)
     assert "blank" in widget.status.value and "failed" in widget.status.value
     assert len(viewer.layers) == 1
+
+
+def test_multiscale_in_multiscale_out_with_reference_in_view(viewer_with_sample, qtbot):
+    from napari_wbc._qt.normalize import REFERENCE_VIEW
+
+    viewer = viewer_with_sample
+    base = viewer.layers[0].data
+    pyramid = [da.from_array(base, chunks=(256, 256, 3)), da.from_array(base[::2, ::2], chunks=(256, 256, 3))]
+    layer = viewer.add_image(pyramid, rgb=True, multiscale=True, name="pyramid")
+    widget = StainNormalizeWidget(viewer)
+    widget.image.value = layer
+    widget.reference.value = REFERENCE_VIEW
+    widget.reference_layer.value = viewer.layers[0]
+    widget.run()
+    _wait(qtbot, widget)
+    out = viewer.layers["pyramid (macenko)"]
+    assert out.multiscale
+    assert [lvl.shape for lvl in out.data] == [lvl.shape for lvl in pyramid]
+    assert all(isinstance(lvl, da.Array) for lvl in out.data)

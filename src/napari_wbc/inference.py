@@ -280,7 +280,9 @@ def iter_predict_crops(
                 x = ((resized[size] - mean) / std).contiguous(memory_format=torch.channels_last)
                 acc = torch.zeros((stop - start, c), dtype=torch.float32, device=device)
                 for transform in transforms:
-                    logits = model(transform(x))
+                    # rot90 returns a strided view; convolutions want a dense layout
+                    view = transform(x).contiguous(memory_format=torch.channels_last)
+                    logits = model(view)
                     if logits.shape[-1] != c:
                         raise ModelFileError(
                             f"member {j} outputs {logits.shape[-1]} scores but its config "
