@@ -48,7 +48,9 @@ def write_disc_crops(root: Path, per_class: int = 40, size: int = 40, seed: int 
             r = size * radius * rng.uniform(0.9, 1.1)
             cy, cx = size / 2 + rng.uniform(-3, 3, 2)
             image[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = np.asarray(colour) + rng.normal(
-                0, 6, 3
+                0,
+                6,
+                3,
             )
             image += rng.normal(0, 4, image.shape)
             Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(folder / f"{i}.png")
@@ -184,7 +186,9 @@ def test_cancel_leaves_no_model_and_resume_matches_an_uninterrupted_run(discs, t
     reference = train(discs, config, tmp_path / "a.safetensors")
     again = train(discs, config, tmp_path / "b.safetensors")
     other_seed = train(
-        discs, tiny_config(epochs_stage1=3, epochs_stage2=2, seed=1), tmp_path / "c.safetensors"
+        discs,
+        tiny_config(epochs_stage1=3, epochs_stage2=2, seed=1),
+        tmp_path / "c.safetensors",
     )
 
     ref_cfg = read_model_config(reference)
@@ -275,3 +279,19 @@ def test_tiny_model_learns_real_pbc_classes(data_dir, tmp_path):
     metrics = evaluate(path, held_out, tta="none")
     assert metrics["n"] == 160
     assert metrics["macro_f1"] >= 0.6, metrics
+
+
+def test_stain_source_choices(trained, discs):
+    from napari_wbc.errors import StainError
+
+    path, _ = trained
+    # Pale, small discs of one class hold too little stain to fit statistics on.
+    pale = discs[discs["label"] == "small_pink"]
+    with pytest.raises(StainError, match="cannot normalise"):
+        evaluate(path, pale, tta="none", stain_source="fit")
+    # "auto" falls back to the training set's statistics, as does "training".
+    auto = evaluate(path, pale, tta="none", stain_source="auto")
+    same = evaluate(path, pale, tta="none", stain_source="training")
+    assert auto["accuracy"] == same["accuracy"] >= 0.8
+    with pytest.raises(WBCError, match="stain_source"):
+        evaluate(path, pale, stain_source="guess")

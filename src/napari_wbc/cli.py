@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
+from .cli_models import add_model_commands
 from .errors import WBCError
 from .progress import TerminalBar, run
 
@@ -158,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("files", nargs="*", help="images to open instead of the sample")
     p.add_argument("--screenshot", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_view)
+
+    add_model_commands(sub)
     return parser
 
 

@@ -160,7 +160,11 @@ def cmd_evaluate(args) -> int:
     model = args.model or default_model_path()
     metrics = _drive(
         iter_evaluate(
-            model, args.data, tta=args.tta, batch_size=args.batch_size, device=args.device
+            model,
+            args.data,
+            tta=args.tta,
+            batch_size=args.batch_size,
+            device=args.device,
         ),
         args.quiet or args.json,
     )
@@ -179,8 +183,10 @@ def cmd_evaluate(args) -> int:
             f"{row['f1']:>10.3f}{row['support']:>10d}"
         )
     if metrics.get("absent_classes"):
-        print(f"classes with no crop in the data (left out of the averages): "
-              f"{', '.join(metrics['absent_classes'])}")  # fmt: skip
+        print(
+            f"classes with no crop in the data (left out of the averages): "
+            f"{', '.join(metrics['absent_classes'])}"
+        )
     return 0
 
 
@@ -193,16 +199,21 @@ def cmd_predict(args) -> int:
     model = args.model or default_model_path()
     files = list_crop_files(args.crops)
     result = _drive(
-        iter_classify_files(model, files, tta=args.tta, batch_size=args.batch_size,
-                            device=args.device),
+        iter_classify_files(
+            model, files, args.tta, args.batch_size, args.device, args.stain_source
+        ),
         args.quiet or args.output is None,
-    )  # fmt: skip
+    )
     classes = list(result["classes"])
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["path", "class", "confidence", *classes])
     for path, pred, conf, probs in zip(
-        result["paths"], result["pred"], result["confidence"], result["probs"], strict=True
+        result["paths"],
+        result["pred"],
+        result["confidence"],
+        result["probs"],
+        strict=True,
     ):
         writer.writerow(
             [path, classes[int(pred)], f"{float(conf):.6f}", *(f"{float(p):.6f}" for p in probs)]
@@ -239,12 +250,19 @@ def add_model_commands(subparsers) -> None:
         "by member and saved as an ensemble file.",
     )
     p.add_argument(
-        "data", type=Path, help="CSV with path,label columns, or a class-per-folder tree"
+        "data",
+        type=Path,
+        help="CSV with path,label columns, or a class-per-folder tree",
     )
     p.add_argument("--preset", default="lite", choices=sorted(list_presets()), help="default lite")
     p.add_argument("--member", action="append", help="train only this member (repeatable)")
-    p.add_argument("-o", "--output", type=Path, required=True,
-                   help="model file (.safetensors), or ensemble file (.json) for several members")  # fmt: skip
+    p.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        required=True,
+        help="model file (.safetensors), or ensemble file (.json) for several members",
+    )
     p.add_argument("--epochs1", type=int, default=10, help="stage-1 epochs (default 10)")
     p.add_argument("--epochs2", type=int, default=10, help="stage-2 epochs (default 10)")
     p.add_argument("--batch-size", type=int, default=32)
@@ -252,16 +270,34 @@ def add_model_commands(subparsers) -> None:
     p.add_argument("--lr2", type=float, default=1e-3, help="stage-2 learning rate")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--val-fraction", type=float, default=0.2)
-    p.add_argument("--stages", choices=("both", "stage1", "stage2"), default="both",
-                   help="stage2 re-trains the classifier of the model already at -o")  # fmt: skip
-    p.add_argument("--no-stain-normalization", dest="stain_normalization",
-                   action="store_false", help="train on the crops' own colours")  # fmt: skip
-    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
-                   help="continue from <output>.ckpt when present (default)")  # fmt: skip
-    p.add_argument("--long-tail-ratio", type=float,
-                   help="train on a long-tailed subset with this largest/smallest class ratio")  # fmt: skip
-    p.add_argument("--subtypes", action="store_true",
-                   help="use the 'subtype' column as the label (e.g. PBC's ig subtypes)")  # fmt: skip
+    p.add_argument(
+        "--stages",
+        choices=("both", "stage1", "stage2"),
+        default="both",
+        help="stage2 re-trains the classifier of the model already at -o",
+    )
+    p.add_argument(
+        "--no-stain-normalization",
+        dest="stain_normalization",
+        action="store_false",
+        help="train on the crops' own colours",
+    )
+    p.add_argument(
+        "--resume",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="continue from <output>.ckpt when present (default)",
+    )
+    p.add_argument(
+        "--long-tail-ratio",
+        type=float,
+        help="train on a long-tailed subset with this largest/smallest class ratio",
+    )
+    p.add_argument(
+        "--subtypes",
+        action="store_true",
+        help="use the 'subtype' column as the label (e.g. PBC's ig subtypes)",
+    )
     p.add_argument("--input-size", type=int, help="override the network input size (px)")
     p.add_argument("--threads", type=int, help="CPU threads for torch")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
@@ -276,7 +312,9 @@ def add_model_commands(subparsers) -> None:
         "classes present in the data.",
     )
     p.add_argument(
-        "data", type=Path, help="CSV with path,label columns, or a class-per-folder tree"
+        "data",
+        type=Path,
+        help="CSV with path,label columns, or a class-per-folder tree",
     )
     p.add_argument("--model", type=Path, help="model (.safetensors) or ensemble (.json)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -284,6 +322,13 @@ def add_model_commands(subparsers) -> None:
     p.add_argument("--confusion", type=Path, help="also save the confusion matrix as a PNG")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto")
+    p.add_argument(
+        "--stain-source",
+        choices=("auto", "fit", "training"),
+        default="auto",
+        help="source stain statistics: fitted on these crops, the model's training "
+        "crops', or auto (fit when there are 32 crops or more)",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_evaluate)
 
@@ -299,5 +344,12 @@ def add_model_commands(subparsers) -> None:
     p.add_argument("--tta", choices=("none", "flips", "d4"), help="default: the model's")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto")
+    p.add_argument(
+        "--stain-source",
+        choices=("auto", "fit", "training"),
+        default="auto",
+        help="source stain statistics: fitted on these crops, the model's training "
+        "crops', or auto (fit when there are 32 crops or more)",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_predict)

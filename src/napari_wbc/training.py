@@ -77,6 +77,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "STAGES",
+    "STAIN_SOURCES",
     "TrainConfig",
     "checkpoint_dir",
     "evaluate",
@@ -280,7 +281,9 @@ def iter_train(
 def validation_split(data: pd.DataFrame, config: TrainConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The training and validation rows :func:`iter_train` uses for ``data`` and ``config``."""
     train_idx, val_idx = stratified_split(
-        [str(v) for v in data["label"]], config.val_fraction, seed=config.seed
+        [str(v) for v in data["label"]],
+        config.val_fraction,
+        seed=config.seed,
     )
     return data.iloc[train_idx], data.iloc[val_idx]
 
@@ -341,9 +344,7 @@ class _Trainer:
         self.paths = paths
         self.y = np.array([index[v] for v in labels], dtype=np.int64)
         # Split on the label names, so validation_split() reproduces it from the table.
-        self.train_idx, self.val_idx = stratified_split(
-            labels, config.val_fraction, seed=config.seed
-        )
+        self.train_idx, self.val_idx = stratified_split(labels, config.val_fraction, config.seed)
         self.cache_size = int(config.cache_size or round(spec.input_size * 1.25))
         self.cache = CropCache(self.cache_size)
         digest = hashlib.sha256()
@@ -361,9 +362,15 @@ class _Trainer:
         stain_source = yield from self._iter_prepare_stain()
         train_ds, eval_ds, val_ds = self._datasets()
         all_ds = CropDataset(
-            self.paths, self.y, self.cache, self.spec.input_size, self.spec.mean,
-            self.spec.std, False, self.normalizer,
-        )  # fmt: skip
+            self.paths,
+            self.y,
+            self.cache,
+            self.spec.input_size,
+            self.spec.mean,
+            self.spec.std,
+            False,
+            self.normalizer,
+        )
         yield from all_ds.iter_fill_cache()
 
         state = self.state or {
@@ -401,12 +408,15 @@ class _Trainer:
             n_train=len(self.train_idx),
             n_val=len(self.val_idx),
             train_class_counts=dict(
-                zip(self.classes, class_counts(self.y[self.train_idx], len(self.classes)),
-                    strict=True)
+                zip(
+                    self.classes,
+                    class_counts(self.y[self.train_idx], len(self.classes)),
+                    strict=True,
+                ),
             ),
             stage2_classifier="initialised from stage 1",
             pretrained=state.get("pretrained"),
-        )  # fmt: skip
+        )
         history = state["history"]
         if self.base_config is not None:
             history = list(self.base_config.history) + history
@@ -445,7 +455,9 @@ class _Trainer:
             self.target = StainReference.from_dict(self.base_config.stain)
             method = training.get("stain_method", "macenko")
             self.normalizer = StainNormalizer(
-                method, StainReference.from_dict(source), self.target
+                method,
+                StainReference.from_dict(source),
+                self.target,
             )
             return source
         if not self.config.stain_normalize:
@@ -461,7 +473,8 @@ class _Trainer:
                 if i % 8 == 0 or i == len(pick):
                     yield Progress("stain", i, len(pick), "fitting the training set's stains")
             source = fit_stain_reference(
-                np.concatenate(pixels), description=f"{len(pick)} training crops"
+                np.concatenate(pixels),
+                description=f"{len(pick)} training crops",
             )
         self.target = default_reference()
         self.normalizer = StainNormalizer(self.config.stain_method, source, self.target)
@@ -479,7 +492,11 @@ class _Trainer:
         paths = np.asarray(self.paths, dtype=object)
         tr, va = self.train_idx, self.val_idx
         train_ds = CropDataset(
-            paths[tr], self.y[tr], train=self.config.augment, seed=seed, **common
+            paths[tr],
+            self.y[tr],
+            train=self.config.augment,
+            seed=seed,
+            **common,
         )
         eval_ds = CropDataset(paths[tr], self.y[tr], train=False, **common)
         val_ds = CropDataset(paths[va], self.y[va], train=False, **common)
@@ -503,7 +520,9 @@ class _Trainer:
         config, state = self.config, self.state
         epochs = config.epochs_stage1
         optimizer = torch.optim.AdamW(
-            model.parameters(), lr=config.lr_stage1, weight_decay=config.weight_decay
+            model.parameters(),
+            lr=config.lr_stage1,
+            weight_decay=config.weight_decay,
         )
         if state["optimizer"] is not None:
             optimizer.load_state_dict(self._read_optimizer(state["optimizer"], optimizer))
@@ -522,9 +541,12 @@ class _Trainer:
             sampler.set_epoch(epoch)
             train_ds.set_epoch(epoch)
             loader = torch.utils.data.DataLoader(
-                train_ds, batch_size=config.batch_size, sampler=sampler, num_workers=0,
+                train_ds,
+                batch_size=config.batch_size,
+                sampler=sampler,
+                num_workers=0,
                 drop_last=drop_last,
-            )  # fmt: skip
+            )
             lr = _cosine_lr(config.lr_stage1, epoch, epochs)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -577,7 +599,9 @@ class _Trainer:
         if state["optimizer"] is not None:
             optimizer.load_state_dict(self._read_optimizer(state["optimizer"], optimizer))
         criterion = HybridLoss(
-            class_counts(eval_ds.labels, len(self.classes)), beta=config.beta, gamma=config.gamma
+            class_counts(eval_ds.labels, len(self.classes)),
+            beta=config.beta,
+            gamma=config.gamma,
         ).to(self.device)
         sampler = ClassAwareSampler(eval_ds.labels, seed=config.seed)
         n_batches = math.ceil(len(eval_ds) / config.batch_size)
@@ -695,7 +719,8 @@ class _Trainer:
         )
         if not same:
             logger.warning(
-                "checkpoint in %s belongs to other data or settings; starting afresh", self.ckpt
+                "checkpoint in %s belongs to other data or settings; starting afresh",
+                self.ckpt,
             )
             return None
         for key in ("weights", "best_weights"):
@@ -832,18 +857,41 @@ def list_crop_files(items: Sequence[str | os.PathLike]) -> list[Path]:
     return out
 
 
-def _crop_normalizer(ensemble, cache: CropCache, paths: Sequence[str], seed: int = 0):
-    """Normaliser mapping these crops' pooled stains onto the model's reference, or None."""
+#: Values of the ``stain_source`` argument of :func:`iter_classify_files`.
+STAIN_SOURCES = ("auto", "fit", "training")
+#: Fewer crops than this give unstable pooled stain statistics ("auto" then
+#: uses the training set's).
+STAIN_MIN_CROPS = 32
+
+
+def _crop_normalizer(ensemble, cache: CropCache, paths: Sequence[str], how: str = "auto"):
+    """Normaliser from these crops' stains (or the training set's) to the model's reference."""
+    from napari_wbc.errors import StainError
     from napari_wbc.stain import StainNormalizer, StainReference, fit_stain_reference
 
+    if how not in STAIN_SOURCES:
+        raise WBCError(f"stain_source must be one of {', '.join(STAIN_SOURCES)}, got {how!r}")
     if ensemble.stain is None:
         return None
-    method = ensemble.members[0].config.training.get("stain_method", "macenko")
-    rng = np.random.default_rng(seed)
-    pick = rng.permutation(len(paths))[:STAIN_SAMPLE_CROPS]
-    pixels = np.concatenate([cache.get(paths[i]).reshape(-1, 3) for i in pick])
-    source = fit_stain_reference(pixels, description=f"{len(pick)} crops to classify")
-    return StainNormalizer(method, source, StainReference.from_dict(ensemble.stain))
+    training = ensemble.members[0].config.training
+    method = training.get("stain_method", "macenko")
+    trained_on = training.get("stain_source")
+    target = StainReference.from_dict(ensemble.stain)
+    source = None
+    if how == "fit" or (how == "auto" and (len(paths) >= STAIN_MIN_CROPS or trained_on is None)):
+        pick = np.random.default_rng(0).permutation(len(paths))[:STAIN_SAMPLE_CROPS]
+        pixels = np.concatenate([cache.get(paths[i]).reshape(-1, 3) for i in pick])
+        try:
+            source = fit_stain_reference(pixels, description=f"{len(pick)} crops to classify")
+        except StainError as exc:
+            if how == "fit" or trained_on is None:
+                raise StainError(f"cannot normalise these crops: {exc}") from exc
+            logger.warning("%s; using the training set's stain statistics instead", exc)
+    if source is None:
+        if trained_on is None:
+            raise WBCError("the model does not record its training stain statistics; use 'fit'")
+        source = StainReference.from_dict(trained_on)
+    return StainNormalizer(method, source, target)
 
 
 def iter_classify_files(
@@ -852,12 +900,13 @@ def iter_classify_files(
     tta: str | None = None,
     batch_size: int = 64,
     device: str = "auto",
+    stain_source: str = "auto",
 ) -> ProgressGen[dict[str, Any]]:
     """Classify crop image files with a model or ensemble, as it was trained.
 
     Each image is decoded, centre-cropped to a square, resized, normalised
-    to the model's stain reference (source statistics pooled over a sample of
-    these crops, as in training), and classified with test-time augmentation.
+    to the model's stain reference, and classified with test-time
+    augmentation.
 
     Parameters
     ----------
@@ -872,6 +921,14 @@ def iter_classify_files(
         Crops per forward pass.
     device : str
         Where to run.
+    stain_source : {"auto", "fit", "training"}
+        Where the source stain statistics come from. "fit": pooled over a
+        sample of these crops, as training did for its crops (right for
+        crops from another lab, but it assumes a mix of cells: a set of one
+        class only shifts the statistics). "training": those of the model's
+        training crops (right for crops from the same scanner and stain).
+        "auto": "fit" for at least :data:`STAIN_MIN_CROPS` crops, else
+        "training", and "training" when fitting finds too little stain.
 
     Returns
     -------
@@ -891,7 +948,7 @@ def iter_classify_files(
         for m in ensemble.members
     )
     cache = CropCache(max(cache_size, size))
-    normalizer = _crop_normalizer(ensemble, cache, paths)
+    normalizer = _crop_normalizer(ensemble, cache, paths, stain_source)
     crops = []
     step = max(1, len(paths) // 100)
     for i, p in enumerate(paths, 1):
@@ -900,15 +957,26 @@ def iter_classify_files(
         if i % step == 0 or i == len(paths):
             yield Progress("read", i, len(paths), f"read {i}/{len(paths)} crops")
     result = yield from iter_predict_crops(
-        ensemble, np.stack(crops), batch_size=batch_size, tta=tta, device=get_device(device)
+        ensemble,
+        np.stack(crops),
+        batch_size=batch_size,
+        tta=tta,
+        device=get_device(device),
     )
     result["paths"] = paths
     return result
 
 
-def evaluate(model, data, tta: str | None = None, batch_size: int = 64, device: str = "auto"):
+def evaluate(
+    model,
+    data,
+    tta: str | None = None,
+    batch_size: int = 64,
+    device: str = "auto",
+    stain_source: str = "auto",
+) -> dict[str, Any]:
     """Evaluate a model on labelled crops; see :func:`iter_evaluate`."""
-    return run(iter_evaluate(model, data, tta, batch_size, device))
+    return run(iter_evaluate(model, data, tta, batch_size, device, stain_source))
 
 
 def iter_evaluate(
@@ -917,6 +985,7 @@ def iter_evaluate(
     tta: str | None = None,
     batch_size: int = 64,
     device: str = "auto",
+    stain_source: str = "auto",
 ) -> ProgressGen[dict[str, Any]]:
     """Classify labelled crops and score the predictions.
 
@@ -932,6 +1001,8 @@ def iter_evaluate(
         Crops per forward pass.
     device : str
         Where to run.
+    stain_source : {"auto", "fit", "training"}
+        See :func:`iter_classify_files`.
 
     Returns
     -------
@@ -956,7 +1027,12 @@ def iter_evaluate(
             f"the model's classes are {list(ensemble.classes)}"
         )
     result = yield from iter_classify_files(
-        ensemble, list(df["path"]), tta=tta, batch_size=batch_size, device=device
+        ensemble,
+        list(df["path"]),
+        tta,
+        batch_size,
+        device,
+        stain_source,
     )
     classes = list(result["classes"])
     metrics = classification_metrics(list(map(str, df["label"])), result["pred"], classes)

@@ -1,0 +1,209 @@
+"""The train, evaluate and predict subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+
+from napari_wbc import cli as main_cli
+from napari_wbc.cli_models import add_model_commands, member_paths
+from napari_wbc.errors import WBCError
+from napari_wbc.models import read_ensemble, read_model_config
+
+from .test_training import DISC_CLASSES, write_disc_crops
+
+FAST = [
+    "--epochs1",
+    "4",
+    "--epochs2",
+    "2",
+    "--batch-size",
+    "16",
+    "--lr1",
+    "3e-3",
+    "--lr2",
+    "3e-3",
+    "--input-size",
+    "32",
+    "--threads",
+    "2",
+    "-q",
+]
+
+
+def _wired() -> bool:
+    """Whether napari_wbc.cli already offers the model commands."""
+    parser = main_cli.build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return "train" in sub.choices
+
+
+def cli(argv: list[str]) -> int:
+    """Run the command line (the real one once it is wired; else the same commands)."""
+    if _wired():
+        return main_cli.main(argv)
+    parser = argparse.ArgumentParser(prog="napari-wbc")
+    add_model_commands(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except WBCError as exc:
+        print(f"napari-wbc {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+@pytest.fixture(scope="module")
+def disc_dir(tmp_path_factory):
+    return write_disc_crops(tmp_path_factory.mktemp("discs"))
+
+
+@pytest.fixture(scope="module")
+def model_path(disc_dir, tmp_path_factory):
+    """One tiny member trained through the command line."""
+    out = tmp_path_factory.mktemp("model") / "discs.safetensors"
+    argv = ["train", str(disc_dir), "--preset", "tiny", "--member", "tiny-resnet", "-o", str(out)]
+    assert cli(argv + FAST) == 0
+    return out
+
+
+def test_train_writes_a_model_and_prints_epochs(disc_dir, tmp_path, capsys):
+    out = tmp_path / "m.safetensors"
+    argv = ["train", str(disc_dir), "--preset", "tiny", "--member", "tiny-resnet", "-o", str(out)]
+    argv += [*FAST, "--seed", "3", "--no-stain-normalization", "--stages", "stage1"]
+    assert cli(argv) == 0
+    text = capsys.readouterr().out
+    assert "tiny-resnet stage1 epoch 1:" in text and "tiny-resnet stage1 epoch 4:" in text
+    assert "stage2 epoch" not in text
+    assert "validation n=" in text
+    config = read_model_config(out)
+    assert config.stain is None
+    assert config.training["seed"] == 3
+    assert config.training["stages"] == "stage1"
+    assert config.classes == tuple(sorted(DISC_CLASSES))
+
+
+def test_preset_with_several_members_writes_an_ensemble(disc_dir, tmp_path, capsys):
+    out = tmp_path / "ens.json"
+    fast = FAST.copy()
+    fast[fast.index("--epochs1") + 1] = "1"
+    fast[fast.index("--epochs2") + 1] = "1"
+    assert cli(["train", str(disc_dir), "--preset", "tiny", "-o", str(out), *fast]) == 0
+    ensemble = read_ensemble(out)
+    names = ["tiny-resnet", "tiny-efficientnet", "tiny-vit"]
+    assert [m.path.name for m in ensemble.members] == [f"ens-{n}.safetensors" for n in names]
+    assert all(m.path.parent == tmp_path for m in ensemble.members)
+    assert ensemble.tta == "d4"
+    assert {"n", "accuracy", "macro_f1", "balanced_accuracy"} <= set(ensemble.metrics)
+    assert "ensemble" in capsys.readouterr().out
+
+
+def test_member_paths():
+    files, ens = member_paths(Path("out/model"), ["a"])
+    assert [f.as_posix() for f in files] == ["out/model.safetensors"] and ens is None
+    files, ens = member_paths(Path("out/e.json"), ["a", "b"])
+    assert ens.as_posix() == "out/e.json"
+    assert [f.name for f in files] == ["e-a.safetensors", "e-b.safetensors"]
+
+
+def _write_csv(path, rows):
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "label"])
+        writer.writerows(rows)
+    return path
+
+
+def test_evaluate_json_contract(model_path, disc_dir, capsys):
+    rows = [
+        (p.relative_to(disc_dir).as_posix(), p.parent.name)
+        for p in sorted(disc_dir.rglob("*.png"))
+    ]
+    data = _write_csv(disc_dir / "all.csv", rows)
+    capsys.readouterr()
+    assert cli(["evaluate", str(data), "--model", str(model_path), "--json", "--tta", "none"]) == 0
+    out = capsys.readouterr().out
+    metrics = json.loads(out)  # exactly one JSON object on stdout
+    for key in (
+        "n",
+        "accuracy",
+        "macro_f1",
+        "balanced_accuracy",
+        "per_class",
+        "confusion",
+        "classes",
+    ):
+        assert key in metrics, key
+    assert metrics["n"] == len(rows)
+    assert metrics["classes"] == sorted(DISC_CLASSES)
+    assert np.asarray(metrics["confusion"]).sum() == len(rows)
+    assert metrics["macro_f1"] >= 0.8  # chance is 0.25
+
+
+def test_evaluate_json_on_a_subset_of_classes(model_path, disc_dir, tmp_path, capsys):
+    # Absolute paths this time, and only two of the model's four classes.
+    rows = [(str(p), p.parent.name) for p in sorted(disc_dir.rglob("*.png"))]
+    rows = [r for r in rows if r[1] in ("big_purple", "small_pink")]
+    data = _write_csv(tmp_path / "part.csv", rows)
+    capsys.readouterr()
+    assert cli(["evaluate", str(data), "--model", str(model_path), "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["n"] == len(rows)
+    assert metrics["classes"] == ["big_purple", "small_pink"]
+    assert set(metrics["per_class"]) == {"big_purple", "small_pink"}
+    per_class_f1 = [metrics["per_class"][c]["f1"] for c in metrics["classes"]]
+    assert metrics["macro_f1"] == pytest.approx(np.mean(per_class_f1))
+    assert metrics["tta"] == "d4"  # a model file's default
+
+
+def test_evaluate_prints_a_table(model_path, disc_dir, capsys):
+    capsys.readouterr()
+    assert cli(["evaluate", str(disc_dir), "--model", str(model_path), "--tta", "none", "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "macro-F1=" in out
+    for name in DISC_CLASSES:
+        assert name in out
+
+
+def test_evaluate_without_a_model_says_what_to_do(disc_dir, capsys):
+    assert cli(["evaluate", str(disc_dir), "--json"]) == 2
+    assert "no default model is installed yet; pass --model" in capsys.readouterr().err
+
+
+def test_predict_writes_a_table(model_path, disc_dir, tmp_path, capsys):
+    table = tmp_path / "pred.csv"
+    files = sorted((disc_dir / "small_pink").glob("*.png"))
+    argv = ["predict", str(disc_dir / "small_pink"), str(files[0]), "--model", str(model_path)]
+    assert cli([*argv, "-o", str(table), "--tta", "none", "-q"]) == 0
+    rows = list(csv.DictReader(io.StringIO(table.read_text())))
+    classes = sorted(DISC_CLASSES)
+    assert list(rows[0]) == ["path", "class", "confidence", *classes]
+    assert len(rows) == len(files) + 1
+    for row in rows:
+        probs = np.array([float(row[c]) for c in classes])
+        assert probs.sum() == pytest.approx(1.0, abs=1e-4)
+        assert row["class"] == classes[int(probs.argmax())]
+        assert float(row["confidence"]) == pytest.approx(probs.max(), abs=1e-6)
+    hits = np.mean([row["class"] == "small_pink" for row in rows])
+    assert hits >= 0.8
+
+
+def test_predict_to_stdout(model_path, disc_dir, capsys):
+    capsys.readouterr()
+    assert cli(["predict", str(disc_dir / "big_pink"), "--model", str(model_path)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("path,class,confidence,")
+    assert len(lines) == 1 + len(list((disc_dir / "big_pink").glob("*.png")))
+
+
+def test_predict_missing_input(model_path, tmp_path, capsys):
+    assert cli(["predict", str(tmp_path / "nothing.png"), "--model", str(model_path)]) == 2
+    assert "does not exist" in capsys.readouterr().err
