@@ -47,3 +47,25 @@ def stained_image(
 @pytest.fixture
 def make_stained():
     return stained_image
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path(tmp_path_factory):
+    """A random-initialised tiny model with the PBC classes and the built-in stain reference."""
+    import torch
+
+    from napari_wbc.models.build import build_model
+    from napari_wbc.models.files import ModelConfig, save_model
+    from napari_wbc.models.registry import get_spec
+    from napari_wbc.stain import default_reference
+
+    torch.manual_seed(0)
+    spec = get_spec("tiny-resnet")
+    model, _ = build_model(spec, pretrained=False)
+    config = ModelConfig(
+        spec=spec,
+        stain=default_reference().to_dict(),
+        training={"stain_method": "macenko"},
+        notes="random weights, for tests",
+    )
+    return save_model(tmp_path_factory.mktemp("models") / "tiny.safetensors", model, config)

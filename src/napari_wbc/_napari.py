@@ -70,3 +70,39 @@ def make_sample_data():
             "image",
         )
     ]
+
+
+def _cells_from_layer(data, meta):
+    """A cell table (x, y, class, ...) from a Points layer's data and state."""
+    import numpy as np
+    import pandas as pd
+
+    from .errors import WBCError
+
+    points = np.asarray(data, dtype=float).reshape(-1, 2)
+    features = meta.get("features")
+    features = pd.DataFrame(features) if features is not None else pd.DataFrame(index=range(len(points)))
+    if "class" not in features.columns:
+        raise WBCError(
+            "this Points layer has no 'class' feature; classify it with the napari-wbc "
+            "Classify widget first"
+        )
+    cells = features.reset_index(drop=True).copy()
+    cells["y"], cells["x"] = points[:, 0], points[:, 1]
+    return cells
+
+
+def write_points_csv(path: str, data, meta: dict) -> list[str]:
+    """napari writer: a classified Points layer to CSV (pixels, and µm when known)."""
+    from .export import cells_to_csv
+
+    pixel = (meta.get("metadata") or {}).get("pixel_size_um")
+    return [str(cells_to_csv(_cells_from_layer(data, meta), path, pixel_size_um=pixel))]
+
+
+def write_points_geojson(path: str, data, meta: dict) -> list[str]:
+    """napari writer: a classified Points layer to GeoJSON that QuPath imports."""
+    from .export import cells_to_geojson
+
+    cells_to_geojson(_cells_from_layer(data, meta), path)
+    return [str(path)]

@@ -50,7 +50,9 @@ def _load_reference(spec: str | None):
         return StainReference.from_dict(data)
     smear = read_smear(path)
     try:
-        return run(iter_fit_stain_reference(smear.levels[-1], description=f"fitted on {path.name}"))
+        return run(
+            iter_fit_stain_reference(smear.levels[-1], description=f"fitted on {path.name}")
+        )
     finally:
         smear.close()
 
@@ -89,6 +91,52 @@ def cmd_reference(args) -> int:
         Path(args.output).write_text(text + "\n")
     else:
         print(text)
+    return 0
+
+
+# ------------------------------------------------------------------- classify
+
+
+def cmd_classify(args) -> int:
+    from .models.files import default_model_path, load_any
+    from .pipeline import ClassifyConfig
+    from .smears import iter_classify_files
+
+    model = args.model or default_model_path()
+    formats = [f.strip().lower() for f in args.format.split(",") if f.strip()]
+    bad = sorted(set(formats) - {"csv", "geojson"})
+    if bad:
+        raise WBCError(f"unknown format(s) {', '.join(bad)}; choose from csv, geojson")
+    ensemble = load_any(model, device="cpu" if args.device == "auto" else args.device)
+    config = ClassifyConfig(
+        pixel_size_um=args.pixel_size,
+        stain_normalize=args.stain_normalization,
+        tta=args.tta,
+        device=args.device,
+        block=args.block,
+    )
+    client = None
+    if args.scheduler:
+        try:
+            from dask.distributed import Client
+        except ImportError as exc:
+            raise WBCError(
+                "--scheduler needs dask.distributed: pip install 'napari-wbc[distributed]'"
+            ) from exc
+        try:
+            client = Client(args.scheduler, timeout="10s")
+        except OSError as exc:
+            raise WBCError(f"cannot reach the dask scheduler at {args.scheduler}: {exc}") from exc
+    try:
+        summary = _drive(
+            iter_classify_files(args.inputs, ensemble, args.output, config, formats, client),
+            args.quiet,
+        )
+    finally:
+        if client is not None:
+            client.close()
+    print(summary.to_string(index=False))
+    print(f"results in {args.output}")
     return 0
 
 
@@ -143,7 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
         "default: the built-in PBC reference",
     )
     p.add_argument("--tile", type=int, default=512, help="TIFF tile size (default 512)")
-    p.add_argument("--save-reference", help="also save the input's fitted stain statistics (.json)")
+    p.add_argument(
+        "--save-reference", help="also save the input's fitted stain statistics (.json)"
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_normalize)
 
@@ -154,6 +204,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("image", nargs="?", help="image to fit on; default: the built-in reference")
     p.add_argument("-o", "--output", help="write the JSON here instead of printing it")
     p.set_defaults(func=cmd_reference)
+
+    p = sub.add_parser(
+        "classify",
+        help="find, classify and count white cells in smear images",
+        description="Detect and classify the white cells of each image (files or folders), "
+        "streaming tile by tile; writes <image>.csv and <image>.geojson (QuPath) per image and "
+        "summary.csv with the differential counts.",
+    )
+    p.add_argument("inputs", nargs="+", type=Path, help="images or folders of images")
+    p.add_argument("--model", type=Path, help="model or ensemble; default: the built-in one")
+    p.add_argument("-o", "--output", type=Path, default=Path("wbc-results"), help="output folder")
+    p.add_argument("--format", default="csv,geojson", help="comma-separated: csv, geojson")
+    p.add_argument(
+        "--pixel-size", type=float, help="µm per pixel (default: file metadata, else estimated)"
+    )
+    p.add_argument("--no-stain-normalization", dest="stain_normalization", action="store_false")
+    p.add_argument("--tta", choices=("none", "flips", "d4"), help="default: the model's")
+    p.add_argument("--block", type=int, default=2048, help="processing block edge in pixels")
+    p.add_argument("--device", default="auto")
+    p.add_argument(
+        "--scheduler", help="address of a dask.distributed scheduler to run the tiles on"
+    )
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_classify)
 
     p = sub.add_parser("view", help="open napari with the plugin (on the sample smear by default)")
     p.add_argument("files", nargs="*", help="images to open instead of the sample")

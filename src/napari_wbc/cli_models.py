@@ -29,14 +29,10 @@ __all__ = [
 
 
 def default_model_path() -> Path:
-    """The model the plugin uses when none is named.
+    """The model the plugin uses when none is named (see :mod:`napari_wbc.models.files`)."""
+    from .models.files import default_model_path as _default
 
-    Raises
-    ------
-    WBCError
-        Always, for now: napari-wbc does not ship a trained model yet.
-    """
-    raise WBCError("no default model is installed yet; pass --model")
+    return _default()
 
 
 def _drive(gen, quiet: bool, on_epoch=None):
@@ -155,9 +151,12 @@ def cmd_train(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
+    from .smears import is_box_table
     from .training import iter_evaluate
 
     model = args.model or default_model_path()
+    if args.data.suffix.lower() == ".csv" and is_box_table(args.data):
+        return _evaluate_smears(args, model)
     metrics = _drive(
         iter_evaluate(
             model,
@@ -187,6 +186,41 @@ def cmd_evaluate(args) -> int:
             f"classes with no crop in the data (left out of the averages): "
             f"{', '.join(metrics['absent_classes'])}"
         )
+    return 0
+
+
+def _evaluate_smears(args, model) -> int:
+    """Whole-pipeline evaluation on smears with white-cell boxes."""
+    from .models.files import load_any
+    from .pipeline import ClassifyConfig
+    from .smears import iter_evaluate_smears, load_boxes
+
+    ensemble = load_any(model, device="cpu" if args.device == "auto" else args.device)
+    config = ClassifyConfig(
+        pixel_size_um=args.pixel_size,
+        stain_normalize=args.stain_normalization,
+        tta=args.tta,
+        device=args.device,
+    )
+    metrics = _drive(
+        iter_evaluate_smears(load_boxes(args.data), ensemble, config), args.quiet or args.json
+    )
+    metrics["model"] = str(model)
+    if args.confusion and metrics.get("n"):
+        from .metrics import save_confusion_png
+
+        save_confusion_png(metrics, args.confusion)
+    if args.json:
+        print(json.dumps(metrics))
+        return 0
+    det = metrics["detection"]
+    print(
+        f"detection: precision {det['precision']:.3f} recall {det['recall']:.3f} "
+        f"F1 {det['f1']:.3f} (tp {det['tp']}, fp {det['fp']}, fn {det['fn']}, "
+        f"{det['images']} images)"
+    )
+    if metrics.get("n"):
+        print(f"classification of matched cells: {_format_metrics(metrics)}")
     return 0
 
 
@@ -252,7 +286,9 @@ def add_model_commands(subparsers) -> None:
     p.add_argument(
         "data",
         type=Path,
-        help="CSV with path,label columns, or a class-per-folder tree",
+        help="CSV with path,label columns, or a class-per-folder tree of crops; or a CSV "
+        "with path,label,x,y,w,h white-cell boxes on whole smears (x,y top-left), "
+        "which runs detection and classification and adds a 'detection' object",
     )
     p.add_argument("--preset", default="lite", choices=sorted(list_presets()), help="default lite")
     p.add_argument("--member", action="append", help="train only this member (repeatable)")
@@ -314,7 +350,9 @@ def add_model_commands(subparsers) -> None:
     p.add_argument(
         "data",
         type=Path,
-        help="CSV with path,label columns, or a class-per-folder tree",
+        help="CSV with path,label columns, or a class-per-folder tree of crops; or a CSV "
+        "with path,label,x,y,w,h white-cell boxes on whole smears (x,y top-left), "
+        "which runs detection and classification and adds a 'detection' object",
     )
     p.add_argument("--model", type=Path, help="model (.safetensors) or ensemble (.json)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -328,6 +366,17 @@ def add_model_commands(subparsers) -> None:
         default="auto",
         help="source stain statistics: fitted on these crops, the model's training "
         "crops', or auto (fit when there are 32 crops or more)",
+    )
+    p.add_argument(
+        "--pixel-size",
+        type=float,
+        help="smears only: µm per pixel (default: estimated from the red cells)",
+    )
+    p.add_argument(
+        "--no-stain-normalization",
+        dest="stain_normalization",
+        action="store_false",
+        help="smears only: classify without stain normalization",
     )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_evaluate)

@@ -76,7 +76,9 @@ def probability_columns(cells: pd.DataFrame) -> list[str]:
     return [c for c in cells.columns if c.startswith("p_")]
 
 
-def cells_to_csv(cells: pd.DataFrame, path: str | Path, pixel_size_um: float | None = None) -> Path:
+def cells_to_csv(
+    cells: pd.DataFrame, path: str | Path, pixel_size_um: float | None = None
+) -> Path:
     """Write a cell table as CSV: x, y in pixels (and µm when the pixel size is known), class,
     confidence, needs_review and per-class probabilities.
     """
@@ -96,7 +98,9 @@ def cells_to_csv(cells: pd.DataFrame, path: str | Path, pixel_size_um: float | N
 
 def _circle(x: float, y: float, radius: float, n: int = 24) -> list[list[float]]:
     angles = np.linspace(0.0, 2 * math.pi, n, endpoint=False)
-    ring = [[round(x + radius * math.cos(a), 2), round(y + radius * math.sin(a), 2)] for a in angles]
+    ring = [
+        [round(x + radius * math.cos(a), 2), round(y + radius * math.sin(a), 2)] for a in angles
+    ]
     return [*ring, ring[0]]
 
 
@@ -165,9 +169,12 @@ def iter_export_crops(
     height, width = image.shape[:2]
     written = []
     for i, row in enumerate(cells.to_dict("records")):
-        x, y = int(round(row["x"])), int(round(row["y"]))
+        x, y = round(row["x"]), round(row["y"])
         y0, x0 = y - half, x - half
-        ys, xs = slice(max(y0, 0), min(y0 + crop_px, height)), slice(max(x0, 0), min(x0 + crop_px, width))
+        ys, xs = (
+            slice(max(y0, 0), min(y0 + crop_px, height)),
+            slice(max(x0, 0), min(x0 + crop_px, width)),
+        )
         patch = np.asarray(image[ys, xs])
         crop = np.full((crop_px, crop_px, 3), 255, np.uint8)
         crop[ys.start - y0 : ys.stop - y0, xs.start - x0 : xs.stop - x0] = patch

@@ -89,13 +89,13 @@ def iter_resolve_scale(image, config: ClassifyConfig) -> ProgressGen[tuple[float
 
 def _crop_side(ensemble, rbc_px: float) -> int:
     """Side of one crop in image pixels: the model's field of view at this scale."""
-    return max(int(round(ensemble.fov_rbc * rbc_px)), 8)
+    return max(round(ensemble.fov_rbc * rbc_px), 8)
 
 
 def _cut(block: np.ndarray, cy: float, cx: float, side: int) -> np.ndarray:
     """A side×side crop centred on (cy, cx) of an in-memory block, padded with glass."""
     half = side // 2
-    y0, x0 = int(round(cy)) - half, int(round(cx)) - half
+    y0, x0 = round(cy) - half, round(cx) - half
     h, w = block.shape[:2]
     crop = np.full((side, side, 3), 255, np.uint8)
     ys0, xs0 = max(y0, 0), max(x0, 0)
@@ -111,6 +111,8 @@ def iter_classify_smear(
     config: ClassifyConfig | None = None,
     points: np.ndarray | None = None,
     labels=None,
+    client=None,
+    source_path=None,
 ) -> ProgressGen[pd.DataFrame]:
     """Find and classify the white cells of a smear of any size.
 
@@ -126,6 +128,12 @@ def iter_classify_smear(
     labels : array-like (Y, X), optional
         A label image of cell masks (0 = background), one cell per label, to
         classify instead of detecting.
+    client : dask.distributed.Client, optional
+        Run the blocks on this cluster. Workers read their windows from
+        ``source_path`` and load the model from the ensemble's file, so both
+        must be reachable from the workers.
+    source_path : path, optional
+        The image file, needed with ``client``.
 
     Yields
     ------
@@ -141,8 +149,6 @@ def iter_classify_smear(
         disagreement, p_<class> for every class, plus the scale used in
         ``df.attrs``.
     """
-    from .inference import disagreement, predict_crops
-
     config = config or ClassifyConfig()
     arr = _as_dask(image)
     height, width = arr.shape[:2]
@@ -163,61 +169,50 @@ def iter_classify_smear(
             raise WBCError(f"{exc}; or classify without stain normalization") from exc
 
     given = _given_cells(points, labels, height, width)
-    halo = int(math.ceil(side / 2 + 1.5 * rbc_px * 2))
+    halo = math.ceil(side / 2 + 3 * rbc_px)
     step = max(int(config.block), side)
     grid = [(y, x) for y in range(0, height, step) for x in range(0, width, step)]
     classes = list(ensemble.classes)
     counts = dict.fromkeys(classes, 0)
     tables = []
-    for i, (y0, x0) in enumerate(grid):
-        y1, x1 = min(y0 + step, height), min(x0 + step, width)
-        if given is not None:
-            own = given[(given.y >= y0) & (given.y < y1) & (given.x >= x0) & (given.x < x1)]
-            if own.empty:
-                yield Progress("blocks", i + 1, len(grid), "no cells here", {"counts": dict(counts)})
-                continue
-        hy0, hx0 = max(y0 - halo, 0), max(x0 - halo, 0)
-        hy1, hx1 = min(y1 + halo, height), min(x1 + halo, width)
-        block = np.asarray(arr[hy0:hy1, hx0:hx1].compute())
-        if given is None:
-            from .detection import detect_cells
 
-            found = detect_cells(block, rbc_diameter_px=rbc_px)
-            found = found[found["kind"] == "wbc"] if "kind" in found else found
-            found = found.assign(y=found["y"] + hy0, x=found["x"] + hx0)
-            own = found[(found.y >= y0) & (found.y < y1) & (found.x >= x0) & (found.x < x1)]
-        if own.empty:
-            yield Progress("blocks", i + 1, len(grid), "no cells here", {"counts": dict(counts)})
-            continue
-        crops = np.stack([_cut(block, cy - hy0, cx - hx0, side) for cy, cx in zip(own.y, own.x, strict=True)])
-        if normalizer is not None:
-            crops = normalizer(crops)
-        result = predict_crops(ensemble, crops, config.batch_size, config.tta, _device(config))
-        table = pd.DataFrame(
-            {
-                "y": own.y.to_numpy(float),
-                "x": own.x.to_numpy(float),
-                "diameter": own["diameter"].to_numpy(float) if "diameter" in own else np.nan,
-                "class": [classes[k] for k in result["pred"]],
-                "confidence": result["confidence"].astype(float),
-            }
+    def windows():
+        for y0, x0 in grid:
+            own_box = (y0, x0, min(y0 + step, height), min(x0 + step, width))
+            window = (
+                max(y0 - halo, 0),
+                max(x0 - halo, 0),
+                min(own_box[2] + halo, height),
+                min(own_box[3] + halo, width),
+            )
+            own = None if given is None else _inside(given, own_box)
+            yield own_box, window, own
+
+    def local_results():
+        for own_box, (wy0, wx0, wy1, wx1), own in windows():
+            if own is not None and own.empty:
+                yield None
+                continue
+            block = np.asarray(arr[wy0:wy1, wx0:wx1].compute())
+            yield classify_block(
+                block, (wy0, wx0), own_box, ensemble, normalizer, rbc_px, side, config, own
+            )
+
+    if client is None:
+        results = local_results()
+    else:
+        results = _iter_remote(
+            client, source_path, ensemble, normalizer, rbc_px, side, config, windows()
         )
-        table["disagreement"] = disagreement(result["member_probs"], result["probs"])
-        table["needs_review"] = (table["confidence"] < config.review_confidence) | (
-            table["disagreement"] > config.review_disagreement
-        )
-        for k, name in enumerate(classes):
-            table[f"p_{name}"] = result["probs"][:, k].astype(float)
-        tables.append(table)
-        for name in table["class"]:
-            counts[name] += 1
-        yield Progress(
-            "blocks",
-            i + 1,
-            len(grid),
-            f"{sum(counts.values())} cells",
-            {"counts": dict(counts), "cells": table},
-        )
+    for i, table in enumerate(results):
+        if table is not None and len(table):
+            tables.append(table)
+            for name in table["class"]:
+                counts[name] += 1
+        info = {"counts": dict(counts)}
+        if table is not None and len(table):
+            info["cells"] = table
+        yield Progress("blocks", i + 1, len(grid), f"{sum(counts.values())} cells", info)
     columns = ["y", "x", "diameter", "class", "confidence", "disagreement", "needs_review"]
     cells = (
         pd.concat(tables, ignore_index=True)
@@ -232,6 +227,107 @@ def iter_classify_smear(
         classes=classes,
     )
     return cells
+
+
+def _inside(cells: pd.DataFrame, box) -> pd.DataFrame:
+    """Cells whose centre lies in the half-open box (y0, x0, y1, x1): ownership."""
+    y0, x0, y1, x1 = box
+    return cells[(cells.y >= y0) & (cells.y < y1) & (cells.x >= x0) & (cells.x < x1)]
+
+
+def classify_block(
+    block: np.ndarray,
+    origin: tuple[int, int],
+    own_box: tuple[int, int, int, int],
+    ensemble,
+    normalizer,
+    rbc_px: float,
+    side: int,
+    config: ClassifyConfig,
+    own: pd.DataFrame | None = None,
+) -> pd.DataFrame:
+    """Detect (unless ``own`` cells are given) and classify the cells one block owns.
+
+    ``block`` is the block with its halo, in memory, whose top-left pixel is
+    ``origin`` in the full image; ``own_box`` is the part of the image this
+    block owns. Returns the owned cells in full-image coordinates.
+    """
+    from .inference import disagreement, predict_crops
+
+    hy0, hx0 = origin
+    if own is None:
+        from .detection import detect_cells
+
+        found = detect_cells(block, rbc_diameter_px=rbc_px)
+        if "kind" in found:
+            found = found[found["kind"] == "wbc"]
+        found = found.assign(y=found["y"] + hy0, x=found["x"] + hx0)
+        own = _inside(found, own_box)
+    if own.empty:
+        return None
+    crops = np.stack(
+        [_cut(block, cy - hy0, cx - hx0, side) for cy, cx in zip(own.y, own.x, strict=True)]
+    )
+    if normalizer is not None:
+        crops = normalizer(crops)
+    result = predict_crops(ensemble, crops, config.batch_size, config.tta, _device(config))
+    classes = list(ensemble.classes)
+    table = pd.DataFrame(
+        {
+            "y": own.y.to_numpy(float),
+            "x": own.x.to_numpy(float),
+            "diameter": own["diameter"].to_numpy(float) if "diameter" in own else np.nan,
+            "class": [classes[k] for k in result["pred"]],
+            "confidence": result["confidence"].astype(float),
+        }
+    )
+    table["disagreement"] = disagreement(result["member_probs"], result["probs"])
+    table["needs_review"] = (table["confidence"] < config.review_confidence) | (
+        table["disagreement"] > config.review_disagreement
+    )
+    for k, name in enumerate(classes):
+        table[f"p_{name}"] = result["probs"][:, k].astype(float)
+    return table
+
+
+def _remote_block(path, window, own_box, model_path, normalizer, rbc_px, side, config, own):
+    """Run one block on a dask worker: read its window from the file, classify."""
+    from .images import read_smear
+    from .models.files import load_any
+
+    smear = read_smear(path)
+    try:
+        y0, x0, y1, x1 = window
+        block = np.asarray(smear.levels[0][y0:y1, x0:x1].compute(scheduler="sync"))
+    finally:
+        smear.close()
+    ensemble = load_any(model_path, device="cpu")
+    return classify_block(
+        block, (y0, x0), own_box, ensemble, normalizer, rbc_px, side, config, own
+    )
+
+
+def _iter_remote(client, source_path, ensemble, normalizer, rbc_px, side, config, windows):
+    """Submit every block to the cluster; yield tables as they complete."""
+    from dask.distributed import as_completed
+
+    if source_path is None or ensemble.path is None:
+        raise WBCError("running on a cluster needs the image and the model as files")
+    futures = [
+        client.submit(
+            _remote_block,
+            *(str(source_path), w, own_box, str(ensemble.path), normalizer),
+            *(rbc_px, side, config, own),
+            pure=False,
+        )
+        for own_box, w, own in windows
+    ]
+    try:
+        for future in as_completed(futures):
+            yield future.result()
+    finally:
+        for future in futures:
+            future.cancel()
 
 
 def _device(config: ClassifyConfig):
@@ -260,7 +356,9 @@ def _given_cells(points, labels, height: int, width: int) -> pd.DataFrame | None
                 f"the label image is {lab.shape[:2]} but the smear is {(height, width)}; "
                 "they must have the same size"
             )
-        props = regionprops_table(lab.astype(np.int64), properties=("label", "centroid", "equivalent_diameter_area"))
+        props = regionprops_table(
+            lab.astype(np.int64), properties=("label", "centroid", "equivalent_diameter_area")
+        )
         return pd.DataFrame(
             {
                 "y": props["centroid-0"],
@@ -278,7 +376,11 @@ def differential_count(cells: pd.DataFrame, classes=None) -> pd.DataFrame:
     counts = cells["class"].value_counts().reindex(classes, fill_value=0)
     total = int(counts.sum())
     table = pd.DataFrame(
-        {"class": classes, "count": counts.to_numpy(int), "percent": 100 * counts.to_numpy() / max(total, 1)}
+        {
+            "class": classes,
+            "count": counts.to_numpy(int),
+            "percent": 100 * counts.to_numpy() / max(total, 1),
+        }
     )
     review = cells.groupby("class")["needs_review"].sum() if "needs_review" in cells else None
     if review is not None:

@@ -782,3 +782,26 @@ def load_any(
         notes=config.notes,
         path=path,
     )
+
+
+#: Where the shipped default ensemble lives inside the package.
+DEFAULT_MODEL_RESOURCE = "resources/models/wbc-lite.json"
+
+
+def default_model_path() -> Path:
+    """The ensemble the plugin uses when none is named (shipped inside the package).
+
+    Raises
+    ------
+    ModelFileError
+        When this installation holds no default model.
+    """
+    from importlib import resources
+
+    path = Path(str(resources.files("napari_wbc").joinpath(DEFAULT_MODEL_RESOURCE)))
+    if not path.is_file():
+        raise ModelFileError(
+            "no default model is installed in this napari-wbc; pass a model file "
+            "(napari-wbc train makes one)"
+        )
+    return path

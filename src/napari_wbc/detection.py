@@ -1,0 +1,575 @@
+"""Finding white cells in smears of any size by their nuclear stain.
+
+White cells are the only cells in blood with a nucleus, and May-Grünwald-
+Giemsa stains nuclei blue-violet while red cells, platelets' halos and glass
+stay pink to grey. Detection therefore thresholds a nuclear-stain signal
+(:func:`napari_wbc.scale.nuclear_signal`), groups the pieces of one nucleus
+(the lobes of a segmented neutrophil lie within about 0.6 red-cell diameters
+of each other), and keeps groups with at least a small nucleus' worth of
+stain. Platelets, which also take up some blue stain, are far smaller.
+
+Every size is a multiple of the red-cell diameter, measured from the image
+(:mod:`napari_wbc.scale`) when the pixel size is unknown, and the work is done
+on a copy downsampled so that a red cell spans about 24 pixels.
+
+Images of any size are processed block by block on a fixed grid, each block
+read with a halo of more than 1.5 of the largest cell's diameter; a cell is
+reported only by the block holding its centre, so each cell comes out once and
+the result does not depend on the block size. The few image-wide numbers (the
+glass colour and the nuclear threshold) are measured once, on windows of a
+fixed grid, before the blocks are processed.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from scipy import ndimage as ndi
+
+from .errors import WBCError
+from .progress import Progress, ProgressGen, run
+from .scale import (
+    as_rgb_image,
+    background_of,
+    downsample,
+    grid_windows,
+    iter_estimate_rbc_diameter,
+    nuclear_signal,
+    read_window,
+    resolve_scale,
+)
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "COLUMNS",
+    "DetectionError",
+    "detect_cells",
+    "iter_detect_cells",
+    "match_detections",
+]
+
+#: Columns of the detection table, in order.
+COLUMNS = [
+    "y",
+    "x",
+    "diameter",
+    "area",
+    "nucleus_area",
+    "bbox_y0",
+    "bbox_x0",
+    "bbox_y1",
+    "bbox_x1",
+    "score",
+    "kind",
+]
+
+# Sizes in red-cell diameters (d).
+_MERGE_DISTANCE = 0.6  # lobes of one nucleus lie at most this far apart
+_MAX_CELL = 2.2  # largest white cell (monocytes reach 2 d)
+_SPLIT_DIAMETER = 2.4  # a footprint wider than this may hold two cells
+_SPLIT_DISTANCE = 1.2  # ... when its nucleus halves lie this far apart (a lymphocyte)
+_HALO_CELLS = 1.6  # halo around each block, in largest-cell diameters
+_SPECK_AREA = 0.01  # nuclear specks smaller than this (d²) are noise
+_PLATELET_DIAMETER = (0.1, 0.5)  # range of a platelet's stained part
+_PLATELET_THRESHOLD = 0.08  # nuclear signal of a platelet's purple granules
+_WORKING_RBC_PX = 24.0  # a red cell spans about this many pixels when working
+_SMOOTHING = 0.04  # Gaussian sigma, against JPEG blocks and camera noise
+
+#: Default bounds of the nuclear threshold: Otsu's choice between weakly and
+#: strongly blue pixels is kept within them, so that an image without white
+#: cells does not get a threshold in its noise.
+THRESHOLD_BOUNDS = (0.15, 0.3)
+#: Default smallest nucleus (or group of lobes) of a white cell, in d².
+MIN_NUCLEUS_AREA = 0.12
+
+
+class DetectionError(WBCError, ValueError):
+    """Detection cannot run with these inputs."""
+
+
+@dataclass(frozen=True)
+class _Setup:
+    """Image-wide numbers every block uses, so that blocks agree."""
+
+    rbc_diameter: float  # px at full resolution
+    factor: int  # downsampling factor to the working scale
+    background: tuple[float, float, float]
+    threshold: float
+    min_nucleus_area: float  # d²
+    include_platelets: bool
+    platelet_threshold: float
+
+    @property
+    def d_work(self) -> float:
+        """Red-cell diameter in working pixels."""
+        return self.rbc_diameter / self.factor
+
+
+# ----------------------------------------------------------------- setup
+
+
+def _working_factor(rbc_diameter: float) -> int:
+    """Integer downsampling that brings a red cell to about 24-48 px."""
+    return max(1, int(rbc_diameter // _WORKING_RBC_PX))
+
+
+def _signal(rgb_work: np.ndarray, background, d_work: float) -> np.ndarray:
+    """Smoothed nuclear signal at the working scale."""
+    sigma = max(_SMOOTHING * d_work, 0.5)
+    return ndi.gaussian_filter(nuclear_signal(rgb_work, background), sigma, mode="nearest")
+
+
+def _otsu_threshold(values: np.ndarray, bounds: tuple[float, float]) -> float:
+    """Otsu's threshold among the bluish pixels, kept within ``bounds``."""
+    from skimage.filters import threshold_otsu
+
+    lo, hi = bounds
+    # Only pixels above the floor: the rest (glass, red cells) would put the
+    # threshold between glass and everything stained.
+    candidates = values[values > lo]
+    if candidates.size < 50 or np.ptp(candidates) <= 0:
+        return float(lo)
+    return float(np.clip(threshold_otsu(candidates), lo, hi))
+
+
+def _iter_setup(
+    rgb,
+    rbc_diameter_px,
+    pixel_size_um,
+    threshold,
+    threshold_bounds,
+    min_nucleus_area,
+    include_platelets,
+    max_windows,
+) -> ProgressGen[_Setup]:
+    """Measure scale, glass colour and nuclear threshold on fixed-grid windows."""
+    if rbc_diameter_px is not None:
+        try:
+            d = float(rbc_diameter_px)
+        except (TypeError, ValueError):
+            raise DetectionError(
+                f"rbc_diameter_px must be a number of pixels; got {rbc_diameter_px!r}"
+            ) from None
+        if not math.isfinite(d) or d < 4:
+            raise DetectionError(
+                f"rbc_diameter_px={rbc_diameter_px!r} is too small; a red cell must span at "
+                "least 4 pixels to find white cells"
+            )
+    elif pixel_size_um is not None:
+        d = resolve_scale(pixel_size_um=pixel_size_um)
+        if d < 4:
+            raise DetectionError(
+                f"at {pixel_size_um} µm/px a red cell spans {d:.1f} px; white cells cannot "
+                "be found below 4 px per red cell"
+            )
+    else:
+        estimate = yield from iter_estimate_rbc_diameter(rgb, max_windows=max_windows)
+        d = estimate.rbc_diameter_px
+    lo, hi = (float(v) for v in threshold_bounds)
+    if not lo <= hi:
+        raise DetectionError(f"threshold_bounds={threshold_bounds!r} must be (low, high), low <= high")
+    if min_nucleus_area <= 0:
+        raise DetectionError(f"min_nucleus_area={min_nucleus_area} must be positive (in RBC diameters²)")
+    factor = _working_factor(d)
+    boxes = grid_windows(rgb.shape, 1024, max_windows)
+    backgrounds, samples = [], []
+    for i, box in enumerate(boxes):
+        # Windows start on the factor grid, so they see the same working
+        # pixels as the blocks do.
+        y0, y1, x0, x1 = box
+        box = (y0 - y0 % factor, y1, x0 - x0 % factor, x1)
+        pixels = read_window(rgb, box)
+        backgrounds.append(background_of(pixels))
+        samples.append(pixels)
+        yield Progress("setup", i + 1, len(boxes), "measuring glass colour and nuclear stain")
+    background = np.median(np.stack(backgrounds), axis=0)
+    if threshold is None:
+        values = [_signal(downsample(p, factor), background, d / factor).ravel() for p in samples]
+        threshold = _otsu_threshold(np.concatenate(values), (lo, hi))
+    setup = _Setup(
+        rbc_diameter=d,
+        factor=factor,
+        background=tuple(float(v) for v in background),
+        threshold=float(threshold),
+        min_nucleus_area=float(min_nucleus_area),
+        include_platelets=bool(include_platelets),
+        platelet_threshold=_PLATELET_THRESHOLD,
+    )
+    log.info(
+        "detection: red cell %.1f px, working at 1/%d, nuclear threshold %.3f",
+        d,
+        factor,
+        setup.threshold,
+    )
+    return setup
+
+
+# ----------------------------------------------------------------- blocks
+
+
+def _two_means(points: np.ndarray, iterations: int = 10) -> np.ndarray:
+    """Split points (N×2) into two clusters; returns a 0/1 label per point.
+
+    Starts from the two extreme points along the main axis, so the result
+    depends only on the points.
+    """
+    centred = points - points.mean(axis=0)
+    _, vectors = np.linalg.eigh(centred.T @ centred)
+    proj = centred @ vectors[:, -1]
+    centres = points[[int(np.argmin(proj)), int(np.argmax(proj))]].astype(np.float64)
+    labels = np.zeros(len(points), np.intp)
+    for _ in range(iterations):
+        dist = ((points[:, None, :] - centres[None]) ** 2).sum(axis=-1)
+        labels = np.argmin(dist, axis=1)
+        if labels.min() == labels.max():
+            break
+        centres = np.stack([points[labels == k].mean(axis=0) for k in (0, 1)])
+    return labels
+
+
+def _measure(nuc_pts, nuc_signal, foot_pts, f: int) -> dict:
+    """Centre, size, bounds and score of one cell from its global working-grid pixels."""
+    n = len(nuc_pts)
+    cy, cx = nuc_pts.sum(axis=0, dtype=np.float64) / n
+    area = len(foot_pts) * f * f
+    return {
+        "y": (cy + 0.5) * f - 0.5,
+        "x": (cx + 0.5) * f - 0.5,
+        "diameter": math.sqrt(4 * area / math.pi),
+        "area": float(area),
+        "nucleus_area": float(n * f * f),
+        "bbox_y0": int(foot_pts[:, 0].min()) * f,
+        "bbox_x0": int(foot_pts[:, 1].min()) * f,
+        "bbox_y1": (int(foot_pts[:, 0].max()) + 1) * f,
+        "bbox_x1": (int(foot_pts[:, 1].max()) + 1) * f,
+        "score": float(nuc_signal.sum(dtype=np.float64) / n),
+    }
+
+
+def _split(nuc_pts, nuc_signal, foot_pts, setup: _Setup) -> list[dict] | None:
+    """Two cells when a large group's nucleus falls apart into two well separated halves."""
+    f, d = setup.factor, setup.d_work
+    labels = _two_means(nuc_pts)
+    parts = [labels == k for k in (0, 1)]
+    sizes = [int(p.sum()) for p in parts]
+    if min(sizes) * f * f < setup.min_nucleus_area * setup.rbc_diameter**2:
+        return None
+    centres = np.stack([nuc_pts[p].mean(axis=0) for p in parts])
+    if np.hypot(*(centres[0] - centres[1])) < _SPLIT_DISTANCE * d:
+        return None
+    # Each footprint pixel goes to the nearer nucleus half.
+    near = ((foot_pts[:, None, :] - centres[None]) ** 2).sum(axis=-1).argmin(axis=1)
+    return [
+        _measure(nuc_pts[parts[k]], nuc_signal[parts[k]], foot_pts[near == k], f) for k in (0, 1)
+    ]
+
+
+def _detect_block(rgb: np.ndarray, origin: tuple[int, int], setup: _Setup) -> pd.DataFrame:
+    """Every cell found in one (haloed) block; coordinates are full-resolution, global."""
+    f = setup.factor
+    d = setup.d_work
+    work = downsample(rgb, f)
+    signal = _signal(work, setup.background, d)
+    mask = signal > setup.threshold
+    pieces, n_pieces = ndi.label(mask)
+    # Drop noise specks before grouping so they cannot bridge two cells.
+    piece_area = np.bincount(pieces.ravel(), minlength=n_pieces + 1)
+    speck = piece_area < _SPECK_AREA * d * d
+    speck[0] = False
+    mask &= ~speck[pieces]
+    # Group the pieces of one nucleus: everything within half the lobe gap.
+    reach = ndi.distance_transform_edt(~mask) <= _MERGE_DISTANCE * d / 2
+    groups, _ = ndi.label(reach)
+    oy, ox = origin[0] // f, origin[1] // f
+    min_nucleus = setup.min_nucleus_area * setup.rbc_diameter**2
+    rows = []
+    wbc_groups = []
+    for label, box in enumerate(ndi.find_objects(groups), start=1):
+        if box is None:
+            continue
+        in_group = groups[box] == label
+        nuc = in_group & mask[box]
+        n_nuc = int(nuc.sum())
+        if n_nuc * f * f < min_nucleus:
+            continue
+        wbc_groups.append(label)
+        # Global working-grid coordinates: integers, so sums are exact and
+        # every block computes the same numbers for the same cell.
+        y0, x0 = box[0].start + oy, box[1].start + ox
+        nuc_pts = np.argwhere(nuc) + (y0, x0)
+        foot_pts = np.argwhere(in_group) + (y0, x0)
+        nuc_signal = signal[box][nuc]
+        cell = _measure(nuc_pts, nuc_signal, foot_pts, f)
+        cells = None
+        if cell["diameter"] > _SPLIT_DIAMETER * setup.rbc_diameter:
+            cells = _split(nuc_pts, nuc_signal, foot_pts, setup)
+        rows.extend({**c, "kind": "wbc"} for c in cells or [cell])
+    if setup.include_platelets:
+        rows.extend(_platelets(signal, np.isin(groups, wbc_groups), (oy, ox), setup))
+    if not rows:
+        return _empty()
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def _platelets(signal, wbc_footprint, origin, setup: _Setup) -> list[dict]:
+    """Small, weakly blue objects outside white cells (platelets stain paler than nuclei)."""
+    f, d = setup.factor, setup.d_work
+    faint = (signal > setup.platelet_threshold) & ~wbc_footprint
+    pieces, _ = ndi.label(faint)
+    rows = []
+    for label, box in enumerate(ndi.find_objects(pieces), start=1):
+        if box is None:
+            continue
+        part = pieces[box] == label
+        n = int(part.sum())
+        diameter = math.sqrt(4 * n / math.pi)
+        if not _PLATELET_DIAMETER[0] * d <= diameter <= _PLATELET_DIAMETER[1] * d:
+            continue
+        touches = wbc_footprint[
+            max(box[0].start - 1, 0) : box[0].stop + 1, max(box[1].start - 1, 0) : box[1].stop + 1
+        ]
+        if touches.any():
+            continue
+        pts = np.argwhere(part) + (box[0].start + origin[0], box[1].start + origin[1])
+        rows.append({**_measure(pts, signal[box][part], pts, f), "kind": "platelet"})
+    return rows
+
+
+def _empty() -> pd.DataFrame:
+    """A detection table with no rows and the right columns and types."""
+    table = pd.DataFrame({c: pd.Series(dtype=np.float64) for c in COLUMNS})
+    for c in ("bbox_y0", "bbox_x0", "bbox_y1", "bbox_x1"):
+        table[c] = table[c].astype(np.int64)
+    table["kind"] = table["kind"].astype(object)
+    return table
+
+
+def _block_grid(shape, block: int) -> list[tuple[int, int, int, int]]:
+    """Blocks ``(y0, y1, x0, x1)`` of a fixed grid covering the image."""
+    h, w = shape[:2]
+    return [
+        (y, min(y + block, h), x, min(x + block, w))
+        for y in range(0, h, block)
+        for x in range(0, w, block)
+    ]
+
+
+# -------------------------------------------------------------- public API
+
+
+def iter_detect_cells(
+    image,
+    rbc_diameter_px: float | None = None,
+    pixel_size_um: float | None = None,
+    *,
+    threshold: float | None = None,
+    threshold_bounds: tuple[float, float] = THRESHOLD_BOUNDS,
+    min_nucleus_area: float = MIN_NUCLEUS_AREA,
+    include_platelets: bool = False,
+    block: int = 2048,
+    max_windows: int = 16,
+) -> ProgressGen[pd.DataFrame]:
+    """Detect white cells block by block, yielding progress; returns the table.
+
+    Generator form of :func:`detect_cells` (same parameters); drive it with
+    :func:`napari_wbc.progress.run`. Yields one event per block.
+    """
+    rgb = as_rgb_image(image)
+    if int(block) < 64:
+        raise DetectionError(f"block={block} px is too small; use at least 64 (default 2048)")
+    setup = yield from _iter_setup(
+        rgb,
+        rbc_diameter_px,
+        pixel_size_um,
+        threshold,
+        threshold_bounds,
+        min_nucleus_area,
+        include_platelets,
+        max_windows,
+    )
+    f = setup.factor
+    # Blocks and halos on the factor grid, so every block downsamples the same
+    # pixel groups as a single whole-image block would.
+    block = max(f, int(block) // f * f)
+    halo = math.ceil(_HALO_CELLS * _MAX_CELL * setup.rbc_diameter / f) * f
+    h, w = rgb.shape[:2]
+    blocks = _block_grid((h, w), block)
+    tables = []
+    for i, (y0, y1, x0, x1) in enumerate(blocks):
+        ry0, rx0 = max(y0 - halo, 0), max(x0 - halo, 0)
+        ry1, rx1 = min(y1 + halo, h), min(x1 + halo, w)
+        found = _detect_block(read_window(rgb, (ry0, ry1, rx0, rx1)), (ry0, rx0), setup)
+        # The block holding a cell's centre reports it, and no other.
+        own = (found.y >= y0 - 0.5) & (found.y < y1 - 0.5) & (found.x >= x0 - 0.5) & (found.x < x1 - 0.5)
+        if own.any():
+            tables.append(found[own])
+        yield Progress("detect", i + 1, len(blocks), f"{sum(len(t) for t in tables)} cells found")
+    if not tables:
+        return _empty()
+    table = pd.concat(tables, ignore_index=True)
+    for c in ("bbox_y0", "bbox_y1"):
+        table[c] = table[c].clip(0, h)
+    for c in ("bbox_x0", "bbox_x1"):
+        table[c] = table[c].clip(0, w)
+    table = table.sort_values(["y", "x"], kind="stable").reset_index(drop=True)
+    return table[COLUMNS]
+
+
+def detect_cells(
+    image,
+    rbc_diameter_px: float | None = None,
+    pixel_size_um: float | None = None,
+    *,
+    threshold: float | None = None,
+    threshold_bounds: tuple[float, float] = THRESHOLD_BOUNDS,
+    min_nucleus_area: float = MIN_NUCLEUS_AREA,
+    include_platelets: bool = False,
+    block: int = 2048,
+    max_windows: int = 16,
+) -> pd.DataFrame:
+    """Find the white (nucleated) cells of a smear.
+
+    Parameters
+    ----------
+    image : array-like, dask.array.Array or Smear
+        ``(Y, X, 3)`` RGB smear of any size; dask arrays are read block by
+        block, never whole.
+    rbc_diameter_px : float, optional
+        Red-cell diameter in pixels, the unit of every size threshold.
+    pixel_size_um : float, optional
+        Micrometres per pixel, used when ``rbc_diameter_px`` is not given
+        (a red cell is 7.5 µm). With neither, the red-cell size is measured
+        from the image (:func:`napari_wbc.scale.estimate_rbc_diameter`).
+    threshold : float, optional
+        Fixed nuclear-signal threshold (``B/B0 - R/R0``); by default Otsu's
+        threshold between weakly and strongly blue pixels of the image.
+    threshold_bounds : (float, float)
+        Range the automatic threshold is kept in.
+    min_nucleus_area : float
+        Smallest nucleus (summed over its lobes) of a white cell, in squared
+        red-cell diameters; platelets stay well below it.
+    include_platelets : bool
+        Also report small stained objects as ``kind == "platelet"``.
+    block : int
+        Edge (px) of the blocks processed one at a time.
+    max_windows : int
+        Most 1024 px windows read to measure the scale, glass colour and
+        threshold.
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per cell, sorted by position, with columns :data:`COLUMNS`:
+        ``y``, ``x`` (nucleus centre, full-resolution px), ``diameter`` and
+        ``area`` (of the cell's footprint: its nucleus grown by 0.3 red-cell
+        diameters, px and px²), ``nucleus_area`` (px²), ``bbox_y0``,
+        ``bbox_x0``, ``bbox_y1``, ``bbox_x1`` (footprint bounds, end
+        exclusive), ``score`` (mean nuclear signal of the nucleus, higher is
+        bluer) and ``kind`` ("wbc", or "platelet").
+
+    Raises
+    ------
+    DetectionError
+        For unusable parameters.
+    napari_wbc.scale.ScaleError
+        When no scale is given and the image holds too few red cells to
+        measure it.
+    napari_wbc.errors.ImageReadError
+        When the image cannot be read as RGB.
+    """
+    return run(
+        iter_detect_cells(
+            image,
+            rbc_diameter_px,
+            pixel_size_um,
+            threshold=threshold,
+            threshold_bounds=threshold_bounds,
+            min_nucleus_area=min_nucleus_area,
+            include_platelets=include_platelets,
+            block=block,
+            max_windows=max_windows,
+        )
+    )
+
+
+def match_detections(detections: pd.DataFrame, boxes, by: str = "distance") -> dict:
+    """Match detections to ground-truth boxes one to one.
+
+    A detection can match a box that contains its centre. Pairs are taken
+    greedily: by distance from the detection to the box centre (``by =
+    "distance"``) or by detection score, highest first (``by = "score"``),
+    each detection and box used at most once.
+
+    Parameters
+    ----------
+    detections : pandas.DataFrame
+        Columns ``x`` and ``y`` (and ``score`` for ``by="score"``).
+    boxes : pandas.DataFrame or array-like
+        Boxes with columns ``x, y, w, h`` (top-left corner and size, as in
+        BCCD's CSV files), or an (N, 4) array in that order.
+    by : {"distance", "score"}
+        Greedy order.
+
+    Returns
+    -------
+    dict
+        ``tp``, ``fp``, ``fn`` (int), ``precision``, ``recall``, ``f1``
+        (float; 1.0 when there is nothing to find and nothing found) and
+        ``pairs``: list of (detection index, box index) positions.
+    """
+    if by not in ("distance", "score"):
+        raise DetectionError(f"by={by!r}: use 'distance' or 'score'")
+    det = pd.DataFrame(detections)
+    for col in ("x", "y") + (("score",) if by == "score" else ()):
+        if col not in det.columns:
+            raise DetectionError(f"detections need a {col!r} column; got {list(det.columns)}")
+    if isinstance(boxes, pd.DataFrame):
+        missing = [c for c in ("x", "y", "w", "h") if c not in boxes.columns]
+        if missing:
+            raise DetectionError(f"boxes need columns x, y, w, h; missing {missing}")
+        b = boxes[["x", "y", "w", "h"]].to_numpy(dtype=np.float64)
+    else:
+        b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4) if len(boxes) else np.zeros((0, 4))
+    px = det["x"].to_numpy(dtype=np.float64)
+    py = det["y"].to_numpy(dtype=np.float64)
+    inside = (
+        (px[:, None] >= b[None, :, 0])
+        & (px[:, None] <= b[None, :, 0] + b[None, :, 2])
+        & (py[:, None] >= b[None, :, 1])
+        & (py[:, None] <= b[None, :, 1] + b[None, :, 3])
+    )
+    di, bi = np.nonzero(inside)
+    if by == "distance":
+        cx = b[bi, 0] + b[bi, 2] / 2
+        cy = b[bi, 1] + b[bi, 3] / 2
+        order = np.argsort(np.hypot(px[di] - cx, py[di] - cy), kind="stable")
+    else:
+        order = np.argsort(-det["score"].to_numpy(dtype=np.float64)[di], kind="stable")
+    used_d, used_b, pairs = set(), set(), []
+    for k in order:
+        i, j = int(di[k]), int(bi[k])
+        if i in used_d or j in used_b:
+            continue
+        used_d.add(i)
+        used_b.add(j)
+        pairs.append((i, j))
+    tp = len(pairs)
+    fp = len(det) - tp
+    fn = len(b) - tp
+    precision = tp / (tp + fp) if tp + fp else 1.0
+    recall = tp / (tp + fn) if tp + fn else 1.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {
+        "tp": tp,
+        "fp": fp,
+        "fn": fn,
+        "precision": precision,
+        "recall": recall,
+        "f1": f1,
+        "pairs": sorted(pairs),
+    }

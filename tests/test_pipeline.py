@@ -1,0 +1,112 @@
+"""Whole-smear classification: detection → crops → stain → ensemble, block by block."""
+
+import dask.array as da
+import numpy as np
+import pandas as pd
+import pytest
+
+from napari_wbc.errors import WBCError
+from napari_wbc.models.files import load_any
+from napari_wbc.pipeline import ClassifyConfig, differential_count, iter_classify_smear
+from napari_wbc.progress import run
+from napari_wbc.synthetic import make_sample_smear, sample_smear_truth
+
+
+@pytest.fixture(scope="module")
+def sample():
+    return make_sample_smear(), sample_smear_truth()
+
+
+@pytest.fixture
+def ensemble(tiny_model_path):
+    return load_any(tiny_model_path, tta="none")
+
+
+def _check_found(cells, truth, shape):
+    """Every true white cell is found once; extra finds are only cells cut by the border
+    (the generator draws cells centred just outside the image, its truth lists only those inside)."""
+    d = np.hypot(
+        cells.x.to_numpy()[:, None] - truth.x.to_numpy()[None],
+        cells.y.to_numpy()[:, None] - truth.y.to_numpy()[None],
+    )
+    tol = 0.5 * truth.diameter.min()
+    assert (d.min(axis=0) < tol).all(), "a white cell was missed"
+    assert ((d < tol).sum(axis=0) == 1).all(), "a white cell was reported twice"
+    extra = cells[d.min(axis=1) >= tol]
+    margin = truth.diameter.max() / 2
+    near_border = (extra.x < margin) | (extra.y < margin) | (extra.x > shape[1] - margin) | (extra.y > shape[0] - margin)
+    assert near_border.all(), "a false detection away from the border"
+
+
+def test_classifies_every_white_cell_of_the_sample(sample, ensemble):
+    image, truth = sample
+    wbc = truth[truth.kind == "wbc"]
+    events = []
+    cells = run(iter_classify_smear(image, ensemble, ClassifyConfig(pixel_size_um=0.1)), events.append)
+    _check_found(cells, wbc, image.shape)
+    probs = cells[[f"p_{c}" for c in ensemble.classes]].to_numpy()
+    np.testing.assert_allclose(probs.sum(axis=1), 1, atol=1e-5)
+    assert set(cells["class"]) <= set(ensemble.classes)
+    np.testing.assert_allclose(cells.confidence, probs.max(axis=1), atol=1e-6)
+    assert cells.needs_review.dtype == bool
+    assert cells.attrs["rbc_diameter_px"] == pytest.approx(75.0)
+    assert cells.attrs["stain_normalized"]
+    block_events = [e for e in events if e.stage == "blocks"]
+    assert block_events[-1].done == block_events[-1].total
+    assert sum(block_events[-1].info["counts"].values()) == len(cells)
+
+
+def test_blocks_do_not_change_the_result(sample, ensemble):
+    image, _ = sample
+    config = ClassifyConfig(pixel_size_um=0.1, block=4096)
+    whole = run(iter_classify_smear(image, ensemble, config))
+    small = ClassifyConfig(pixel_size_um=0.1, block=400)
+    tiled = run(iter_classify_smear(da.from_array(image, chunks=(300, 500, 3)), ensemble, small))
+    key = ["y", "x"]
+    whole, tiled = whole.sort_values(key).reset_index(drop=True), tiled.sort_values(key).reset_index(drop=True)
+    assert len(whole) == len(tiled)
+    np.testing.assert_allclose(tiled[key], whole[key], atol=1.0)
+    assert (tiled["class"] == whole["class"]).mean() >= 0.9
+
+
+def test_scale_is_estimated_when_unknown(sample, ensemble):
+    image, truth = sample
+    cells = run(iter_classify_smear(image, ensemble, ClassifyConfig(stain_normalize=False)))
+    assert 65 <= cells.attrs["rbc_diameter_px"] <= 85
+    assert "estimated" in cells.attrs["scale"]
+    assert not cells.attrs["stain_normalized"]
+    _check_found(cells, truth[truth.kind == "wbc"], image.shape)
+
+
+def test_user_points_are_classified_as_given(sample, ensemble):
+    image, _ = sample
+    points = np.array([[100.0, 200.0], [700.0, 900.5], [5000.0, 5.0]])  # last one is outside
+    cells = run(iter_classify_smear(image, ensemble, ClassifyConfig(pixel_size_um=0.1), points=points))
+    assert len(cells) == 2
+    np.testing.assert_allclose(cells[["y", "x"]].to_numpy(), points[:2])
+
+
+def test_label_image_cells(sample, ensemble):
+    image, _ = sample
+    labels = np.zeros(image.shape[:2], np.int32)
+    labels[100:140, 200:260] = 1
+    labels[800:820, 1500:1530] = 7
+    cells = run(iter_classify_smear(image, ensemble, ClassifyConfig(pixel_size_um=0.1), labels=labels))
+    assert sorted(np.round(cells.y).tolist()) == [120.0, 810.0]
+    with pytest.raises(WBCError, match="same size"):
+        run(iter_classify_smear(image, ensemble, ClassifyConfig(pixel_size_um=0.1), labels=labels[:10]))
+
+
+def test_blank_image_gives_an_empty_table(ensemble):
+    blank = np.full((600, 800, 3), 250, np.uint8)
+    cells = run(iter_classify_smear(blank, ensemble, ClassifyConfig(pixel_size_um=0.1, stain_normalize=False)))
+    assert len(cells) == 0
+    assert {"x", "y", "class", "confidence"} <= set(cells.columns)
+
+
+def test_differential_count():
+    cells = pd.DataFrame({"class": ["a", "b", "a", "a"], "needs_review": [True, False, False, True]})
+    table = differential_count(cells, ["a", "b", "c"])
+    assert table["count"].tolist() == [3, 1, 0, 4]
+    np.testing.assert_allclose(table["percent"], [75, 25, 0, 100])
+    assert table["needs_review"].tolist() == [2, 0, 0, 2]
