@@ -10,6 +10,7 @@ from napari_wbc._qt.classify import (
     MODEL_FILE,
     SOURCE_POINTS,
     ClassifyWidget,
+    camera,
     register_session_model,
 )
 
@@ -63,13 +64,13 @@ def test_selecting_a_cell_centres_the_view(widget, qtbot):
     layer = widget.result_layer
     layer.selected_data = {3}
     expected = layer.data_to_world(layer.data[3])
-    np.testing.assert_allclose(widget.viewer.camera.center[-2:], expected[-2:], atol=1e-6)
+    np.testing.assert_allclose(camera(widget.viewer).center[-2:], expected[-2:], atol=1e-6)
     # A class row steps through that class's cells.
     name = layer.features["class"].iloc[0]
     row = next(r for r in range(widget.counts.rowCount()) if widget.counts.item(r, 0).text() == name)
     widget.counts.selectRow(row)
     first = np.flatnonzero(layer.features["class"].to_numpy() == name)[0]
-    np.testing.assert_allclose(widget.viewer.camera.center[-2:], layer.data_to_world(layer.data[first])[-2:])
+    np.testing.assert_allclose(camera(widget.viewer).center[-2:], layer.data_to_world(layer.data[first])[-2:])
 
 
 def test_cancel_leaves_no_partial_layer(widget, qtbot):

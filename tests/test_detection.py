@@ -82,7 +82,9 @@ def test_sample_smear_all_white_cells_found(sample, sample_detections):
     # extra is a cell cut by the image edge (centre outside), seen partly.
     h, w = image.shape[:2]
     extra = found[~matched.any(axis=1)]
-    at_edge = (extra.bbox_y0 == 0) | (extra.bbox_x0 == 0) | (extra.bbox_y1 == h) | (extra.bbox_x1 == w)
+    at_edge = (
+        (extra.bbox_y0 == 0) | (extra.bbox_x0 == 0) | (extra.bbox_y1 == h) | (extra.bbox_x1 == w)
+    )
     assert at_edge.all()
     assert (extra.nucleus_area < found[matched.any(axis=1)].nucleus_area.median()).all()
 
@@ -100,10 +102,13 @@ def test_sample_smear_platelets_and_red_cells_are_not_white_cells(sample, sample
         # No white-cell detection sits on a platelet or red cell that is not
         # itself next to a white cell.
         wbc_truth = truth[truth.kind == "wbc"]
-        near_wbc = np.hypot(
-            objects.y.to_numpy()[:, None] - wbc_truth.y.to_numpy()[None, :],
-            objects.x.to_numpy()[:, None] - wbc_truth.x.to_numpy()[None, :],
-        ).min(axis=1) < 1.5 * 75
+        near_wbc = (
+            np.hypot(
+                objects.y.to_numpy()[:, None] - wbc_truth.y.to_numpy()[None, :],
+                objects.x.to_numpy()[:, None] - wbc_truth.x.to_numpy()[None, :],
+            ).min(axis=1)
+            < 1.5 * 75
+        )
         hits = (dist < 0.3 * 75) & ~near_wbc[None, :]
         assert not hits.any(), f"a {kind} was reported as a white cell"
     # Platelets are reported as platelets when asked for.
@@ -228,7 +233,9 @@ def test_bad_inputs_are_refused():
 
 
 def test_match_detections_counts():
-    boxes = pd.DataFrame({"x": [0, 100, 300], "y": [0, 0, 0], "w": [50, 50, 50], "h": [50, 50, 50]})
+    boxes = pd.DataFrame(
+        {"x": [0, 100, 300], "y": [0, 0, 0], "w": [50, 50, 50], "h": [50, 50, 50]}
+    )
     det = pd.DataFrame(
         {
             "x": [25, 30, 120, 500],  # two in the first box, one in the second, one nowhere

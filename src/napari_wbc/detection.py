@@ -172,9 +172,13 @@ def _iter_setup(
         d = estimate.rbc_diameter_px
     lo, hi = (float(v) for v in threshold_bounds)
     if not lo <= hi:
-        raise DetectionError(f"threshold_bounds={threshold_bounds!r} must be (low, high), low <= high")
+        raise DetectionError(
+            f"threshold_bounds={threshold_bounds!r} must be (low, high), low <= high"
+        )
     if min_nucleus_area <= 0:
-        raise DetectionError(f"min_nucleus_area={min_nucleus_area} must be positive (in RBC diameters²)")
+        raise DetectionError(
+            f"min_nucleus_area={min_nucleus_area} must be positive (in RBC diameters²)"
+        )
     factor = _working_factor(d)
     boxes = grid_windows(rgb.shape, 1024, max_windows)
     backgrounds, samples = [], []
@@ -185,11 +189,11 @@ def _iter_setup(
         box = (y0 - y0 % factor, y1, x0 - x0 % factor, x1)
         pixels = read_window(rgb, box)
         backgrounds.append(background_of(pixels))
-        samples.append(pixels)
+        samples.append(downsample(pixels, factor))
         yield Progress("setup", i + 1, len(boxes), "measuring glass colour and nuclear stain")
     background = np.median(np.stack(backgrounds), axis=0)
     if threshold is None:
-        values = [_signal(downsample(p, factor), background, d / factor).ravel() for p in samples]
+        values = [_signal(work, background, d / factor).ravel() for work in samples]
         threshold = _otsu_threshold(np.concatenate(values), (lo, hi))
     setup = _Setup(
         rbc_diameter=d,
@@ -300,9 +304,9 @@ def _detect_block(rgb: np.ndarray, origin: tuple[int, int], setup: _Setup) -> pd
         wbc_groups.append(label)
         # Global working-grid coordinates: integers, so sums are exact and
         # every block computes the same numbers for the same cell.
-        y0, x0 = box[0].start + oy, box[1].start + ox
-        nuc_pts = np.argwhere(nuc) + (y0, x0)
-        foot_pts = np.argwhere(in_group) + (y0, x0)
+        offset = np.array([box[0].start + oy, box[1].start + ox])
+        nuc_pts = np.argwhere(nuc) + offset
+        foot_pts = np.argwhere(in_group) + offset
         nuc_signal = signal[box][nuc]
         cell = _measure(nuc_pts, nuc_signal, foot_pts, f)
         cells = None
@@ -335,7 +339,7 @@ def _platelets(signal, wbc_footprint, origin, setup: _Setup) -> list[dict]:
         ]
         if touches.any():
             continue
-        pts = np.argwhere(part) + (box[0].start + origin[0], box[1].start + origin[1])
+        pts = np.argwhere(part) + np.array([box[0].start + origin[0], box[1].start + origin[1]])
         rows.append({**_measure(pts, signal[box][part], pts, f), "kind": "platelet"})
     return rows
 
@@ -405,7 +409,12 @@ def iter_detect_cells(
         ry1, rx1 = min(y1 + halo, h), min(x1 + halo, w)
         found = _detect_block(read_window(rgb, (ry0, ry1, rx0, rx1)), (ry0, rx0), setup)
         # The block holding a cell's centre reports it, and no other.
-        own = (found.y >= y0 - 0.5) & (found.y < y1 - 0.5) & (found.x >= x0 - 0.5) & (found.x < x1 - 0.5)
+        own = (
+            (found.y >= y0 - 0.5)
+            & (found.y < y1 - 0.5)
+            & (found.x >= x0 - 0.5)
+            & (found.x < x1 - 0.5)
+        )
         if own.any():
             tables.append(found[own])
         yield Progress("detect", i + 1, len(blocks), f"{sum(len(t) for t in tables)} cells found")
@@ -573,3 +582,59 @@ def match_detections(detections: pd.DataFrame, boxes, by: str = "distance") -> d
         "f1": f1,
         "pairs": sorted(pairs),
     }
+
+
+# ------------------------------------------------ for callers that tile themselves
+
+#: Image-wide detection settings (scale, glass colour, nuclear threshold).
+DetectionSetup = _Setup
+
+
+def iter_prepare_detection(
+    image,
+    rbc_diameter_px: float | None = None,
+    pixel_size_um: float | None = None,
+    *,
+    threshold: float | None = None,
+    threshold_bounds: tuple[float, float] = THRESHOLD_BOUNDS,
+    min_nucleus_area: float = MIN_NUCLEUS_AREA,
+    include_platelets: bool = False,
+    max_windows: int = 16,
+) -> ProgressGen[DetectionSetup]:
+    """Measure the image-wide detection settings once, for :func:`detect_in_window`.
+
+    Callers that walk the image block by block themselves (the classification
+    pipeline) use this so that every block applies the same threshold.
+    """
+    setup = yield from _iter_setup(
+        as_rgb_image(image),
+        rbc_diameter_px,
+        pixel_size_um,
+        threshold,
+        threshold_bounds,
+        min_nucleus_area,
+        include_platelets,
+        max_windows,
+    )
+    return setup
+
+
+def detect_in_window(
+    rgb: np.ndarray, origin: tuple[int, int], setup: DetectionSetup
+) -> pd.DataFrame:
+    """Cells found in one in-memory window whose top-left pixel is ``origin``.
+
+    Coordinates are global. ``origin`` must lie on the ``setup.factor`` grid
+    (see :func:`align_to_grid`) so that every window sees the same pixels
+    at the working scale; the caller decides which window owns each cell.
+    """
+    if origin[0] % setup.factor or origin[1] % setup.factor:
+        raise DetectionError(
+            f"window origin {origin} is not on the {setup.factor}-px working grid"
+        )
+    return _detect_block(np.asarray(rgb), origin, setup)
+
+
+def align_to_grid(value: int, setup: DetectionSetup) -> int:
+    """Round a window coordinate down onto the working grid."""
+    return int(value) - int(value) % setup.factor

@@ -169,6 +169,12 @@ def iter_classify_smear(
             raise WBCError(f"{exc}; or classify without stain normalization") from exc
 
     given = _given_cells(points, labels, height, width)
+    detector = None
+    if given is None:
+        from .detection import iter_prepare_detection
+
+        # One threshold and glass colour for the whole image: blocks agree.
+        detector = yield from iter_prepare_detection(arr, rbc_diameter_px=rbc_px)
     halo = math.ceil(side / 2 + 3 * rbc_px)
     step = max(int(config.block), side)
     grid = [(y, x) for y in range(0, height, step) for x in range(0, width, step)]
@@ -179,12 +185,12 @@ def iter_classify_smear(
     def windows():
         for y0, x0 in grid:
             own_box = (y0, x0, min(y0 + step, height), min(x0 + step, width))
-            window = (
-                max(y0 - halo, 0),
-                max(x0 - halo, 0),
-                min(own_box[2] + halo, height),
-                min(own_box[3] + halo, width),
-            )
+            wy0, wx0 = max(y0 - halo, 0), max(x0 - halo, 0)
+            if detector is not None:
+                from .detection import align_to_grid
+
+                wy0, wx0 = align_to_grid(wy0, detector), align_to_grid(wx0, detector)
+            window = (wy0, wx0, min(own_box[2] + halo, height), min(own_box[3] + halo, width))
             own = None if given is None else _inside(given, own_box)
             yield own_box, window, own
 
@@ -195,14 +201,23 @@ def iter_classify_smear(
                 continue
             block = np.asarray(arr[wy0:wy1, wx0:wx1].compute())
             yield classify_block(
-                block, (wy0, wx0), own_box, ensemble, normalizer, rbc_px, side, config, own
+                block,
+                (wy0, wx0),
+                own_box,
+                ensemble,
+                normalizer,
+                rbc_px,
+                side,
+                config,
+                own,
+                detector,
             )
 
     if client is None:
         results = local_results()
     else:
         results = _iter_remote(
-            client, source_path, ensemble, normalizer, rbc_px, side, config, windows()
+            client, source_path, ensemble, normalizer, rbc_px, side, config, windows(), detector
         )
     for i, table in enumerate(results):
         if table is not None and len(table):
@@ -245,6 +260,7 @@ def classify_block(
     side: int,
     config: ClassifyConfig,
     own: pd.DataFrame | None = None,
+    detector=None,
 ) -> pd.DataFrame:
     """Detect (unless ``own`` cells are given) and classify the cells one block owns.
 
@@ -256,13 +272,10 @@ def classify_block(
 
     hy0, hx0 = origin
     if own is None:
-        from .detection import detect_cells
+        from .detection import detect_in_window
 
-        found = detect_cells(block, rbc_diameter_px=rbc_px)
-        if "kind" in found:
-            found = found[found["kind"] == "wbc"]
-        found = found.assign(y=found["y"] + hy0, x=found["x"] + hx0)
-        own = _inside(found, own_box)
+        found = detect_in_window(block, (hy0, hx0), detector)
+        own = _inside(found[found["kind"] == "wbc"], own_box)
     if own.empty:
         return None
     crops = np.stack(
@@ -290,7 +303,9 @@ def classify_block(
     return table
 
 
-def _remote_block(path, window, own_box, model_path, normalizer, rbc_px, side, config, own):
+def _remote_block(
+    path, window, own_box, model_path, normalizer, rbc_px, side, config, own, detector
+):
     """Run one block on a dask worker: read its window from the file, classify."""
     from .images import read_smear
     from .models.files import load_any
@@ -303,11 +318,13 @@ def _remote_block(path, window, own_box, model_path, normalizer, rbc_px, side, c
         smear.close()
     ensemble = load_any(model_path, device="cpu")
     return classify_block(
-        block, (y0, x0), own_box, ensemble, normalizer, rbc_px, side, config, own
+        block, (y0, x0), own_box, ensemble, normalizer, rbc_px, side, config, own, detector
     )
 
 
-def _iter_remote(client, source_path, ensemble, normalizer, rbc_px, side, config, windows):
+def _iter_remote(
+    client, source_path, ensemble, normalizer, rbc_px, side, config, windows, detector
+):
     """Submit every block to the cluster; yield tables as they complete."""
     from dask.distributed import as_completed
 
@@ -317,7 +334,7 @@ def _iter_remote(client, source_path, ensemble, normalizer, rbc_px, side, config
         client.submit(
             _remote_block,
             *(str(source_path), w, own_box, str(ensemble.path), normalizer),
-            *(rbc_px, side, config, own),
+            *(rbc_px, side, config, own, detector),
             pure=False,
         )
         for own_box, w, own in windows

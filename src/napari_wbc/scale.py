@@ -7,13 +7,17 @@ and converted with this estimate.
 
 Method: red-stained regions (eosin absorbs green more than red, so the
 difference of green and red optical densities is high on red cells and near
-zero on glass and on blue nuclei) are thresholded with Otsu's method, their
-holes (the pale centres) filled, and white cells (regions holding blue nuclear
-stain) dropped. In the distance transform of that mask every red cell, even
-one overlapping its neighbours, holds a regional maximum close to its radius,
-because the union of cells contains each whole disc. The estimate is the
-median of those maxima weighted by their area, which discounts the small
-maxima of noise and of crescent-shaped pieces.
+zero on glass and on blue nuclei) are thresholded with Otsu's method and their
+holes (the pale centres) filled; nuclei are cut out so that white cells leave
+only thin rings. In the distance transform of that mask every red cell, even
+one overlapping its neighbours, holds a regional maximum, because the union of
+cells contains each whole cell. A watershed from those maxima splits touching
+cells along their necks, and each region's area gives an equivalent diameter
+(unlike the inscribed circle, it does not shrink for oval cells). Regions cut
+by the window's edge are left out. The estimate is the median of those
+diameters weighted by area, which discounts the small regions of noise and of
+crescent-shaped pieces. Large cells are measured on a downsampled copy (a
+first coarse look picks the resolution), keeping them at least 64 px across.
 
 The estimate reads at most ``max_windows`` windows of a fixed grid on the
 image, never its dask chunks, so it does not depend on how the image is
@@ -111,7 +115,9 @@ def as_rgb_image(image, name: str = "image"):
     return out
 
 
-def grid_windows(shape, window: int = 1024, max_windows: int = 16) -> list[tuple[int, int, int, int]]:
+def grid_windows(
+    shape, window: int = 1024, max_windows: int = 16
+) -> list[tuple[int, int, int, int]]:
     """Up to ``max_windows`` windows ``(y0, y1, x0, x1)`` spread evenly over a fixed grid.
 
     Windows are full-sized where the image allows (the last row and column are
@@ -365,9 +371,13 @@ def resolve_scale(pixel_size_um: float | None = None, image=None) -> float:
         try:
             size = float(pixel_size_um)
         except (TypeError, ValueError):
-            raise ScaleError(f"pixel size must be a number (µm/px); got {pixel_size_um!r}") from None
+            raise ScaleError(
+                f"pixel size must be a number (µm/px); got {pixel_size_um!r}"
+            ) from None
         if not math.isfinite(size) or size <= 0:
-            raise ScaleError(f"pixel size must be a positive number of µm/px; got {pixel_size_um!r}")
+            raise ScaleError(
+                f"pixel size must be a positive number of µm/px; got {pixel_size_um!r}"
+            )
         return RBC_DIAMETER_UM / size
     if image is None:
         raise ScaleError("give the pixel size (µm/px) or an image to measure red cells in")

@@ -62,13 +62,20 @@ from napari_wbc.losses import HybridLoss
 from napari_wbc.metrics import classification_metrics
 from napari_wbc.models.build import (
     build_model,
+    classifier_modules,
     classifier_parameters,
     classify_features,
     extract_features,
     freeze_backbone,
     get_device,
 )
-from napari_wbc.models.files import ModelConfig, load_any, load_model, save_model
+from napari_wbc.models.files import (
+    ModelConfig,
+    load_any,
+    load_model,
+    read_model_config,
+    save_model,
+)
 from napari_wbc.models.registry import get_spec
 from napari_wbc.progress import Progress, ProgressGen, run
 from napari_wbc.sampling import ClassAwareSampler, InstanceBalancedSampler
@@ -138,6 +145,12 @@ class TrainConfig:
         "auto", "cpu", "cuda", "mps".
     augment : bool
         Augment crops in stage 1.
+    base_model : str, optional
+        Fine-tune: a model file whose weights initialise the network (stages
+        "both" and "stage1"). Its architecture, input size and stain target
+        replace ``spec`` and ``input_size``; the new model knows the base
+        model's classes plus any new class in the data, and the classifier
+        rows of new classes are freshly initialised.
     """
 
     spec: str = "lite-resnet18"
@@ -159,6 +172,7 @@ class TrainConfig:
     stages: str = "both"
     device: str = "auto"
     augment: bool = True
+    base_model: str | None = None
 
     def problems(self) -> list[str]:
         """Return what is wrong with this config (empty when usable)."""
@@ -180,6 +194,11 @@ class TrainConfig:
             out.append("input_size must be at least 8 px")
         if self.cache_size is not None and self.cache_size < 8:
             out.append("cache_size must be at least 8 px")
+        if self.base_model and self.stages == "stage2":
+            out.append(
+                "base_model is for stages 'both' and 'stage1'; stage 2 alone "
+                "re-trains the model already at the output path"
+            )
         return out
 
     def validate(self) -> TrainConfig:
@@ -330,6 +349,17 @@ class _Trainer:
                     f"{output} does not know the classes {unknown}; retrain both stages"
                 )
             self.base_config = base_config
+            self.init_config = None
+        elif config.base_model:
+            # Fine-tuning: keep every class the base model knows, add the new ones.
+            init_config = read_model_config(config.base_model)
+            spec = dataclasses.replace(
+                init_config.spec,
+                classes=tuple(init_config.classes)
+                + tuple(sorted(set(labels) - set(init_config.classes))),
+            )
+            self.base_config = None
+            self.init_config = init_config
         else:
             spec = get_spec(config.spec)
             spec = dataclasses.replace(spec, classes=_order_classes(labels, spec.classes))
@@ -338,6 +368,7 @@ class _Trainer:
                 if "img_size" in spec.timm_kwargs:
                     spec.timm_kwargs = dict(spec.timm_kwargs, img_size=int(config.input_size))
             self.base_config = None
+            self.init_config = None
         self.spec = spec.validate()
         self.classes = spec.classes
         index = {c: i for i, c in enumerate(self.classes)}
@@ -477,6 +508,9 @@ class _Trainer:
                 description=f"{len(pick)} training crops",
             )
         self.target = default_reference()
+        if self.init_config is not None and self.init_config.stain is not None:
+            # A fine-tuned backbone expects crops normalised as its base model saw them.
+            self.target = StainReference.from_dict(self.init_config.stain)
         self.normalizer = StainNormalizer(self.config.stain_method, source, self.target)
         return source.to_dict()
 
@@ -507,9 +541,15 @@ class _Trainer:
             model, _ = load_model(self.output, cache=False)
         else:
             torch.manual_seed(self.config.seed)
-            model, info = build_model(self.spec)
-            if state.get("pretrained") is None:
-                state["pretrained"] = {"loaded": info.pretrained_loaded, "source": info.source}
+            if self.init_config is not None:
+                model, _ = build_model(self.spec, pretrained=False)
+                if state["weights"] is None:
+                    _init_from_base(model, self.spec.classes, self.config.base_model)
+                state["pretrained"] = {"loaded": True, "source": str(self.config.base_model)}
+            else:
+                model, info = build_model(self.spec)
+                if state.get("pretrained") is None:
+                    state["pretrained"] = {"loaded": info.pretrained_loaded, "source": info.source}
         if state["weights"] is not None:
             model.load_state_dict(self._read_weights(state["weights"]))
         return model.to(self.device)
@@ -777,6 +817,40 @@ class _Trainer:
 
         tensors = safetensors.torch.load_file(str(self.ckpt / saved["tensors"]))
         return _join_optimizer_state(tensors, saved["scalars"])
+
+
+def _init_from_base(model, classes: Sequence[str], base_path: str | os.PathLike) -> None:
+    """Copy a base model's weights into ``model``, classifier rows matched by class name.
+
+    Rows of classes the base model does not know keep their fresh initialisation.
+    """
+    base, base_config = load_model(base_path, cache=False)
+    heads = {id(m) for m in classifier_modules(model)}
+    head_prefixes = tuple(f"{name}." for name, m in model.named_modules() if id(m) in heads)
+    rows = [
+        (i, base_config.classes.index(c))
+        for i, c in enumerate(classes)
+        if c in base_config.classes
+    ]
+    source = base.state_dict()
+    target = model.state_dict()
+    for key, value in target.items():
+        old = source.get(key)
+        if old is None:
+            raise WBCError(f"{base_path} does not match its own architecture (no {key})")
+        if key.startswith(head_prefixes) and value.ndim >= 1 and value.shape[0] == len(classes):
+            with torch.no_grad():
+                for i, j in rows:
+                    value[i] = old[j]
+        elif value.shape == old.shape:
+            with torch.no_grad():
+                value.copy_(old)
+        else:
+            raise WBCError(
+                f"{base_path}: weights {key} have shape {tuple(old.shape)}, "
+                f"expected {tuple(value.shape)}"
+            )
+    model.load_state_dict(target)
 
 
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:

@@ -49,6 +49,12 @@ def register_session_model(path: str | Path) -> None:
 _WIDGETS: list[ClassifyWidget] = []
 
 
+def camera(viewer):
+    """The viewer's camera (``viewer.scene.camera`` since napari 0.9)."""
+    scene = getattr(viewer, "scene", None)
+    return scene.camera if scene is not None and hasattr(scene, "camera") else viewer.camera
+
+
 class CountTable(QTableWidget):
     """The differential count: count and percentage per class, and a total."""
 
@@ -308,7 +314,7 @@ class ClassifyWidget(Container):
         if layer is None or index >= len(layer.data):
             return
         world = layer.data_to_world(layer.data[index])
-        self.viewer.camera.center = tuple(world[-2:])
+        camera(self.viewer).center = tuple(world[-2:])
 
     def _on_point_selected(self, _event=None):
         layer = self.result_layer

@@ -1,0 +1,93 @@
+"""`napari-wbc classify` on folders, on a dask cluster, and `evaluate` on smears with boxes."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from napari_wbc.cli import main
+from napari_wbc.synthetic import make_smear, smear_truth
+
+SHAPE = (900, 1100)
+
+
+@pytest.fixture(scope="module")
+def smear_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("smears")
+    rows = []
+    for seed in (3, 4):
+        path = folder / f"field{seed}.png"
+        Image.fromarray(make_smear(SHAPE, seed=seed, wbc_per_mpx=6)).save(path)
+        truth = smear_truth(SHAPE, seed=seed, wbc_per_mpx=6)
+        for t in truth[truth.kind == "wbc"].itertuples():
+            r = t.diameter / 2
+            rows.append({"path": path.name, "label": t.label, "x": t.x - r, "y": t.y - r, "w": 2 * r, "h": 2 * r})
+    (folder / "notes.txt").write_text("not an image")
+    boxes = folder / "boxes.csv"
+    pd.DataFrame(rows).to_csv(boxes, index=False)
+    return folder
+
+
+def _valid_qupath_geojson(doc):
+    assert doc["type"] == "FeatureCollection"
+    for feat in doc["features"]:
+        assert feat["type"] == "Feature"
+        assert feat["geometry"]["type"] in ("Point", "Polygon")
+        assert isinstance(feat["properties"]["classification"]["name"], str)
+
+
+def test_classify_folder_writes_per_image_results_and_summary(smear_dir, tiny_model_path, tmp_path, capsys):
+    out = tmp_path / "results"
+    code = main(["classify", str(smear_dir), "--model", str(tiny_model_path), "-o", str(out), "--pixel-size", "0.1", "-q"])
+    assert code == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["field3.csv", "field3.geojson", "field4.csv", "field4.geojson", "summary.csv"]
+    summary = pd.read_csv(out / "summary.csv")
+    assert summary["image"].tolist() == ["field3.png", "field4.png", "all images"]
+    for stem in ("field3", "field4"):
+        cells = pd.read_csv(out / f"{stem}.csv")
+        doc = json.loads((out / f"{stem}.geojson").read_text())
+        _valid_qupath_geojson(doc)
+        assert len(doc["features"]) == len(cells) > 0
+        np.testing.assert_allclose(cells["x_um"], cells["x"] * 0.1)
+        row = summary[summary.image == f"{stem}.png"].iloc[0]
+        assert row["total"] == len(cells)
+    assert summary.iloc[-1]["total"] == summary.iloc[:-1]["total"].sum()
+    assert "results in" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_classify_on_a_dask_cluster_matches_local(smear_dir, tiny_model_path, tmp_path):
+    from dask.distributed import LocalCluster
+
+    local = tmp_path / "local"
+    args = ["--model", str(tiny_model_path), "--pixel-size", "0.1", "--format", "csv", "--block", "512", "-q"]
+    assert main(["classify", str(smear_dir / "field3.png"), "-o", str(local), *args]) == 0
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        remote = tmp_path / "remote"
+        assert main(["classify", str(smear_dir / "field3.png"), "-o", str(remote), "--scheduler", cluster.scheduler_address, *args]) == 0
+    a = pd.read_csv(local / "field3.csv").sort_values(["y", "x"]).reset_index(drop=True)
+    b = pd.read_csv(remote / "field3.csv").sort_values(["y", "x"]).reset_index(drop=True)
+    pd.testing.assert_frame_equal(a, b, check_exact=False, atol=1e-5)
+
+
+def test_bad_scheduler_address_is_one_clear_line(smear_dir, tiny_model_path, tmp_path, capsys):
+    code = main(["classify", str(smear_dir / "field3.png"), "--model", str(tiny_model_path), "-o", str(tmp_path), "--scheduler", "tcp://127.0.0.1:9", "-q"])
+    assert code == 2
+    assert "cannot reach the dask scheduler" in capsys.readouterr().err
+
+
+def test_evaluate_smears_reports_detection_and_classification(smear_dir, tiny_model_path, capsys):
+    code = main(["evaluate", str(smear_dir / "boxes.csv"), "--model", str(tiny_model_path), "--json", "--pixel-size", "0.1", "--tta", "none"])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    det = result["detection"]
+    assert det["recall"] == 1.0 and det["fn"] == 0
+    assert det["precision"] >= 0.9
+    assert det["images"] == 2
+    assert result["n"] == det["tp"]
+    for key in ("accuracy", "macro_f1", "balanced_accuracy", "per_class", "confusion", "classes"):
+        assert key in result
+    assert set(result["classes"]) <= {"neutrophil", "lymphocyte", "monocyte", "eosinophil", "basophil"}

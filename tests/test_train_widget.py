@@ -1,0 +1,168 @@
+"""The Train widget in a real viewer: annotate the sample smear, fine-tune a tiny model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from napari_wbc._qt.classify import ClassifyWidget, camera
+from napari_wbc._qt.train import BASE_FILE, SOURCE_LABELS, SOURCE_POINTS, TrainWidget
+from napari_wbc.models import read_model_config
+from napari_wbc.synthetic import sample_smear_truth
+
+pytestmark = pytest.mark.gui
+
+
+def tiny_config(**kw):
+    from napari_wbc.training import TrainConfig
+
+    base = dict(epochs_stage1=1, epochs_stage2=1, batch_size=8, num_threads=1, device="cpu")
+    return TrainConfig(**{**base, **kw})
+
+
+@pytest.fixture
+def setup(make_napari_viewer, tiny_model_path, tmp_path):
+    viewer = make_napari_viewer()
+    viewer.open_sample("napari-wbc", "smear")
+    w = TrainWidget(viewer)
+    w.base.value = BASE_FILE
+    w.base_file.value = tiny_model_path
+    w.output.value = tmp_path / "tuned.safetensors"
+    truth = sample_smear_truth()
+    return viewer, w, truth[truth.kind == "wbc"].reset_index(drop=True)
+
+
+def _wait(qtbot, w, timeout=180_000):
+    qtbot.waitUntil(lambda: not w.runner.running, timeout=timeout)
+
+
+def test_labels_annotations_train_a_model_that_classifies(setup, qtbot, tiny_model_path, tmp_path):
+    viewer, w, wbc = setup
+    image = viewer.layers["synthetic smear"]
+    classes = w._class_list()
+    assert classes == list(read_model_config(tiny_model_path).classes)
+    labels = np.zeros(image.data.shape[:2], np.int32)
+    yy, xx = np.ogrid[: labels.shape[0], : labels.shape[1]]
+    picked = wbc[wbc.label.isin(["neutrophil", "lymphocyte"])]
+    for row in picked.itertuples():
+        r = row.diameter / 2
+        labels[(yy - row.y) ** 2 + (xx - row.x) ** 2 <= r * r] = classes.index(row.label) + 1
+    viewer.add_labels(labels, name="annotations", scale=image.scale)
+    w.source.value = SOURCE_LABELS
+    w.layer.value = viewer.layers["annotations"]
+    table = w.update_counts()
+    counts = dict(zip(table["class"], table["count"], strict=True))
+    assert counts["neutrophil"] == (picked.label == "neutrophil").sum()
+    assert counts["lymphocyte"] == (picked.label == "lymphocyte").sum()
+    assert "too few" in w.counts.value and "lymphocyte" in w.counts.value  # 3 < 5
+
+    w.run(tiny_config())
+    _wait(qtbot, w)
+    out = tmp_path / "tuned.safetensors"
+    assert out.is_file(), w.status.value
+    assert w.model_path == out
+    assert len(w.plot.epochs) == 2  # one epoch per stage, plotted live
+    assert 0 <= w.plot.epochs[-1]["val_macro_f1"] <= 1
+    assert not list(tmp_path.glob(".*"))  # no working folder left
+
+    classify = ClassifyWidget(viewer)
+    assert str(out) in classify.model.choices
+    classify.model.value = str(out)
+    classify.run()
+    qtbot.waitUntil(lambda: not classify.runner.running, timeout=180_000)
+    cells = viewer.layers["synthetic smear cells"]
+    assert len(cells.data) >= 10
+    assert cells.features["class"].isin(classes).all()
+
+
+def test_points_class_picker_and_a_new_class(setup, qtbot, tmp_path):
+    viewer, w, wbc = setup
+    image = viewer.layers["synthetic smear"]
+    world = np.array([image.data_to_world((r.y, r.x)) for r in wbc.itertuples()])
+    points = viewer.add_points(world, name="clicks")
+    w.source.value = SOURCE_POINTS
+    w.layer.value = points
+    w.add_class("blast")
+    assert w._class_list()[-1] == "blast" and "blast" in w.pick.choices
+    # Label every cell with its true class, then call two neutrophils "blast".
+    for name in ("neutrophil", "lymphocyte", "monocyte"):
+        points.selected_data = set(np.flatnonzero(wbc.label == name).tolist())
+        w.set_class(name)
+    renamed = np.flatnonzero(wbc.label == "neutrophil")[:2]
+    points.selected_data = set(renamed.tolist())
+    w.pick.value = "blast"
+    w.set_class_button.clicked()
+    assert list(points.features["class"].iloc[renamed]) == ["blast", "blast"]
+    unlabelled = ~wbc.label.isin(["neutrophil", "lymphocyte", "monocyte"]).to_numpy()
+    assert (points.features["class"].to_numpy()[unlabelled] == "").all()
+    table = w.update_counts()
+    assert dict(zip(table["class"], table["count"], strict=True))["blast"] == 2
+
+    w.run(tiny_config())
+    _wait(qtbot, w)
+    out = tmp_path / "tuned.safetensors"
+    assert out.is_file(), w.status.value
+    assert read_model_config(out).classes[-1] == "blast"
+
+
+def test_too_few_cells_is_a_message_not_a_crash(setup, tmp_path):
+    viewer, w, wbc = setup
+    image = viewer.layers["synthetic smear"]
+    first = wbc.iloc[:3]
+    points = viewer.add_points(
+        np.array([image.data_to_world((r.y, r.x)) for r in first.itertuples()]),
+        features=pd.DataFrame({"class": ["neutrophil", "neutrophil", "monocyte"]}),
+    )
+    w.source.value = SOURCE_POINTS
+    w.layer.value = points
+    assert w.run(tiny_config()) is None
+    assert "monocyte (1)" in w.status.value
+    assert not w.runner.running
+
+
+def test_cancel_leaves_no_model_and_the_viewer_usable(setup, qtbot, tmp_path):
+    viewer, w, wbc = setup
+    image = viewer.layers["synthetic smear"]
+    keep = wbc[wbc.label.isin(["neutrophil", "lymphocyte"])]
+    points = viewer.add_points(
+        np.array([image.data_to_world((r.y, r.x)) for r in keep.itertuples()]),
+        features=pd.DataFrame({"class": keep.label.to_numpy()}),
+    )
+    w.source.value = SOURCE_POINTS
+    w.layer.value = points
+    n_layers = len(viewer.layers)
+    worker = w.run(tiny_config(epochs_stage1=50))
+    worker.yielded.connect(lambda e: w.cancel() if e.stage == "stage1" else None)
+    _wait(qtbot, w)
+    out = tmp_path / "tuned.safetensors"
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []  # working folder and checkpoint removed
+    assert "cancel" in w.status.value
+    assert len(viewer.layers) == n_layers
+    assert w.run_button.enabled and not w.cancel_button.enabled
+    w.run(tiny_config(stages="stage2"))  # still usable: a quick stage-2 run
+    _wait(qtbot, w)
+    assert out.is_file(), w.status.value
+
+
+def test_review_steps_from_least_confident(setup):
+    viewer, w, _ = setup
+    features = pd.DataFrame(
+        {
+            "class": ["neutrophil", "lymphocyte", "monocyte", "neutrophil"],
+            "confidence": [0.9, 0.3, 0.6, 0.5],
+            "disagreement": [0.0, 0.0, 0.7, 0.0],
+        }
+    )
+    data = np.array([[100.0, 100.0], [200.0, 300.0], [400.0, 500.0], [600.0, 700.0]])
+    layer = viewer.add_points(
+        data, features=features, scale=(0.1, 0.1), metadata={"napari_wbc_cells": True}
+    )
+    assert w.review_next() == 1
+    assert layer.selected_data == {1}
+    np.testing.assert_allclose(camera(viewer).center[-2:], [20.0, 30.0])
+    assert w.pick.value == "lymphocyte"
+    assert w.review_next() == 3
+    w.review_by.value = "disagreement"
+    assert w.review_next() == 2
