@@ -20,6 +20,14 @@ CORE_MODULES = [
     "napari_wbc.models.files",
     "napari_wbc.models.build",
     "napari_wbc.inference",
+    "napari_wbc.annotations",
+    "napari_wbc.detection",
+    "napari_wbc.scale",
+    "napari_wbc.pipeline",
+    "napari_wbc.smears",
+    "napari_wbc.export",
+    "napari_wbc.training",
+    "napari_wbc.cli_models",
 ]
 GUI_PREFIXES = ("qtpy", "PyQt5", "PyQt6", "PySide2", "PySide6", "napari._qt", "napari.qt", "vispy.app")
 

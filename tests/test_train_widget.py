@@ -7,7 +7,13 @@ import pandas as pd
 import pytest
 
 from napari_wbc._qt.classify import ClassifyWidget, camera
-from napari_wbc._qt.train import BASE_FILE, SOURCE_LABELS, SOURCE_POINTS, TrainWidget
+from napari_wbc._qt.train import (
+    BASE_FILE,
+    SOURCE_CROPS,
+    SOURCE_LABELS,
+    SOURCE_POINTS,
+    TrainWidget,
+)
 from napari_wbc.models import read_model_config
 from napari_wbc.synthetic import sample_smear_truth
 
@@ -166,3 +172,22 @@ def test_review_steps_from_least_confident(setup):
     assert w.review_next() == 3
     w.review_by.value = "disagreement"
     assert w.review_next() == 2
+
+
+def test_crops_folder_stage2_only(setup, qtbot, tmp_path):
+    from napari_wbc.annotations import iter_write_training_crops
+    from napari_wbc.progress import run
+
+    viewer, w, wbc = setup
+    image = viewer.layers["synthetic smear"]
+    cells = wbc[wbc.label.isin(["neutrophil", "lymphocyte"])].copy()
+    run(iter_write_training_crops(image.data, cells, tmp_path / "crops", 48))
+    w.source.value = SOURCE_CROPS
+    w.crops.value = tmp_path / "crops"
+    w.stages.value = "stage2"
+    w.epochs2.value = 1
+    w.run()
+    _wait(qtbot, w)
+    out = tmp_path / "tuned.safetensors"
+    assert out.is_file(), w.status.value
+    assert read_model_config(out).training["stages"] == "stage2"

@@ -10,6 +10,7 @@ from napari.qt.threading import GeneratorWorker, create_worker
 from napari.utils import progress as napari_progress
 from napari.utils.notifications import show_error, show_info
 
+from ..errors import WBCError
 from ..progress import Progress
 
 log = logging.getLogger(__name__)
@@ -84,8 +85,16 @@ class WorkerRunner:
         if self.worker is not None:
             show_info(f"{self.description} is already running")
             return None
+        def guarded():
+            # superqt takes a RuntimeError from the work for a deleted worker and
+            # never emits `finished`; torch raises RuntimeError for real errors.
+            try:
+                return (yield from gen)
+            except RuntimeError as exc:
+                raise WBCError(str(exc)) from exc
+
         # Errors are shown by _on_error; do not also re-raise them in the Qt loop.
-        worker = create_worker(lambda: (yield from gen), _start_thread=False, _ignore_errors=True)
+        worker = create_worker(guarded, _start_thread=False, _ignore_errors=True)
         self.worker = worker
         self._pbar = napari_progress(total=0, desc=self.description)
         worker.yielded.connect(self._on_yielded)

@@ -91,6 +91,7 @@ class TrainWidget(Container):
         self.new_class = LineEdit(label="new class")
         self.add_class_button = PushButton(text="Add class")
         self.counts = Label(label="cells per class", value="")
+        self.count_button = PushButton(text="Count annotations")
         self.pick = ComboBox(label="class", choices=self._class_list)
         self.set_class_button = PushButton(text="Set class of selected points")
         self.stages = ComboBox(label="stages", choices=STAGES, value="both")
@@ -107,11 +108,13 @@ class TrainWidget(Container):
         self.status = Label(value="")
         self.review_by = ComboBox(label="review by", choices=["confidence", "disagreement"])
         self.review_button = PushButton(text="Next cell to review")
+        self._cancelling = False
         self.extend(
             [
                 self.image, self.source, self.layer, self.crops, self.base, self.base_file,
-                self.classes, self.new_class, self.add_class_button, self.counts, self.pick,
-                self.set_class_button, self.stages, self.epochs1, self.epochs2,
+                self.classes, self.new_class, self.add_class_button, self.counts,
+                self.count_button, self.pick, self.set_class_button, self.stages,
+                self.epochs1, self.epochs2,
                 self.val_fraction, self.seed, self.output, self.run_button,
                 self.cancel_button, self.progress, self.status,
             ]
@@ -130,6 +133,7 @@ class TrainWidget(Container):
         self.classes.changed.connect(lambda _v: self.pick.reset_choices())
         self.set_class_button.clicked.connect(lambda: self.set_class(self.pick.value))
         self.layer.changed.connect(lambda _v: self.update_counts())
+        self.count_button.clicked.connect(self.update_counts)
         self.run_button.clicked.connect(self.run)
         self.cancel_button.clicked.connect(self.cancel)
         self.review_button.clicked.connect(self.review_next)
@@ -343,22 +347,55 @@ class TrainWidget(Container):
             return None
         self.update_counts()
         self.plot.clear()
-        worker = self.runner.start(gen, on_done=self._done, on_progress=self._on_progress)
-        if worker is not None:
-            # A quit worker leaves its generator suspended; closing it runs the
-            # clean-up (no model file, no working folder) at once.
-            worker.finished.connect(gen.close)
-        return worker
+        self._cancelling = False
+        return self.runner.start(
+            self._drive(gen), on_done=self._done, on_progress=self._on_progress
+        )
+
+    def _drive(self, gen):
+        """Run ``gen`` in the worker thread; stop it there when Cancel is pressed.
+
+        Cancelling from inside the worker (instead of quitting it) closes the
+        generator in the thread that ran it, so its clean-up (no model file,
+        no working folder) happens at once, and torch's thread-local grad
+        mode, switched off while the trainer validates, is restored in that
+        pooled thread rather than left off for the next worker.
+        """
+        import torch
+
+        from ..errors import WBCError
+
+        torch.set_grad_enabled(True)  # pooled threads may carry another run's state
+        try:
+            while True:
+                try:
+                    event = next(gen)
+                except StopIteration as stop:
+                    return stop.value
+                except RuntimeError as exc:
+                    # superqt treats a RuntimeError as a deleted worker and never
+                    # reports it; pass it on as an error the user gets to see.
+                    raise WBCError(f"training failed: {exc}") from exc
+                yield event
+                if self._cancelling:
+                    return None
+        finally:
+            gen.close()
 
     def cancel(self):
-        """Stop training; no model file is written."""
-        self.runner.cancel()
+        """Stop training at the next batch; no model file is written."""
+        if self.runner.running:
+            self._cancelling = True
+            self.status.value = "training: cancelling…"
 
     def _on_progress(self, event):
         if event.info.get("event") == "epoch":
             self.plot.add(event.info)
 
     def _done(self, path):
+        if path is None:  # cancelled
+            self.status.value = "training: cancelled; no model written"
+            return
         self.model_path = Path(path)
         register_session_model(path)
         self.base.reset_choices()
