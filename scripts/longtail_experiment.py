@@ -108,7 +108,7 @@ def main() -> None:
     (out / "results.json").write_text(
         json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows,
                     "timings": timings, "train_counts": counts.to_dict(),
-                    "ensemble_metrics": d}, indent=2)  # fmt: skip
+                    "ensemble_metrics": d}, indent=2)
     )
     print("\n| model | setting | macro-F1 | balanced acc. | accuracy |")
     print("|---|---|---:|---:|---:|")

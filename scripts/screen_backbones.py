@@ -43,7 +43,7 @@ def main() -> None:
             out = train(
                 df,
                 TrainConfig(spec=f"screen-{arch}", epochs_stage1=args.epochs, stages="stage1",
-                            input_size=args.input_size, num_threads=2),  # fmt: skip
+                            input_size=args.input_size, num_threads=2),
                 Path(tmp) / f"{arch}.safetensors",
             )
             seconds = time.perf_counter() - t
