@@ -3,7 +3,7 @@
     python benchmarks/bench_classify.py [--size 20000] [--preset lite] [--crops 256]
 
 Models are random-initialised members of the preset (speed does not depend on
-the weights). Each row runs in a fresh process; peak RSS is that process's
+the weights), or the built-in ensemble with ``--preset default``. Each row runs in a fresh process; peak RSS is that process's
 maximum resident memory. Prints Markdown tables (docs/benchmarks.md).
 """
 
@@ -24,7 +24,16 @@ def _peak_mb() -> float:
 
 
 def _make_models(preset: str, folder: Path) -> list[Path]:
+    """Random-initialised members of a preset, or the built-in ensemble's files for "default"."""
     import torch
+
+    if preset == "default":
+        from napari_wbc.models.files import default_model_path, read_ensemble, save_ensemble
+
+        ensemble = default_model_path()
+        paths = [ensemble.parent / ref.path for ref in read_ensemble(ensemble).members]
+        save_ensemble(folder / "ensemble.json", paths, tta="d4")
+        return paths
 
     from napari_wbc.models.build import build_model
     from napari_wbc.models.files import ModelConfig, save_ensemble, save_model
@@ -72,7 +81,9 @@ def case_crops(preset: str, n: int, member: str | None, tta: str) -> dict:
     crops = rng.integers(0, 256, (n, 360, 360, 3), dtype=np.uint8)
     with tempfile.TemporaryDirectory() as tmp:
         paths = _make_models(preset, Path(tmp))
-        target = Path(tmp) / "ensemble.json" if member is None else next(p for p in paths if p.stem == member)
+        target = (
+            Path(tmp) / "ensemble.json" if member is None else next(p for p in paths if p.stem == member)
+        )
         ensemble = load_any(target, tta=tta)
         predict_crops(ensemble, crops[:8], tta=tta, device="cpu")  # warm-up
         t = time.perf_counter()
@@ -105,9 +116,14 @@ def main() -> None:
         out = subprocess.run(cmd, capture_output=True, text=True, check=True)
         return json.loads(out.stdout.strip().splitlines()[-1])
 
-    from napari_wbc.models.registry import get_preset
+    if args.preset == "default":
+        from napari_wbc.models.files import default_model_path, read_ensemble
 
-    members = [s.name for s in get_preset(args.preset)]
+        members = [Path(ref.path).stem for ref in read_ensemble(default_model_path()).members]
+    else:
+        from napari_wbc.models.registry import get_preset
+
+        members = [s.name for s in get_preset(args.preset)]
     print(f"Classification speed, {args.crops} crops of 360 px, preset {args.preset!r}, CPU, 2 threads\n")
     print("| model | TTA | cells/s | peak RSS (MB) |\n|---|---|---:|---:|")
     for member in [*members, None]:

@@ -89,6 +89,11 @@ def cmd_train(args) -> int:
         if "subtype" not in df.columns:
             raise DataError(f"{args.data} has no 'subtype' column; drop --subtypes")
         df = df.assign(label=df["subtype"].astype(str))
+    if args.per_class is not None:
+        from .datasets import balanced_subset
+
+        df = balanced_subset(df, per_class=args.per_class, seed=args.seed)
+        print(f"balanced subset: {df['label'].value_counts().to_dict()}")
     if args.long_tail_ratio is not None:
         df = long_tailed_subset(df, imbalance_ratio=args.long_tail_ratio, seed=args.seed)
         print(f"long-tailed subset: {df['label'].value_counts().to_dict()}")
@@ -323,6 +328,11 @@ def add_model_commands(subparsers) -> None:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="continue from <output>.ckpt when present (default)",
+    )
+    p.add_argument(
+        "--per-class",
+        type=int,
+        help="train on a seeded subset of at most this many crops per class",
     )
     p.add_argument(
         "--long-tail-ratio",

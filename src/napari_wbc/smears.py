@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .errors import DataError
+from .errors import DataError, WBCError
 from .images import is_supported, read_smear
 from .pipeline import ClassifyConfig, iter_classify_smear
 from .progress import Progress, ProgressGen
@@ -141,7 +141,9 @@ def iter_evaluate_smears(
     images = list(dict.fromkeys(boxes["path"]))
     tp = fp = fn = 0
     y_true, y_pred = [], []
+    failed: dict[str, str] = {}
     for i, path in enumerate(images):
+        own = boxes[boxes["path"] == path].reset_index(drop=True)
         smear = read_smear(path)
         try:
             gen = iter_classify_smear(smear.levels[0], ensemble, config)
@@ -151,9 +153,16 @@ def iter_evaluate_smears(
                 except StopIteration as stop:
                     cells = stop.value
                     break
+        except WBCError as exc:
+            # One unusable field (e.g. too few red cells to measure the scale)
+            # must not end the evaluation: its boxes count as missed.
+            log.warning("%s: %s", Path(path).name, exc)
+            failed[Path(path).name] = str(exc)
+            fn += len(own)
+            yield Progress("images", i + 1, len(images), f"{Path(path).name}: failed")
+            continue
         finally:
             smear.close()
-        own = boxes[boxes["path"] == path].reset_index(drop=True)
         match = match_detections(cells, own)
         tp, fp, fn = tp + match["tp"], fp + match["fp"], fn + match["fn"]
         for det, box in match["pairs"]:
