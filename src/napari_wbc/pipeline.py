@@ -39,6 +39,8 @@ class ClassifyConfig:
         Red-cell diameter in pixels, overriding ``pixel_size_um``.
     stain_normalize : bool
         Map the image's stains onto the model's reference before classifying.
+    stain_method : str or None
+        "macenko" or "reinhard"; None uses the method the model was trained with.
     tta : str or None
         Test-time augmentation ("none", "flips", "d4"); None uses the model's.
     block : int
@@ -57,6 +59,7 @@ class ClassifyConfig:
     pixel_size_um: float | None = None
     rbc_diameter_px: float | None = None
     stain_normalize: bool = True
+    stain_method: str | None = None
     tta: str | None = None
     block: int = 2048
     batch_size: int = 32
@@ -160,7 +163,9 @@ def iter_classify_smear(
     if config.stain_normalize and ensemble.stain is not None:
         from .stain import StainReference, iter_prepare_normalizer
 
-        method = ensemble.members[0].config.training.get("stain_method", "macenko")
+        method = config.stain_method or ensemble.members[0].config.training.get(
+            "stain_method", "macenko"
+        )
         try:
             normalizer = yield from iter_prepare_normalizer(
                 [arr], method, StainReference.from_dict(ensemble.stain)
