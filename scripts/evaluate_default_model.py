@@ -79,6 +79,9 @@ def main() -> None:
     # 1. PBC held out
     heldout = balanced_subset(load_labelled_crops(args.heldout), per_class=args.per_class, seed=0)
     out["pbc_heldout_n"] = len(heldout)
+    sample_csv = args.output.parent / "heldout-sample.csv"
+    sample_csv.parent.mkdir(parents=True, exist_ok=True)
+    heldout[["path", "label"]].to_csv(sample_csv, index=False)  # for `napari-wbc evaluate`
     t = time.perf_counter()
     # Same lab as training: the training set's stain statistics are the right
     # source (re-fitting on other crops adds noise); "fit" is shown for comparison.

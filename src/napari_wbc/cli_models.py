@@ -169,6 +169,7 @@ def cmd_evaluate(args) -> int:
             tta=args.tta,
             batch_size=args.batch_size,
             device=args.device,
+            stain_source=args.stain_source,
         ),
         args.quiet or args.json,
     )
