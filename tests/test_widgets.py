@@ -25,14 +25,19 @@ def test_plugin_widget_and_sample_are_listed(make_napari_viewer):
     viewer = make_napari_viewer()
     _dock, widget = viewer.window.add_plugin_dock_widget("napari-wbc", "Stain normalization")
     assert isinstance(widget, StainNormalizeWidget)
-    from napari._app_model import get_app_model
+    # napari builds Plugins › … and File › Open Sample › … from these registrations.
+    from npe2 import PluginManager
 
-    menus = {
-        menu_id: {getattr(getattr(item, "command", None), "id", None) for item in items}
-        for menu_id, items in get_app_model().menus
-    }
-    assert "napari-wbc.normalize_widget" in menus["napari/plugins"]
-    assert "napari-wbc.smear" in menus["napari/file/samples"]
+    pm = PluginManager.instance()
+    widgets = {w.display_name for w in pm.iter_widgets() if w.plugin_name == "napari-wbc"}
+    assert {"Stain normalization", "Classify white cells", "Train classifier from annotations"} <= widgets
+    assert any(
+        plugin == "napari-wbc" and sample.key == "smear"
+        for plugin, samples in pm.iter_sample_data()
+        for sample in samples
+    )
+    for name in widgets:
+        viewer.window.add_plugin_dock_widget("napari-wbc", name)
 
 
 def test_normalize_widget_adds_then_replaces_a_lazy_layer(viewer_with_sample, qtbot):
