@@ -15,21 +15,11 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .cli_models import add_model_commands
+from .cli_models import _drive, add_model_commands
 from .errors import WBCError
-from .progress import TerminalBar, run
+from .progress import run
 
 log = logging.getLogger("napari_wbc")
-
-
-def _drive(gen, quiet: bool = False):
-    """Run a progress generator with a terminal bar (unless quiet)."""
-    bar = None if quiet else TerminalBar()
-    try:
-        return run(gen, bar)
-    finally:
-        if bar is not None:
-            bar.close()
 
 
 # ------------------------------------------------------------------ normalize

@@ -11,7 +11,7 @@ import pandas as pd
 from .errors import DataError, WBCError
 from .images import is_supported, read_smear
 from .pipeline import ClassifyConfig, iter_classify_smear
-from .progress import Progress, ProgressGen
+from .progress import Progress, ProgressGen, run
 
 log = logging.getLogger(__name__)
 
@@ -146,13 +146,7 @@ def iter_evaluate_smears(
         own = boxes[boxes["path"] == path].reset_index(drop=True)
         smear = read_smear(path)
         try:
-            gen = iter_classify_smear(smear.levels[0], ensemble, config)
-            while True:
-                try:
-                    next(gen)
-                except StopIteration as stop:
-                    cells = stop.value
-                    break
+            cells = run(iter_classify_smear(smear.levels[0], ensemble, config))
         except WBCError as exc:
             # One unusable field (e.g. too few red cells to measure the scale)
             # must not end the evaluation: its boxes count as missed.
