@@ -12,13 +12,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from .atomic import atomic_write_stream
 from .errors import WBCError
 
 #: Colours per class (RGB 0–255), shared by napari layers and QuPath export.
@@ -54,23 +54,6 @@ def _check_table(cells: pd.DataFrame) -> None:
         raise WBCError(f"cell table lacks column(s) {', '.join(missing)}")
 
 
-def _atomic_write(path: Path, write) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
 def probability_columns(cells: pd.DataFrame) -> list[str]:
     """The ``p_<class>`` columns of a cell table, in order."""
     return [c for c in cells.columns if c.startswith("p_")]
@@ -93,7 +76,7 @@ def cells_to_csv(
             table[col] = cells[col].to_numpy()
     for col in probability_columns(cells):
         table[col] = cells[col].to_numpy()
-    return _atomic_write(path, lambda fh: table.to_csv(fh, index=False, float_format="%.6g"))
+    return atomic_write_stream(path, lambda fh: table.to_csv(fh, index=False, float_format="%.6g"))
 
 
 def _circle(x: float, y: float, radius: float, n: int = 24) -> list[list[float]]:
@@ -141,7 +124,7 @@ def cells_to_geojson(cells: pd.DataFrame, path: str | Path | None = None) -> dic
         features.append({"type": "Feature", "geometry": geometry, "properties": props})
     collection = {"type": "FeatureCollection", "features": features}
     if path is not None:
-        _atomic_write(path, lambda fh: json.dump(collection, fh))
+        atomic_write_stream(path, lambda fh: json.dump(collection, fh))
     return collection
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import numbers
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -199,14 +198,6 @@ def save_confusion_png(
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=100)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    from .atomic import atomic_write
+
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100), ".png")

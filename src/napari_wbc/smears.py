@@ -95,9 +95,9 @@ def iter_classify_files(
     summary = pd.DataFrame(rows)
     total = {"image": "all images", **{c: int(summary[c].sum()) for c in [*classes, "total", "needs_review"]}}
     summary = pd.concat([summary, pd.DataFrame([total])], ignore_index=True)
-    from .export import _atomic_write
+    from .atomic import atomic_write_stream
 
-    _atomic_write(out_dir / "summary.csv", lambda fh: summary.to_csv(fh, index=False))
+    atomic_write_stream(out_dir / "summary.csv", lambda fh: summary.to_csv(fh, index=False))
     return summary
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import dask.array as da
 import numpy as np
 
+from .atomic import publish, temporary_beside
 from .errors import WBCError
 from .progress import Progress, ProgressGen
 
@@ -80,9 +81,7 @@ def iter_write_pyramid_tiff(
     strip_heights = [min(max(first, tile), 8 * tile)] + [tile] * (len(shapes) - 1)
     n_strips = [-(-h // sh) for (h, _), sh in zip(shapes, strip_heights, strict=True)]
     n_tiles = [-(-h // tile) * -(-w // tile) for h, w in shapes]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    os.close(fd)
+    tmp_name = str(temporary_beside(path))
     scratch = tempfile.TemporaryDirectory(prefix="napari-wbc-pyramid-")
     options = {
         "photometric": "rgb",
@@ -168,7 +167,7 @@ def iter_write_pyramid_tiff(
         thread.join()
         if failure:
             raise WBCError(f"writing {path.name} failed: {failure[0]}") from failure[0]
-        os.replace(tmp_name, path)
+        publish(tmp_name, path)
         finished = True
     finally:
         if thread.is_alive():

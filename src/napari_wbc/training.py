@@ -49,6 +49,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from napari_wbc.atomic import atomic_write
 from napari_wbc.datasets import (
     IMAGE_SUFFIXES,
     CropCache,
@@ -795,12 +796,12 @@ class _Trainer:
             tensors, scalars = _split_optimizer_state(optimizer.state_dict())
             name = f"optimizer-{tag}.safetensors"
             safe = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-            _atomic(self.ckpt / name, lambda tmp: safetensors.torch.save_file(safe, tmp))
+            atomic_write(self.ckpt / name, lambda tmp: safetensors.torch.save_file(safe, tmp))
             state["optimizer"] = {"tensors": name, "scalars": scalars}
         else:
             state["optimizer"] = None
         text = json.dumps(state, indent=1)
-        _atomic(self.ckpt / "state.json", lambda tmp: Path(tmp).write_text(text))
+        atomic_write(self.ckpt / "state.json", lambda tmp: Path(tmp).write_text(text))
         keep = {state["weights"], state["best_weights"]}
         if state["optimizer"]:
             keep.add(state["optimizer"]["tensors"])
@@ -858,17 +859,7 @@ def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
 
     # Private contiguous copies: safetensors refuses tensors that share memory.
     safe = {k: v.detach().to("cpu").clone().contiguous() for k, v in tensors.items()}
-    _atomic(path, lambda tmp: safetensors.torch.save_file(safe, tmp))
-
-
-def _atomic(path: Path, write: Callable[[str], None]) -> None:
-    """Write via a temporary file in the same folder, then rename over ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        write(str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(path, lambda tmp: safetensors.torch.save_file(safe, tmp))
 
 
 def _split_optimizer_state(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:

@@ -20,7 +20,6 @@ can be read (e.g. to fill a GUI list) without loading torch.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import datetime as _dt
 import hashlib
@@ -29,7 +28,6 @@ import logging
 import math
 import os
 import struct
-import tempfile
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -37,6 +35,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from napari_wbc.atomic import atomic_write
 from napari_wbc.errors import ModelFileError, WBCError
 from napari_wbc.models.registry import ModelSpec
 
@@ -386,34 +385,13 @@ def _digest(config_json: str, tensors: dict[str, torch.Tensor]) -> str:
 
 
 def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Write via ``write(tmp_path)`` next to ``path``, fsync, then rename over ``path``."""
+    """Save through ``write(tmp_path)`` atomically (see :mod:`napari_wbc.atomic`)."""
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise ModelFileError(f"cannot save to {path}: folder {folder} does not exist")
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    except OSError as exc:
-        raise ModelFileError(f"cannot write in {folder}: {exc}") from exc
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        # mkstemp makes the file private (0600); model files are meant to be shared.
-        mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    # Persist the rename itself; not possible (nor needed) on every platform.
-    with contextlib.suppress(OSError, AttributeError):
-        dir_fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+    if not os.access(folder, os.W_OK):
+        raise ModelFileError(f"cannot write in {folder}: permission denied")
+    atomic_write(path, write, ".tmp")
 
 
 _cache: OrderedDict[tuple, tuple[Any, ModelConfig]] = OrderedDict()
