@@ -1,10 +1,13 @@
 """Package a trained ensemble as the built-in default (half precision, inside the package).
 
     python scripts/package_default_model.py OUT/wbc-lite.json [--heldout OUT/heldout.csv]
+        [--validation OUT/validation.csv]
 
 Re-saves every member with float16 weights into
 src/napari_wbc/resources/models/, writes the ensemble file wbc-lite.json there,
-and lists the PBC crops not used for training (or validation) in --heldout.
+lists the seeded, stratified validation split the members were trained beside
+(never trained on) in --validation, and the PBC crops outside the training
+subset altogether in --heldout.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from pathlib import Path
 from napari_wbc.datasets import balanced_subset, load_labelled_crops
 from napari_wbc.models.files import load_model, read_ensemble, save_ensemble, save_model
 from napari_wbc.settings import data_root
+from napari_wbc.training import TrainConfig, validation_split
 
 TARGET = Path(__file__).resolve().parents[1] / "src/napari_wbc/resources/models"
 
@@ -26,6 +30,8 @@ def main() -> None:
     parser.add_argument("--per-class", type=int, default=600)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--heldout", type=Path)
+    parser.add_argument("--validation", type=Path)
+    parser.add_argument("--val-fraction", type=float, default=0.2)
     args = parser.parse_args()
 
     config = read_ensemble(args.ensemble)
@@ -47,9 +53,15 @@ def main() -> None:
     )
     total = sum(p.stat().st_size for p in paths) / 1e6
     print(f"wrote {TARGET / 'wbc-lite.json'} ({total:.1f} MB of weights)")
+    table = load_labelled_crops(args.data / "pbc" / "labels.csv")
+    used = balanced_subset(table, per_class=args.per_class, seed=args.seed)
+    if args.validation:
+        # The same rows `napari-wbc train` kept out of training for this seed.
+        split = TrainConfig(seed=args.seed, val_fraction=args.val_fraction)
+        _, val = validation_split(used, split)
+        val[["path", "label"]].to_csv(args.validation, index=False)
+        print(f"{len(val)} validation crops listed in {args.validation}")
     if args.heldout:
-        table = load_labelled_crops(args.data / "pbc" / "labels.csv")
-        used = balanced_subset(table, per_class=args.per_class, seed=args.seed)
         heldout = table.drop(index=used.index)[["path", "label"]]
         heldout.to_csv(args.heldout, index=False)
         print(f"{len(heldout)} held-out crops listed in {args.heldout}")
