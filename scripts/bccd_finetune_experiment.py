@@ -21,7 +21,7 @@ import pandas as pd
 from napari_wbc.annotations import base_model_file, iter_finetune_crops, iter_write_training_crops
 from napari_wbc.images import read_smear
 from napari_wbc.metrics import classification_metrics
-from napari_wbc.models.files import default_model_path, load_any
+from napari_wbc.models.files import default_model_path, load_any, read_model_config
 from napari_wbc.pipeline import ClassifyConfig, iter_classify_smear
 from napari_wbc.progress import run
 from napari_wbc.settings import data_root
@@ -75,6 +75,14 @@ def main() -> None:
         crops.append(written)
     crops = pd.concat(crops, ignore_index=True)
     tuned = out / "bccd-tuned.safetensors"
+    # Reuse an earlier fine-tuned model only if it was tuned from this very base file.
+    base_file = base_model_file(base)
+    if tuned.exists() and (
+        read_model_config(tuned).training.get("base_model") != str(base_file)
+        or tuned.stat().st_mtime < base_file.stat().st_mtime
+    ):
+        print(f"{tuned} was tuned from another or an older base model; tuning again")
+        tuned.unlink()
     if not tuned.exists():
         config = TrainConfig(epochs_stage1=8, epochs_stage2=8, seed=args.seed, stain_normalize=False,
                              val_fraction=0.25, num_threads=2)  # fmt: skip
