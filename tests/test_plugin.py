@@ -36,14 +36,20 @@ def test_package_manifest_is_the_top_level_file():
     assert packaged.read_bytes() == (ROOT / "napari.yaml").read_bytes()
 
 
-@pytest.mark.slow
-def test_wheel_contains_manifest_and_resources(tmp_path):
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("wheel")
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation",
-         "-w", str(tmp_path), "-q"],
+         "-w", str(folder), "-q"],
         check=True,
     )
-    (wheel,) = tmp_path.glob("napari_wbc-*.whl")
+    (path,) = folder.glob("napari_wbc-*.whl")
+    return path
+
+
+@pytest.mark.slow
+def test_wheel_contains_manifest_and_resources(wheel):
     with zipfile.ZipFile(wheel) as zf:
         names = set(zf.namelist())
         assert zf.read("napari_wbc/napari.yaml") == (ROOT / "napari.yaml").read_bytes()
@@ -52,3 +58,43 @@ def test_wheel_contains_manifest_and_resources(tmp_path):
         text = zf.read(entry_points).decode()
     assert "napari-wbc = napari_wbc:napari.yaml" in text
     assert "napari-wbc = napari_wbc.cli:main" in text
+    models = {n for n in names if n.startswith("napari_wbc/resources/models/")}
+    assert "napari_wbc/resources/models/wbc-lite.json" in models
+    assert sum(n.endswith(".safetensors") for n in models) == 3
+
+
+@pytest.mark.slow
+def test_installed_wheel_classifies_offline_with_only_its_own_files(wheel, tmp_path):
+    # The wheel unpacked as a fresh install; the source tree is not on the path.
+    site = tmp_path / "site"
+    with zipfile.ZipFile(wheel) as zf:
+        zf.extractall(site)
+    code = (
+        "import napari_wbc, numpy as np\n"
+        "from napari_wbc.models.files import default_model_path, load_any\n"
+        "from napari_wbc.pipeline import ClassifyConfig, iter_classify_smear\n"
+        "from napari_wbc.progress import run\n"
+        "from napari_wbc.synthetic import make_sample_smear\n"
+        "print(napari_wbc.__file__)\n"
+        "print(default_model_path())\n"
+        "cells = run(iter_classify_smear(make_sample_smear(), load_any(default_model_path()),"
+        " ClassifyConfig(pixel_size_um=0.1, tta='none')))\n"
+        "print(len(cells))\n"
+    )
+    env = {
+        "PYTHONPATH": str(site),
+        "HF_HUB_OFFLINE": "1",
+        "HTTPS_PROXY": "http://127.0.0.1:9",
+        "HTTP_PROXY": "http://127.0.0.1:9",
+        "PATH": "/usr/bin:/bin",
+        "HOME": str(tmp_path),
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    package_file, model_path, n = out.stdout.split()
+    assert Path(package_file).is_relative_to(site)
+    assert Path(model_path).is_relative_to(site)
+    assert int(n) >= 13
