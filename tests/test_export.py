@@ -90,3 +90,23 @@ def test_missing_columns_are_refused(tmp_path):
 def test_unknown_classes_get_stable_colours():
     assert class_colour("blast") == class_colour("blast")
     assert class_colour("neutrophil") != class_colour("lymphocyte")
+
+
+def test_exported_crops_are_the_pipelines_crops_padded_with_glass(tmp_path):
+    import dask.array as da
+
+    from napari_wbc.images import cut_square
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 200, (60, 80, 3), dtype=np.uint8)
+    lazy = da.from_array(image, chunks=(16, 16, 3))
+    # One cell inside, one whose crop reaches past the top-left corner.
+    cells = pd.DataFrame({"y": [30.4, 3.0], "x": [40.6, 2.0], "class": ["a", "b"]})
+    paths = run(iter_export_crops(lazy, cells, tmp_path, 21))
+    inside = np.asarray(Image.open(paths[0]))
+    assert np.array_equal(inside, image[20:41, 31:52])
+    assert np.array_equal(inside, cut_square(image, 30.4, 40.6, 21))
+    corner = np.asarray(Image.open(paths[1]))
+    assert np.array_equal(corner, cut_square(lazy, 3.0, 2.0, 21))
+    assert (corner[:7] == 255).all() and (corner[:, :8] == 255).all()
+    assert np.array_equal(corner[7:, 8:], image[:14, :13])

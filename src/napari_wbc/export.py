@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from .atomic import atomic_write_stream
+from .atomic import atomic_write, atomic_write_stream
 from .errors import WBCError
+from .images import cut_square
 
 #: Colours per class (RGB 0–255), shared by napari layers and QuPath export.
 CLASS_COLOURS: dict[str, tuple[int, int, int]] = {
@@ -148,25 +148,18 @@ def iter_export_crops(
 
     _check_table(cells)
     folder = Path(folder)
-    half = crop_px // 2
-    height, width = image.shape[:2]
+    pil_format = "JPEG" if fmt.lower() in ("jpg", "jpeg") else fmt.upper()
     written = []
     for i, row in enumerate(cells.to_dict("records")):
         x, y = round(row["x"]), round(row["y"])
-        y0, x0 = y - half, x - half
-        ys, xs = (
-            slice(max(y0, 0), min(y0 + crop_px, height)),
-            slice(max(x0, 0), min(x0 + crop_px, width)),
-        )
-        patch = np.asarray(image[ys, xs])
-        crop = np.full((crop_px, crop_px, 3), 255, np.uint8)
-        crop[ys.start - y0 : ys.stop - y0, xs.start - x0 : xs.stop - x0] = patch
+        crop = cut_square(image, row["y"], row["x"], crop_px)
         cls = str(row["class"])
         target = folder / cls / f"{prefix}_{i:05d}_x{x}_y{y}.{fmt}"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.part")
-        Image.fromarray(crop).save(tmp, format=fmt.upper() if fmt != "jpg" else "JPEG")
-        os.replace(tmp, target)
+        atomic_write(
+            target,
+            lambda tmp, crop=crop: Image.fromarray(crop).save(tmp, format=pil_format),
+            f".{fmt}",
+        )
         written.append(target)
         yield Progress("crops", i + 1, len(cells), cls)
     return written

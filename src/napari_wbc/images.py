@@ -134,6 +134,24 @@ def read_smear(path: str | Path, chunk: int = 1024) -> Smear:
     return smear
 
 
+def cut_square(image, cy: float, cx: float, side: int) -> np.ndarray:
+    """A ``side`` × ``side`` uint8 crop of a (Y, X, 3) image centred on (``cy``, ``cx``).
+
+    ``image`` may be a numpy or dask array; only the window is read. Parts
+    past the image border are white (glass). The smear pipeline and the crop
+    export both cut through here, so training crops match classified ones.
+    """
+    half = side // 2
+    y0, x0 = round(cy) - half, round(cx) - half
+    h, w = image.shape[:2]
+    crop = np.full((side, side, 3), 255, np.uint8)
+    ys0, xs0 = max(y0, 0), max(x0, 0)
+    ys1, xs1 = min(y0 + side, h), min(x0 + side, w)
+    if ys1 > ys0 and xs1 > xs0:
+        crop[ys0 - y0 : ys1 - y0, xs0 - x0 : xs1 - x0] = np.asarray(image[ys0:ys1, xs0:xs1])
+    return crop
+
+
 def build_pyramid(level0: da.Array, min_size: int = 1024) -> list[da.Array]:
     """Lazily add 2× downsampled levels (by striding) until the image fits ``min_size``."""
     levels = [level0]

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import WBCError
+from .images import cut_square
 from .progress import Progress, ProgressGen
 
 log = logging.getLogger(__name__)
@@ -93,19 +94,6 @@ def iter_resolve_scale(image, config: ClassifyConfig) -> ProgressGen[tuple[float
 def _crop_side(ensemble, rbc_px: float) -> int:
     """Side of one crop in image pixels: the model's field of view at this scale."""
     return max(round(ensemble.fov_rbc * rbc_px), 8)
-
-
-def _cut(block: np.ndarray, cy: float, cx: float, side: int) -> np.ndarray:
-    """A side×side crop centred on (cy, cx) of an in-memory block, padded with glass."""
-    half = side // 2
-    y0, x0 = round(cy) - half, round(cx) - half
-    h, w = block.shape[:2]
-    crop = np.full((side, side, 3), 255, np.uint8)
-    ys0, xs0 = max(y0, 0), max(x0, 0)
-    ys1, xs1 = min(y0 + side, h), min(x0 + side, w)
-    if ys1 > ys0 and xs1 > xs0:
-        crop[ys0 - y0 : ys1 - y0, xs0 - x0 : xs1 - x0] = block[ys0:ys1, xs0:xs1]
-    return crop
 
 
 def iter_classify_smear(
@@ -284,7 +272,7 @@ def classify_block(
     if own.empty:
         return None
     crops = np.stack(
-        [_cut(block, cy - hy0, cx - hx0, side) for cy, cx in zip(own.y, own.x, strict=True)]
+        [cut_square(block, cy - hy0, cx - hx0, side) for cy, cx in zip(own.y, own.x, strict=True)]
     )
     if normalizer is not None:
         crops = normalizer(crops)
