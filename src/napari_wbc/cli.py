@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .cli_models import _drive, add_model_commands
+from .cli_models import _drive, add_model_commands, smear_setup
 from .errors import WBCError
 from .progress import run
 
@@ -88,8 +88,7 @@ def cmd_reference(args) -> int:
 
 
 def cmd_classify(args) -> int:
-    from .models.files import default_model_path, load_any
-    from .pipeline import ClassifyConfig
+    from .models.files import default_model_path
     from .smears import iter_classify_files
 
     model = args.model or default_model_path()
@@ -97,14 +96,7 @@ def cmd_classify(args) -> int:
     bad = sorted(set(formats) - {"csv", "geojson"})
     if bad:
         raise WBCError(f"unknown format(s) {', '.join(bad)}; choose from csv, geojson")
-    ensemble = load_any(model, device="cpu" if args.device == "auto" else args.device)
-    config = ClassifyConfig(
-        pixel_size_um=args.pixel_size,
-        stain_normalize=args.stain_normalization,
-        tta=args.tta,
-        device=args.device,
-        block=args.block,
-    )
+    ensemble, config = smear_setup(args, model, block=args.block)
     client = None
     if args.scheduler:
         try:

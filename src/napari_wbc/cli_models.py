@@ -71,6 +71,41 @@ def member_paths(output: Path, names: list[str]) -> tuple[list[Path], Path | Non
     return [ensemble.with_name(f"{ensemble.stem}-{n}.safetensors") for n in names], ensemble
 
 
+def smear_setup(args, model, **options):
+    """The ensemble and pipeline config of the smear commands (classify, evaluate).
+
+    Uses ``args.device``, ``args.pixel_size``, ``args.stain_normalization``
+    and ``args.tta``; ``options`` are further :class:`ClassifyConfig` fields.
+    """
+    from .models.files import load_any
+    from .pipeline import ClassifyConfig
+
+    ensemble = load_any(model, device="cpu" if args.device == "auto" else args.device)
+    config = ClassifyConfig(
+        pixel_size_um=args.pixel_size,
+        stain_normalize=args.stain_normalization,
+        tta=args.tta,
+        device=args.device,
+        **options,
+    )
+    return ensemble, config
+
+
+def _add_crop_model_options(p) -> None:
+    """Options shared by the commands that classify crops (evaluate, predict)."""
+    p.add_argument("--model", type=Path, help="model (.safetensors) or ensemble (.json)")
+    p.add_argument("--tta", choices=("none", "flips", "d4"), help="default: the model's")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="auto")
+    p.add_argument(
+        "--stain-source",
+        choices=("auto", "fit", "training"),
+        default="auto",
+        help="source stain statistics: fitted on these crops, the model's training "
+        "crops', or auto (fit when there are 32 crops or more)",
+    )
+
+
 def _format_metrics(m: dict[str, Any]) -> str:
     return (
         f"n={m['n']} accuracy={m['accuracy']:.3f} macro-F1={m['macro_f1']:.3f} "
@@ -197,17 +232,9 @@ def cmd_evaluate(args) -> int:
 
 def _evaluate_smears(args, model) -> int:
     """Whole-pipeline evaluation on smears with white-cell boxes."""
-    from .models.files import load_any
-    from .pipeline import ClassifyConfig
     from .smears import iter_evaluate_smears, load_boxes
 
-    ensemble = load_any(model, device="cpu" if args.device == "auto" else args.device)
-    config = ClassifyConfig(
-        pixel_size_um=args.pixel_size,
-        stain_normalize=args.stain_normalization,
-        tta=args.tta,
-        device=args.device,
-    )
+    ensemble, config = smear_setup(args, model)
     metrics = _drive(
         iter_evaluate_smears(load_boxes(args.data), ensemble, config), args.quiet or args.json
     )
@@ -365,19 +392,9 @@ def add_model_commands(subparsers) -> None:
         "with path,label,x,y,w,h white-cell boxes on whole smears (x,y top-left), "
         "which runs detection and classification and adds a 'detection' object",
     )
-    p.add_argument("--model", type=Path, help="model (.safetensors) or ensemble (.json)")
+    _add_crop_model_options(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--tta", choices=("none", "flips", "d4"), help="default: the model's")
     p.add_argument("--confusion", type=Path, help="also save the confusion matrix as a PNG")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--device", default="auto")
-    p.add_argument(
-        "--stain-source",
-        choices=("auto", "fit", "training"),
-        default="auto",
-        help="source stain statistics: fitted on these crops, the model's training "
-        "crops', or auto (fit when there are 32 crops or more)",
-    )
     p.add_argument(
         "--pixel-size",
         type=float,
@@ -399,17 +416,7 @@ def add_model_commands(subparsers) -> None:
         "has path, class, confidence and one probability column per class.",
     )
     p.add_argument("crops", nargs="+", type=Path, help="crop images or folders of them")
-    p.add_argument("--model", type=Path, help="model (.safetensors) or ensemble (.json)")
+    _add_crop_model_options(p)
     p.add_argument("-o", "--output", type=Path, help="CSV to write; default: standard output")
-    p.add_argument("--tta", choices=("none", "flips", "d4"), help="default: the model's")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--device", default="auto")
-    p.add_argument(
-        "--stain-source",
-        choices=("auto", "fit", "training"),
-        default="auto",
-        help="source stain statistics: fitted on these crops, the model's training "
-        "crops', or auto (fit when there are 32 crops or more)",
-    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_predict)
