@@ -16,7 +16,7 @@ def test_manifest_validates_and_lists_contributions():
     assert manifest.name == "napari-wbc"
     widgets = {w.display_name for w in manifest.contributions.widgets}
     assert "Stain normalization" in widgets
-    assert [s.key for s in manifest.contributions.sample_data] == ["smear"]
+    assert [s.key for s in manifest.contributions.sample_data] == ["smear", "bccd", "gallery"]
     patterns = set(manifest.contributions.readers[0].filename_patterns)
     assert {"*.tif", "*.svs", "*.jpg", "*.png"} <= patterns
     # Every command points at an importable Python object.
@@ -54,6 +54,8 @@ def test_wheel_contains_manifest_and_resources(wheel):
         names = set(zf.namelist())
         assert zf.read("napari_wbc/napari.yaml") == (ROOT / "napari.yaml").read_bytes()
         assert "napari_wbc/resources/pbc_stain_reference.json" in names
+        samples = {n for n in names if n.startswith("napari_wbc/resources/samples/")}
+        sizes = sum(zf.getinfo(n).file_size for n in samples)
         entry_points = next(n for n in names if n.endswith("entry_points.txt"))
         text = zf.read(entry_points).decode()
     assert "napari-wbc = napari_wbc:napari.yaml" in text
@@ -61,6 +63,12 @@ def test_wheel_contains_manifest_and_resources(wheel):
     models = {n for n in names if n.startswith("napari_wbc/resources/models/")}
     assert "napari_wbc/resources/models/wbc-lite.json" in models
     assert sum(n.endswith(".safetensors") for n in models) == 3
+    # The real samples travel with their licences, within 1 MB.
+    for name in ("bccd-fields.jpg", "bccd-fields.csv", "LICENSE-BCCD.txt"):
+        assert f"napari_wbc/resources/samples/{name}" in samples
+    for name in ("pbc-gallery.jpg", "pbc-gallery.csv", "ATTRIBUTION-PBC.txt"):
+        assert f"napari_wbc/resources/samples/{name}" in samples
+    assert sizes <= 1_000_000
 
 
 @pytest.mark.slow
@@ -71,7 +79,8 @@ def test_installed_wheel_classifies_offline_with_only_its_own_files(wheel, tmp_p
         zf.extractall(site)
     code = (
         "import napari_wbc, numpy as np\n"
-        "from napari_wbc.models.files import default_model_path, load_any\n"
+        "from napari_wbc.inference import load_any\n"
+        "from napari_wbc.models.files import default_model_path\n"
         "from napari_wbc.pipeline import ClassifyConfig, iter_classify_smear\n"
         "from napari_wbc.progress import run\n"
         "from napari_wbc.synthetic import make_sample_smear\n"

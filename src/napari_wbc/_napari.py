@@ -72,6 +72,65 @@ def make_sample_data():
     ]
 
 
+def _real_sample(name: str) -> list:
+    """A real sample as an image layer and its truth as a Points layer with a ``class``."""
+    import numpy as np
+
+    from .samples import load_sample
+
+    sample = load_sample(name)
+    scale = (sample.pixel_size_um,) * 2 if sample.pixel_size_um else (1.0, 1.0)
+    units = ("µm", "µm") if sample.pixel_size_um else ("pixel", "pixel")
+    common = {"scale": scale, "units": units}
+    meta = {"pixel_size_um": sample.pixel_size_um, "sample": name, "licence": sample.info.licence}
+    truth = sample.truth
+    points = np.column_stack([truth["y"], truth["x"]]).astype(float)
+    # Hollow rings a white cell across, so the cell stays visible under its truth label.
+    if {"width", "height"} <= set(truth.columns):  # boxes: a ring round each box
+        size = truth[["width", "height"]].max(axis=1).to_numpy(float)
+    else:  # a white cell is at most ~14 µm across
+        size = np.full(len(truth), 14.0 / (sample.pixel_size_um or 0.1))
+    return [
+        (
+            sample.image,
+            {"name": sample.info.title, "rgb": True, "metadata": meta, **common},
+            "image",
+        ),
+        (
+            points,
+            {
+                "name": f"{sample.info.title} truth",
+                "features": truth.drop(columns=["x", "y"]),
+                "face_color": "transparent",
+                "border_color": "#ffff00",
+                "border_width": 0.05,
+                "size": size,
+                # The class written above each ring, clear of the cell.
+                "text": {
+                    "string": "{class}",
+                    "color": "black",
+                    "size": 9,
+                    "anchor": "center",
+                    "translation": [-0.6 * float(size.max()), 0],
+                },
+                "metadata": {"pixel_size_um": sample.pixel_size_um, "truth": True},
+                **common,
+            },
+            "points",
+        ),
+    ]
+
+
+def make_bccd_sample():
+    """Six real BCCD smear fields (MIT) with their white cells' truth."""
+    return _real_sample("bccd")
+
+
+def make_gallery_sample():
+    """A gallery of 24 real PBC cells (CC BY 4.0), three per class, with their truth."""
+    return _real_sample("gallery")
+
+
 def _cells_from_layer(data, meta):
     """A cell table (x, y, class, ...) from a Points layer's data and state."""
     import numpy as np

@@ -146,10 +146,23 @@ def cmd_view(args) -> int:
     return 0
 
 
+# --------------------------------------------------------------------- sample
+
+
+def cmd_sample(args) -> int:
+    from .samples import SAMPLES, write_sample
+
+    image, truth = write_sample(args.name, args.output)
+    print(f"{SAMPLES[args.name].title}: {image} (truth: {truth}; {SAMPLES[args.name].licence})")
+    return 0
+
+
 # ----------------------------------------------------------------------- main
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .samples import sample_names
+
     parser = argparse.ArgumentParser(
         prog="napari-wbc",
         description="Find, classify and count white blood cells in blood smears.",
@@ -215,6 +228,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("files", nargs="*", help="images to open instead of the sample")
     p.add_argument("--screenshot", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_view)
+
+    p = sub.add_parser(
+        "sample",
+        help="write a built-in sample image and its truth table",
+        description="Write a built-in sample (smear: generated; bccd: six real smear fields; "
+        "gallery: 24 real PBC cells) as an image, with its truth table beside it as "
+        "<name>-truth.csv, to try the other commands on.",
+    )
+    p.add_argument("name", choices=sample_names(), help="which sample")
+    p.add_argument(
+        "-o", "--output", type=Path, required=True, help="image file (.tif keeps the pixel size)"
+    )
+    p.set_defaults(func=cmd_sample)
 
     add_model_commands(sub)
     return parser
