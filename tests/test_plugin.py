@@ -89,6 +89,8 @@ def test_installed_wheel_classifies_offline_with_only_its_own_files(wheel, tmp_p
         "cells = run(iter_classify_smear(make_sample_smear(), load_any(default_model_path()),"
         " ClassifyConfig(pixel_size_um=0.1, tta='none')))\n"
         "print(len(cells))\n"
+        "from napari_wbc.samples import load_sample\n"
+        "print(sum(len(load_sample(n).truth) for n in ('bccd', 'gallery')))\n"
     )
     env = {
         "PYTHONPATH": str(site),
@@ -103,7 +105,8 @@ def test_installed_wheel_classifies_offline_with_only_its_own_files(wheel, tmp_p
         timeout=300,
     )
     assert out.returncode == 0, out.stderr[-2000:]
-    package_file, model_path, n = out.stdout.split()
+    package_file, model_path, n, n_truth = out.stdout.split()
+    assert int(n_truth) == 6 + 24  # the real samples open from the wheel's own files
     assert Path(package_file).is_relative_to(site)
     assert Path(model_path).is_relative_to(site)
     assert int(n) >= 13
