@@ -13,7 +13,7 @@ from PIL import Image
 from napari_wbc.cli import main
 from napari_wbc.images import read_smear
 from napari_wbc.progress import run
-from napari_wbc.stain import StainReference, fit_stain_reference, normalize
+from napari_wbc.stain import DEFAULT_METHOD, StainReference, fit_stain_reference, normalize
 from napari_wbc.tiff import iter_write_pyramid_tiff, pyramid_shapes
 from tests.test_stain import SRC, TGT
 
@@ -22,7 +22,9 @@ def test_pyramid_round_trip(tmp_path):
     img = np.random.default_rng(0).integers(0, 256, (2500, 1300, 3), dtype=np.uint8)
     events = []
     path = run(
-        iter_write_pyramid_tiff(tmp_path / "out.tif", da.from_array(img, chunks=(700, 500, 3)), 0.5),
+        iter_write_pyramid_tiff(
+            tmp_path / "out.tif", da.from_array(img, chunks=(700, 500, 3)), 0.5
+        ),
         events.append,
     )
     smear = read_smear(path)
@@ -35,6 +37,20 @@ def test_pyramid_round_trip(tmp_path):
     with tifffile.TiffFile(path) as tif:
         assert tif.pages.first.is_tiled
     assert events[-1].done == events[-1].total
+
+
+def test_pyramid_with_metadata_reads_back_without_a_warning(tmp_path, caplog):
+    img = np.random.default_rng(1).integers(0, 256, (1300, 1100, 3), dtype=np.uint8)
+    meta = {"napari_wbc": {"stain_method": "macenko", "source": "x.tif"}}
+    path = run(iter_write_pyramid_tiff(tmp_path / "out.tif", img, 0.25, metadata=meta))
+    caplog.set_level("WARNING")
+    with tifffile.TiffFile(path) as tif:
+        assert len(tif.series[0].levels) == 2
+        assert json.loads(tif.pages.first.description) == meta
+    smear = read_smear(path)
+    assert len(smear.levels) == 2 and smear.pixel_size_um == pytest.approx(0.25)
+    # tifffile said "invalid shaped series metadata or corrupted file" before.
+    assert not [r for r in caplog.records if r.name.startswith("tifffile")]
 
 
 def test_cancel_leaves_no_file(tmp_path):
@@ -70,7 +86,7 @@ def test_cli_normalize_writes_a_normalized_pyramid(tmp_path, make_stained, capsy
     assert smear.multiscale
     result = smear.levels[0].compute()
     target = fit_stain_reference(np.asarray(Image.open(ref_img)))
-    expected = normalize(img, "macenko", target)
+    expected = normalize(img, DEFAULT_METHOD, target)
     assert np.abs(result.astype(int) - expected).max() <= 1
     assert "wrote" in capsys.readouterr().out
 
@@ -84,14 +100,35 @@ def test_cli_reference_json_round_trip(tmp_path, make_stained):
     assert ref.n_pixels > 0
     src = tmp_path / "src.png"
     Image.fromarray(make_stained(SRC, shape=(300, 300))).save(src)
-    assert main(["normalize", str(src), "-o", str(tmp_path / "o.tif"), "--reference", str(ref_json), "-q"]) == 0
+    assert (
+        main(
+            [
+                "normalize",
+                str(src),
+                "-o",
+                str(tmp_path / "o.tif"),
+                "--reference",
+                str(ref_json),
+                "-q",
+            ]
+        )
+        == 0
+    )
 
 
 def test_cli_bad_input_is_one_clear_line(tmp_path):
     bad = tmp_path / "notes.png"
     bad.write_text("not an image")
     proc = subprocess.run(
-        [sys.executable, "-m", "napari_wbc.cli", "normalize", str(bad), "-o", str(tmp_path / "o.tif")],
+        [
+            sys.executable,
+            "-m",
+            "napari_wbc.cli",
+            "normalize",
+            str(bad),
+            "-o",
+            str(tmp_path / "o.tif"),
+        ],
         capture_output=True,
         text=True,
     )
@@ -105,7 +142,15 @@ def test_cli_blank_image_explains(tmp_path):
     blank = tmp_path / "blank.png"
     Image.fromarray(np.full((200, 200, 3), 255, np.uint8)).save(blank)
     proc = subprocess.run(
-        [sys.executable, "-m", "napari_wbc.cli", "normalize", str(blank), "-o", str(tmp_path / "o.tif")],
+        [
+            sys.executable,
+            "-m",
+            "napari_wbc.cli",
+            "normalize",
+            str(blank),
+            "-o",
+            str(tmp_path / "o.tif"),
+        ],
         capture_output=True,
         text=True,
     )

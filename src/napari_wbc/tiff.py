@@ -9,6 +9,7 @@ end, so a crash or a cancel never leaves a half-written TIFF at the target.
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import tempfile
@@ -62,7 +63,8 @@ def iter_write_pyramid_tiff(
 ) -> ProgressGen[Path]:
     """Write ``image`` (Y, X, 3 uint8) as a tiled pyramidal BigTIFF, streaming.
 
-    Yields one :class:`Progress` per strip of tiles (so closing the generator
+    ``metadata`` (JSON-serialisable) is stored as the first page's
+    ImageDescription. Yields one :class:`Progress` per strip of tiles (so closing the generator
     cancels within one strip); returns the path written. Reduced levels are
     sub-IFDs of the first page, the layout that QuPath and tifffile read as a
     pyramid.
@@ -81,6 +83,7 @@ def iter_write_pyramid_tiff(
     strip_heights = [min(max(first, tile), 8 * tile)] + [tile] * (len(shapes) - 1)
     n_strips = [-(-h // sh) for (h, _), sh in zip(shapes, strip_heights, strict=True)]
     n_tiles = [-(-h // tile) * -(-w // tile) for h, w in shapes]
+    description = json.dumps(metadata) if metadata else None
     tmp_name = str(temporary_beside(path))
     scratch = tempfile.TemporaryDirectory(prefix="napari-wbc-pyramid-")
     options = {
@@ -110,15 +113,20 @@ def iter_write_pyramid_tiff(
         try:
             with tifffile.TiffWriter(tmp_name, bigtiff=True) as writer:
                 for level, (height, width) in enumerate(shapes):
+                    # Our metadata goes into the first page's description as
+                    # plain JSON: tifffile's "shaped" metadata on a page with
+                    # sub-IFDs reads back as a corrupt series (a warning on
+                    # every open).
                     extra = (
-                        {"subifds": len(shapes) - 1, "metadata": metadata}
+                        {"subifds": len(shapes) - 1, "description": description}
                         if level == 0
-                        else {"subfiletype": 1, "metadata": None}
+                        else {"subfiletype": 1}
                     )
                     writer.write(
                         pull(n_tiles[level]),
                         shape=(height, width, 3),
                         dtype=np.uint8,
+                        metadata=None,
                         **options,
                         **extra,
                     )
