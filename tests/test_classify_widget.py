@@ -19,12 +19,24 @@ pytestmark = pytest.mark.gui
 
 @pytest.fixture
 def widget(make_napari_viewer, tiny_model_path):
+    """The widget as napari's Plugins menu gives it (it sees the viewer through proxies)."""
     viewer = make_napari_viewer()
     viewer.open_sample("napari-wbc", "smear")
-    w = ClassifyWidget(viewer)
+    _dock, w = viewer.window.add_plugin_dock_widget("napari-wbc", "Classify white cells")
+    assert isinstance(w, ClassifyWidget)
     w.model.value = MODEL_FILE
     w.model_file.value = tiny_model_path
     return w
+
+
+def click_row(table, name: str) -> None:
+    """Click the count table's row of class ``name``, as a user does."""
+    from qtpy.QtCore import Qt
+    from qtpy.QtTest import QTest
+
+    row = next(r for r in range(table.rowCount()) if table.item(r, 0).text() == name)
+    rect = table.visualItemRect(table.item(row, 0))
+    QTest.mouseClick(table.viewport(), Qt.MouseButton.LeftButton, pos=rect.center())
 
 
 def _wait(qtbot, w, timeout=120_000):
@@ -65,22 +77,50 @@ def test_selecting_a_cell_centres_the_view(widget, qtbot):
     layer.selected_data = {3}
     expected = layer.data_to_world(layer.data[3])
     np.testing.assert_allclose(camera(widget.viewer).center[-2:], expected[-2:], atol=1e-6)
-    # A class row steps through that class's cells.
-    name = layer.features["class"].iloc[0]
-    row = next(r for r in range(widget.counts.rowCount()) if widget.counts.item(r, 0).text() == name)
-    widget.counts.selectRow(row)
-    first = np.flatnonzero(layer.features["class"].to_numpy() == name)[0]
-    np.testing.assert_allclose(camera(widget.viewer).center[-2:], layer.data_to_world(layer.data[first])[-2:])
 
 
-def test_cancel_leaves_no_partial_layer(widget, qtbot):
+def test_repeated_clicks_on_a_class_row_step_through_its_cells(widget, qtbot):
+    widget.run()
+    _wait(qtbot, widget)
+    layer = widget.result_layer
+    classes = layer.features["class"].to_numpy()
+    name = pd.Series(classes).value_counts().index[0]  # the class with most cells
+    members = np.flatnonzero(classes == name)
+    assert len(members) >= 2
+    widget.counts.scrollToTop()
+    for k in range(len(members) + 1):
+        click_row(widget.counts, name)
+        expected = layer.data_to_world(layer.data[members[k % len(members)]])[-2:]
+        np.testing.assert_allclose(camera(widget.viewer).center[-2:], expected, atol=1e-6)
+    assert f"cell 1/{len(members)}" in widget.status.value  # wrapped around
+
+
+def test_cancel_leaves_no_partial_layer_nor_counts(widget, qtbot, monkeypatch):
+    import functools
+
+    import napari_wbc.pipeline
+
+    # Small blocks, so the live count starts well before the run ends.
+    small = functools.partial(napari_wbc.pipeline.ClassifyConfig, block=384)
+    monkeypatch.setattr(napari_wbc.pipeline, "ClassifyConfig", small)
     viewer = widget.viewer
     n_layers = len(viewer.layers)
-    widget.run()
-    widget.runner.worker.yielded.connect(lambda _e: widget.cancel())
+    statuses = []
+
+    def press_cancel_after_counts(event):
+        if widget.runner.running and widget.cancel_button.enabled and "cells" in event.info:
+            assert widget.counts.rowCount() > 0  # the live count had started
+            widget.cancel_button.clicked()
+        elif not widget.cancel_button.enabled:
+            statuses.append(widget.status.value)
+
+    widget.run_button.clicked()
+    widget.runner.worker.yielded.connect(press_cancel_after_counts)
     _wait(qtbot, widget)
     assert len(viewer.layers) == n_layers
-    assert "cancel" in widget.status.value
+    assert widget.counts.rowCount() == 0  # no partial counts left behind
+    assert "cancelled" in widget.status.value
+    assert all("cancelling" in s for s in statuses)  # progress did not overwrite it
     widget.run()  # still usable
     _wait(qtbot, widget)
     assert "synthetic smear cells" in viewer.layers
@@ -89,7 +129,9 @@ def test_cancel_leaves_no_partial_layer(widget, qtbot):
 def test_points_drawn_by_the_user(widget, qtbot):
     viewer = widget.viewer
     image = viewer.layers["synthetic smear"]
-    clicks = viewer.add_points(np.array([[30.0, 40.0], [80.0, 120.0]]), name="my cells")  # world µm
+    clicks = viewer.add_points(
+        np.array([[30.0, 40.0], [80.0, 120.0]]), name="my cells"
+    )  # world µm
     widget.source.value = SOURCE_POINTS
     widget.cells_layer.value = clicks
     widget.run()
@@ -112,13 +154,59 @@ def test_export_csv_geojson_and_writers(widget, qtbot, tmp_path):
     widget._export("geojson", str(tmp_path / "cells.geojson"))
     geo = json.loads((tmp_path / "cells.geojson").read_text())
     assert len(geo["features"]) == len(layer.data)
-    assert geo["features"][0]["properties"]["classification"]["name"] in set(layer.features["class"])
+    assert geo["features"][0]["properties"]["classification"]["name"] in set(
+        layer.features["class"]
+    )
     widget._export("crops", str(tmp_path / "crops"))
     assert sum(1 for _ in (tmp_path / "crops").rglob("*.png")) == len(layer.data)
     data, meta, _ = layer.as_layer_data_tuple()
     assert write_points_csv(str(tmp_path / "w.csv"), data, meta)
     assert pd.read_csv(tmp_path / "w.csv")["class"].tolist() == layer.features["class"].tolist()
     assert write_points_geojson(str(tmp_path / "w.geojson"), data, meta)
+
+
+def test_cells_stay_visible_under_hollow_markers_in_image_units(widget, qtbot):
+    import warnings
+
+    viewer = widget.viewer
+    image = viewer.layers["synthetic smear"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # "Inconsistent units across layers"
+        widget.run()
+        _wait(qtbot, widget)
+        layer = viewer.layers["synthetic smear cells"]
+    assert tuple(layer.units) == tuple(image.units)
+    assert tuple(layer.scale) == tuple(image.scale)
+    np.testing.assert_allclose(np.asarray(layer.face_color)[:, 3], 0)  # hollow
+    border = np.asarray(layer.border_color)
+    from napari_wbc.export import class_colour
+
+    for i, name in enumerate(layer.features["class"]):
+        np.testing.assert_allclose(border[i, :3], np.asarray(class_colour(name)) / 255, atol=1e-3)
+    # Cells to review are marked by shape, which no class colour can be mistaken for.
+    review = layer.features["needs_review"].to_numpy(bool)
+    symbols = np.asarray([str(s) for s in np.atleast_1d(layer.symbol)])
+    if len(symbols) == len(review):
+        assert len(set(symbols[review]) & set(symbols[~review])) == 0
+    # The marker is a ring around the cell, wider than the cell it marks.
+    assert float(np.min(layer.size)) > float(np.nanmedian(layer.features["diameter"]))
+    assert layer.text.visible
+    widget.show_labels.value = False
+    assert not viewer.layers["synthetic smear cells"].text.visible
+
+
+def test_export_path_without_extension_gets_one(widget, qtbot, tmp_path):
+    widget.run()
+    _wait(qtbot, widget)
+    widget._export("csv", str(tmp_path / "cells"))
+    widget._export("geojson", str(tmp_path / "cells"))
+    assert (tmp_path / "cells.csv").is_file() and (tmp_path / "cells.geojson").is_file()
+    geo = json.loads((tmp_path / "cells.geojson").read_text())
+    height, width = widget.viewer.layers["synthetic smear"].data.shape[:2]
+    for feature in geo["features"]:
+        if feature["geometry"]["type"] == "Polygon":
+            ring = np.asarray(feature["geometry"]["coordinates"][0])
+            assert ring.min() >= 0 and ring[:, 0].max() <= width and ring[:, 1].max() <= height
 
 
 def test_trained_models_are_offered_at_once(widget, tiny_model_path):

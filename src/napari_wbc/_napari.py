@@ -6,8 +6,8 @@ from pathlib import Path
 
 from .images import is_supported, read_smear
 
-#: Typical red-cell diameter, the ruler of a smear.
-RBC_DIAMETER_UM = 7.5
+#: Image formats read whole into memory (TIFF is read lazily, tile by tile).
+DECODED_WHOLE = (".jpg", ".jpeg", ".png", ".bmp")
 
 
 def smear_layer_data(smear, name: str | None = None) -> tuple:
@@ -27,6 +27,10 @@ def smear_layer_data(smear, name: str | None = None) -> tuple:
         kwargs["scale"] = (smear.pixel_size_um, smear.pixel_size_um)
         kwargs["units"] = ("µm", "µm")
     data = smear.levels if smear.multiscale else smear.levels[0]
+    if not smear.multiscale and smear.path and smear.path.suffix.lower() in DECODED_WHOLE:
+        # These formats are decoded whole when opened: hand napari the array it
+        # already is, so widgets treat it as in memory (not as a lazy, tiled image).
+        data = data.compute()
     return (data, kwargs, "image")
 
 
@@ -52,6 +56,7 @@ def _read(path):
 
 def make_sample_data():
     """The built-in synthetic smear (generated, works offline)."""
+    from .scale import RBC_DIAMETER_UM
     from .synthetic import SmearParams, make_sample_smear
 
     image = make_sample_smear()
@@ -140,7 +145,9 @@ def _cells_from_layer(data, meta):
 
     points = np.asarray(data, dtype=float).reshape(-1, 2)
     features = meta.get("features")
-    features = pd.DataFrame(features) if features is not None else pd.DataFrame(index=range(len(points)))
+    features = (
+        pd.DataFrame(features) if features is not None else pd.DataFrame(index=range(len(points)))
+    )
     if "class" not in features.columns:
         raise WBCError(
             "this Points layer has no 'class' feature; classify it with the napari-wbc "
@@ -163,5 +170,6 @@ def write_points_geojson(path: str, data, meta: dict) -> list[str]:
     """napari writer: a classified Points layer to GeoJSON that QuPath imports."""
     from .export import cells_to_geojson
 
-    cells_to_geojson(_cells_from_layer(data, meta), path)
+    shape = (meta.get("metadata") or {}).get("image_shape")
+    cells_to_geojson(_cells_from_layer(data, meta), path, image_shape=shape)
     return [str(path)]

@@ -37,6 +37,8 @@ from .progress import Progress, ProgressGen
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "DEFAULT_MIN_CONFIDENCE",
+    "EXCLUDED",
     "MIN_CELLS_PER_CLASS",
     "REVIEW_ORDERS",
     "annotation_summary",
@@ -52,6 +54,10 @@ __all__ = [
 
 #: Fewer annotated cells than this in a class give a warning (training still runs).
 MIN_CELLS_PER_CLASS = 5
+#: The class that marks a point as not to be trained on (not a white cell, unsure).
+EXCLUDED = "exclude"
+#: Predictions at least this confident count as labels when predictions are included.
+DEFAULT_MIN_CONFIDENCE = 0.9
 #: Values of the ``by`` argument of :func:`review_order`.
 REVIEW_ORDERS = ("confidence", "disagreement")
 
@@ -103,11 +109,20 @@ def cells_from_labels(labels, classes: Sequence[str]) -> pd.DataFrame:
     )
 
 
-def cells_from_points(points, features: pd.DataFrame) -> pd.DataFrame:
+def cells_from_points(
+    points,
+    features: pd.DataFrame,
+    include_predicted: bool = False,
+    min_confidence: float = DEFAULT_MIN_CONFIDENCE,
+) -> pd.DataFrame:
     """Cells from points (y, x in image pixels) with a ``class`` feature.
 
-    Points whose class is empty or missing are skipped: they are cells not
-    yet annotated.
+    Points whose class is empty, missing or :data:`EXCLUDED` are skipped: they
+    are cells not yet annotated, or ones the user ruled out. On the Classify
+    output (points with a ``reviewed`` feature) only the cells the user
+    confirmed or corrected count, so training learns from the corrections, not
+    from the model's own guesses; ``include_predicted`` adds the predictions
+    made with at least ``min_confidence``.
 
     Returns
     -------
@@ -127,7 +142,12 @@ def cells_from_points(points, features: pd.DataFrame) -> pd.DataFrame:
     if len(features) != len(pts):
         raise WBCError(f"{len(pts)} points but {len(features)} rows of features")
     names = features["class"].to_numpy(object)
-    keep = np.array([isinstance(n, str) and n.strip() != "" for n in names], bool)
+    keep = np.array([isinstance(n, str) and n.strip() not in ("", EXCLUDED) for n in names], bool)
+    if "reviewed" in features.columns:
+        chosen = features["reviewed"].fillna(False).to_numpy(bool)
+        if include_predicted and "confidence" in features.columns:
+            chosen |= features["confidence"].to_numpy(float) >= min_confidence
+        keep &= chosen
     return pd.DataFrame(
         {"y": pts[keep, 0], "x": pts[keep, 1], "label": [n.strip() for n in names[keep]]}
     )
@@ -398,19 +418,20 @@ def iter_finetune(
     """
     from .models.files import read_model_config
     from .models.registry import get_spec
-    from .pipeline import ClassifyConfig, _as_dask, iter_resolve_scale
+    from .pixels import as_dask_rgb
+    from .preprocess import crop_side
+    from .scale import iter_resolve_scale
 
     check_trainable(cells, classes)
     config.validate()
     spec = read_model_config(base_model_file(base_model)).spec if base_model else None
     spec = spec or get_spec(config.spec)
-    arr = _as_dask(image)
-    rbc_px, note = yield from iter_resolve_scale(
-        arr, ClassifyConfig(pixel_size_um=pixel_size_um, rbc_diameter_px=rbc_diameter_px)
-    )
+    arr = as_dask_rgb(image)
+    scale = yield from iter_resolve_scale(arr, pixel_size_um, rbc_diameter_px=rbc_diameter_px)
+    rbc_px = scale.rbc_diameter_px
     # The crop side the pipeline classifies with, so training sees what inference sees.
-    side = max(round(spec.fov_rbc * rbc_px), 8)
-    yield Progress("scale", 1, 1, f"red cell ≈ {rbc_px:.0f} px ({note}); crops {side} px")
+    side = crop_side(spec.fov_rbc, rbc_px)
+    yield Progress("scale", 1, 1, f"red cell ≈ {rbc_px:.0f} px ({scale.note}); crops {side} px")
     temporary = crops_dir is None
     folder = Path(tempfile.mkdtemp(prefix="napari-wbc-crops-")) if temporary else Path(crops_dir)
     try:

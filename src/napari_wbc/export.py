@@ -79,33 +79,44 @@ def cells_to_csv(
     return atomic_write_stream(path, lambda fh: table.to_csv(fh, index=False, float_format="%.6g"))
 
 
-def _circle(x: float, y: float, radius: float, n: int = 24) -> list[list[float]]:
+def _circle(
+    x: float, y: float, radius: float, bounds: tuple[float, float] | None, n: int = 24
+) -> list[list[float]]:
+    """A closed ring of ``n`` vertices, clipped to the image (0 … width, 0 … height)."""
     angles = np.linspace(0.0, 2 * math.pi, n, endpoint=False)
-    ring = [
-        [round(x + radius * math.cos(a), 2), round(y + radius * math.sin(a), 2)] for a in angles
-    ]
+    xs = np.clip(x + radius * np.cos(angles), 0, bounds[0] if bounds else None)
+    ys = np.clip(y + radius * np.sin(angles), 0, bounds[1] if bounds else None)
+    ring = [[round(float(a), 2), round(float(b), 2)] for a, b in zip(xs, ys, strict=True)]
     return [*ring, ring[0]]
 
 
-def cells_to_geojson(cells: pd.DataFrame, path: str | Path | None = None) -> dict:
+def cells_to_geojson(
+    cells: pd.DataFrame,
+    path: str | Path | None = None,
+    image_shape: tuple[int, int] | None = None,
+) -> dict:
     """QuPath-compatible GeoJSON: a FeatureCollection of classified detections.
 
     Each cell is a Feature with a Polygon (a circle of the cell's ``diameter``)
     or a Point geometry (without a diameter), and properties that QuPath reads:
     ``objectType: "detection"``, ``classification: {name, color}`` and
     ``measurements`` (confidence and class probabilities). Coordinates are
-    full-resolution pixels, which is what QuPath expects. Writes ``path`` when
-    given and returns the dictionary.
+    full-resolution pixels, which is what QuPath expects. A cell at the edge
+    of the image has its polygon clipped to the image: to x, y ≥ 0 always, and
+    to the width and height when ``image_shape`` (rows, columns) is given.
+    Writes ``path`` when given and returns the dictionary.
     """
     _check_table(cells)
     prob_cols = probability_columns(cells)
+    bounds = (float(image_shape[1]), float(image_shape[0])) if image_shape else None
     features = []
     for row in cells.to_dict("records"):
         name = str(row["class"])
         x, y = float(row["x"]), float(row["y"])
         diameter = row.get("diameter")
         if diameter is not None and np.isfinite(diameter) and diameter > 0:
-            geometry = {"type": "Polygon", "coordinates": [_circle(x, y, diameter / 2)]}
+            ring = _circle(x, y, diameter / 2, bounds)
+            geometry = {"type": "Polygon", "coordinates": [ring]}
         else:
             geometry = {"type": "Point", "coordinates": [x, y]}
         measurements = {}

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Generator
 
+from magicgui.widgets import Container, Label
 from napari.layers import Image
 from napari.qt.threading import GeneratorWorker, create_worker
 from napari.utils import progress as napari_progress
 from napari.utils.notifications import show_error, show_info
+from qtpy.QtCore import Qt
+from qtpy.QtWidgets import QComboBox, QFrame, QScrollArea, QSizePolicy, QVBoxLayout, QWidget
+from superqt import QCollapsible
 
 from ..errors import WBCError
 from ..progress import Progress
@@ -29,7 +34,9 @@ def image_levels(layer: Image) -> list:
     return list(layer.data) if layer.multiscale else [layer.data]
 
 
-def output_layer(viewer, name: str, data, source=None, layer_type="image", metadata=None, **kwargs):
+def output_layer(
+    viewer, name: str, data, source=None, layer_type="image", metadata=None, **kwargs
+):
     """Add a layer, or update the one a previous run made under the same name."""
     metadata = {**(metadata or {}), OWNER_KEY: True}
     if source is not None:
@@ -49,7 +56,12 @@ def output_layer(viewer, name: str, data, source=None, layer_type="image", metad
         index = None
     if layer_type == "image":
         layer = viewer.add_image(
-            data, name=name, rgb=True, multiscale=isinstance(data, list), metadata=metadata, **kwargs
+            data,
+            name=name,
+            rgb=True,
+            multiscale=isinstance(data, list),
+            metadata=metadata,
+            **kwargs,
         )
     else:
         layer = getattr(viewer, f"add_{layer_type}")(data, name=name, metadata=metadata, **kwargs)
@@ -58,11 +70,112 @@ def output_layer(viewer, name: str, data, source=None, layer_type="image", metad
     return layer
 
 
+#: What a cancelled run returns to the runner (instead of a result).
+CANCELLED = object()
+
+#: Progress bar and status updates at most this often (seconds), to keep the
+#: main thread free; the last event of a stage is always shown.
+_UI_INTERVAL = 0.1
+
+
+def same_layer(a, b) -> bool:
+    """Whether two layer references are the same layer.
+
+    napari hands a plugin a new proxy object on every access to a layer, so
+    ``is`` says two references to one layer differ.
+    """
+    if a is None or b is None:
+        return a is b
+    return getattr(a, "unique_id", id(a)) == getattr(b, "unique_id", id(b))
+
+
+def wrapping_label(**kwargs) -> Label:
+    """A magicgui Label whose text wraps instead of widening the dock (and the window)."""
+    label = Label(**kwargs)
+    label.native.setWordWrap(True)
+    label.native.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
+    label.native.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+    return label
+
+
+def narrow_combo(widget, characters: int = 14) -> None:
+    """Let a ComboBox shrink below its longest choice (model paths can be long)."""
+    combo = widget.native if isinstance(widget.native, QComboBox) else None
+    if combo is None:
+        combo = widget.native.findChild(QComboBox)
+    if combo is not None:
+        combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+        combo.setMinimumContentsLength(characters)
+
+
+class DockPage(Container):
+    """A widget whose controls sit in sections inside a vertical scroll area.
+
+    Docked on the right of napari beside other widgets, it never asks for
+    more height than the screen has (the page scrolls) nor for more width
+    than its narrowest useful layout (labels wrap, combo boxes shrink), so
+    the canvas stays on screen at 1280 × 800.
+    """
+
+    def __init__(self):
+        super().__init__(labels=False)
+        self.margins = (0, 0, 0, 0)
+        self._forms: list[Container] = []
+        self.page = QWidget()
+        self._page_layout = QVBoxLayout(self.page)
+        self._page_layout.setContentsMargins(4, 4, 4, 4)
+        self.scroll = QScrollArea()
+        self.scroll.setWidgetResizable(True)
+        self.scroll.setFrameShape(QFrame.Shape.NoFrame)
+        self.scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        self.scroll.setWidget(self.page)
+        self.native.layout().addWidget(self.scroll)
+
+    def add_form(self, widgets, title: str | None = None, expanded: bool = True) -> Container:
+        """Add labelled controls, in a collapsible section when ``title`` is given."""
+        form = Container(labels=True, widgets=widgets)
+        form.margins = (0, 0, 0, 0)
+        for widget in widgets:
+            if hasattr(widget, "choices"):
+                narrow_combo(widget)
+        self._forms.append(form)
+        if title is None:
+            self._page_layout.addWidget(form.native)
+        else:
+            self.add_section(title, form.native, expanded)
+        return form
+
+    def add_section(self, title: str, qwidget: QWidget, expanded: bool = True) -> QCollapsible:
+        """Add a Qt widget in a collapsible section."""
+        box = QCollapsible(title)
+        box.setDuration(0)
+        box.addWidget(qwidget)
+        if expanded:
+            box.expand(animate=False)
+        else:
+            box.collapse(animate=False)
+        self._page_layout.addWidget(box)
+        return box
+
+    def add_qt(self, qwidget: QWidget) -> None:
+        """Add a Qt widget to the page."""
+        self._page_layout.addWidget(qwidget)
+
+    def finish(self) -> None:
+        """Push the controls to the top of the page."""
+        self._page_layout.addStretch(1)
+
+    def reset_choices(self, *_args) -> None:
+        for form in self._forms:
+            form.reset_choices()
+
+
 class WorkerRunner:
     """Runs one core generator at a time in a thread, wired to a widget.
 
     Progress events move the widget's progress bar and a napari activity
-    progress; Cancel quits the worker at its next yield; errors go to napari's
+    progress; Cancel stops the work at its next yield, in the worker thread,
+    so the generator's clean-up runs there at once; errors go to napari's
     notifications. Layers are only touched in ``on_done``, on the main thread.
     """
 
@@ -70,7 +183,11 @@ class WorkerRunner:
         self.widget = widget
         self.description = description
         self.worker: GeneratorWorker | None = None
+        self.cancelling = False
         self._pbar = None
+        self._on_cancelled: Callable[[], None] | None = None
+        self._shown_at = 0.0
+        self._last_stage = None
 
     @property
     def running(self) -> bool:
@@ -81,28 +198,43 @@ class WorkerRunner:
         gen: Generator[Progress, None, object],
         on_done: Callable[[object], None],
         on_progress: Callable[[Progress], None] | None = None,
+        on_cancelled: Callable[[], None] | None = None,
     ) -> GeneratorWorker | None:
+        """Run ``gen`` in a worker; ``on_done(result)`` or ``on_cancelled()`` at the end."""
         if self.worker is not None:
             show_info(f"{self.description} is already running")
             return None
+
         def guarded():
-            # superqt takes a RuntimeError from the work for a deleted worker and
-            # never emits `finished`; torch raises RuntimeError for real errors.
             try:
-                return (yield from gen)
-            except RuntimeError as exc:
-                raise WBCError(str(exc)) from exc
+                while True:
+                    try:
+                        event = next(gen)
+                    except StopIteration as stop:
+                        return stop.value
+                    except RuntimeError as exc:
+                        # superqt takes a RuntimeError from the work for a deleted
+                        # worker and never emits `finished`; torch raises
+                        # RuntimeError for real errors.
+                        raise WBCError(str(exc)) from exc
+                    yield event
+                    if self.cancelling:
+                        return CANCELLED
+            finally:
+                gen.close()  # clean-up (temporary files, grad mode) in this thread
 
         # Errors are shown by _on_error; do not also re-raise them in the Qt loop.
         worker = create_worker(guarded, _start_thread=False, _ignore_errors=True)
         self.worker = worker
+        self.cancelling = False
+        self._on_cancelled = on_cancelled
+        self._shown_at, self._last_stage = 0.0, None
         self._pbar = napari_progress(total=0, desc=self.description)
         worker.yielded.connect(self._on_yielded)
         if on_progress is not None:
             worker.yielded.connect(on_progress)
-        worker.returned.connect(on_done)
+        worker.returned.connect(lambda value: self._on_returned(value, on_done))
         worker.errored.connect(self._on_error)
-        worker.aborted.connect(self._on_aborted)
         worker.finished.connect(self._on_finished)
         self._set_running(True)
         self.widget.status.value = f"{self.description}: started"
@@ -110,9 +242,11 @@ class WorkerRunner:
         return worker
 
     def cancel(self) -> None:
-        if self.worker is not None:
+        """Stop the work at its next progress event."""
+        if self.worker is not None and not self.cancelling:
+            self.cancelling = True
             self.widget.status.value = f"{self.description}: cancelling…"
-            self.worker.quit()
+            self.widget.cancel_button.enabled = False
 
     def notify_error(self, message: str) -> None:
         self.widget.status.value = message
@@ -120,11 +254,17 @@ class WorkerRunner:
 
     # -- signal handlers (main thread) -------------------------------------
     def _on_yielded(self, event: Progress) -> None:
+        now = time.monotonic()
+        final = bool(event.total) and event.done >= event.total
+        if event.stage == self._last_stage and not final and now - self._shown_at < _UI_INTERVAL:
+            return
+        self._shown_at, self._last_stage = now, event.stage
         bar = self.widget.progress
         bar.max = max(event.total, 1)
         bar.value = min(event.done, bar.max) if event.total else 0
-        text = f"{event.stage}: {event.message}" if event.message else event.stage
-        self.widget.status.value = text
+        if not self.cancelling:  # keep "cancelling…" until the work stops
+            text = f"{event.stage}: {event.message}" if event.message else event.stage
+            self.widget.status.value = text
         pbar = self._pbar  # a handler below may process events and close it
         if pbar is not None:
             if pbar.total != event.total:
@@ -132,15 +272,21 @@ class WorkerRunner:
             pbar.n = event.done
             pbar.set_description(f"{self.description}: {event.stage}")
 
+    def _on_returned(self, value, on_done) -> None:
+        if value is CANCELLED:
+            self.widget.status.value = f"{self.description}: cancelled"
+            if self._on_cancelled is not None:
+                self._on_cancelled()
+        else:
+            on_done(value)
+
     def _on_error(self, exc: BaseException) -> None:
         log.debug("%s failed", self.description, exc_info=exc)
         self.notify_error(f"{self.description} failed: {exc}")
 
-    def _on_aborted(self) -> None:
-        self.widget.status.value = f"{self.description}: cancelled"
-
     def _on_finished(self) -> None:
         self.worker = None
+        self.cancelling = False
         if self._pbar is not None:
             self._pbar.close()
             self._pbar = None

@@ -13,16 +13,23 @@ from magicgui.widgets import (
     Container,
     FileEdit,
     FloatSpinBox,
-    Label,
     ProgressBar,
     PushButton,
 )
 from napari.layers import Labels, Points
 from napari.utils.notifications import show_info
 from qtpy.QtGui import QColor
-from qtpy.QtWidgets import QAbstractItemView, QTableWidget, QTableWidgetItem
+from qtpy.QtWidgets import QAbstractItemView, QHeaderView, QTableWidget, QTableWidgetItem
 
-from ._common import OWNER_KEY, WorkerRunner, image_levels, output_layer, rgb_image_layers
+from ._common import (
+    OWNER_KEY,
+    DockPage,
+    WorkerRunner,
+    image_levels,
+    rgb_image_layers,
+    same_layer,
+    wrapping_label,
+)
 
 if TYPE_CHECKING:
     import napari
@@ -32,6 +39,15 @@ SOURCE_POINTS = "points layer"
 SOURCE_LABELS = "labels layer"
 MODEL_DEFAULT = "default ensemble"
 MODEL_FILE = "model file…"
+
+#: Cells flagged for review are drawn as squares: a shape, which no class colour
+#: can be mistaken for; the others as rings. Both are hollow, so the cell shows.
+SYMBOL_CELL = "disc"
+SYMBOL_REVIEW = "square"
+#: Rings are drawn this much wider than the cell, so they sit around it.
+RING_SCALE = 1.35
+#: Ring line width, relative to the marker size.
+RING_WIDTH = 0.08
 
 #: Models saved by the training widget during this session, offered at once.
 SESSION_MODELS: list[Path] = []
@@ -55,6 +71,70 @@ def camera(viewer):
     return scene.camera if scene is not None and hasattr(scene, "camera") else viewer.camera
 
 
+def class_rgba(names) -> np.ndarray:
+    """RGBA (0–1) of each class name, in the colours the count table and exports use."""
+    from ..export import class_colour
+
+    lookup = {name: (*np.asarray(class_colour(name)) / 255, 1.0) for name in set(names)}
+    return np.array([lookup[n] for n in names], float).reshape(-1, 4)
+
+
+def image_frame(image_layer) -> dict:
+    """Where an image layer sits in the world: scale, translate, units and its size."""
+    return {
+        "scale": tuple(image_layer.scale),
+        "translate": tuple(image_layer.translate),
+        "units": tuple(image_layer.units),
+        "image_shape": tuple(int(n) for n in image_levels(image_layer)[0].shape[:2]),
+    }
+
+
+def cell_markers(cells: pd.DataFrame, frame: dict, show_labels: bool) -> tuple[np.ndarray, dict]:
+    """Points data and keyword arguments for the classified cells (built off the main thread).
+
+    Hollow markers in the class colour around each cell, squares for the cells
+    to review, the class name as text, in the image's scale and units
+    (``frame``, from :func:`image_frame`).
+    """
+    classes = cells.attrs.get("classes") or sorted(cells["class"].unique())
+    features = cells.drop(columns=["y", "x"]).reset_index(drop=True)
+    if "reviewed" not in features.columns:
+        features["reviewed"] = False  # set when the user confirms or corrects a class
+    review = features["needs_review"].to_numpy(bool)
+    diameter = cells["diameter"] if "diameter" in cells.columns else pd.Series(dtype=float)
+    size = float(np.nanmedian(diameter)) if diameter.notna().any() else 20.0
+    colours = class_rgba(features["class"].astype(str).tolist())
+    kwargs = dict(
+        features=features,
+        face_color="transparent",
+        border_color=colours if len(colours) else "white",
+        border_width=RING_WIDTH,
+        border_width_is_relative=True,
+        symbol=np.where(review, SYMBOL_REVIEW, SYMBOL_CELL) if len(review) else SYMBOL_CELL,
+        size=RING_SCALE * size,
+        text={
+            "string": "{class}",
+            "size": 8,
+            "color": "white",
+            "anchor": "upper_left",
+            "visible": show_labels,
+        },
+        scale=frame["scale"],
+        translate=frame["translate"],
+        units=frame["units"],
+        metadata={
+            **cells.attrs,
+            OWNER_KEY: True,
+            "napari_wbc_cells": True,
+            # cells.attrs hold the pixel size the cells were found with
+            # (the user's over the file's), which exports use.
+            "classes": list(classes),
+            "image_shape": frame["image_shape"],
+        },
+    )
+    return cells[["y", "x"]].to_numpy(float).reshape(-1, 2), kwargs
+
+
 class CountTable(QTableWidget):
     """The differential count: count and percentage per class, and a total."""
 
@@ -63,8 +143,12 @@ class CountTable(QTableWidget):
         self.setHorizontalHeaderLabels(["class", "count", "%", "review"])
         self.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
         self.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
+        self.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
         self.verticalHeader().setVisible(False)
-        self.setMinimumHeight(180)
+        self.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
+        self.horizontalHeader().setStretchLastSection(True)
+        self.setMinimumHeight(120)
+        self.setToolTip("Click a class (again) to step through its cells")
 
     def show_counts(self, table: pd.DataFrame) -> None:
         from ..export import class_colour
@@ -82,24 +166,24 @@ class CountTable(QTableWidget):
                 if c == 0 and row["class"] != "total":
                     item.setBackground(QColor(*class_colour(row["class"]), 160))
                 self.setItem(r, c, item)
-        self.resizeColumnsToContents()
+
+    def rows(self) -> dict[str, int]:
+        """The counts shown, by class (with "total")."""
+        return {
+            self.item(r, 0).text(): int(self.item(r, 1).text()) for r in range(self.rowCount())
+        }
 
 
-class ClassifyWidget(Container):
+class ClassifyWidget(DockPage):
     """Detect and classify the white cells of an image layer into a Points layer."""
 
     def __init__(self, napari_viewer: napari.viewer.Viewer):
-        super().__init__(labels=True)
+        super().__init__()
         self.viewer = napari_viewer
         self.image = ComboBox(label="image", choices=self._image_choices)
         self.model = ComboBox(label="model", choices=self._model_choices)
         self.model_file = FileEdit(
             label="model file", filter="*.safetensors *.json", visible=False
-        )
-        self.device = ComboBox(label="device", choices=self._device_choices())
-        self.stain = CheckBox(text="stain normalization", value=True)
-        self.pixel_size = FloatSpinBox(
-            label="pixel size (µm, 0 = auto)", value=0.0, min=0.0, max=10.0, step=0.01
         )
         self.source = ComboBox(
             label="cells from", choices=[SOURCE_DETECT, SOURCE_POINTS, SOURCE_LABELS]
@@ -107,36 +191,58 @@ class ClassifyWidget(Container):
         self.cells_layer = ComboBox(
             label="cells layer", choices=self._cells_choices, visible=False
         )
+        self.device = ComboBox(label="device", choices=self._device_choices())
+        self.stain = CheckBox(text="stain normalization", value=True)
+        self.pixel_size = FloatSpinBox(
+            label="µm per pixel",
+            value=0.0,
+            min=0.0,
+            max=10.0,
+            step=0.01,
+            tooltip="0 = from the file, else measured on the red cells",
+        )
         self.run_button = PushButton(text="Run")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
         self.progress = ProgressBar(label="progress", value=0, max=1)
-        self.status = Label(value="")
-        self.export_csv = PushButton(text="Export CSV…")
-        self.export_geojson = PushButton(text="Export GeoJSON (QuPath)…")
-        self.export_crops = PushButton(text="Export crops…")
-        self.extend(
-            [
-                self.image, self.model, self.model_file, self.device, self.stain,
-                self.pixel_size, self.source, self.cells_layer, self.run_button,
-                self.cancel_button, self.progress, self.status,
-            ]
-        )  # fmt: skip
+        self.status = wrapping_label(value="")
+        self.show_labels = CheckBox(text="show class names", value=True)
+        self.export_csv = PushButton(text="CSV…")
+        self.export_geojson = PushButton(text="GeoJSON (QuPath)…")
+        self.export_crops = PushButton(text="Crops…")
+
+        self.add_form([self.image, self.model, self.model_file, self.source, self.cells_layer])
+        self.add_form([self.device, self.stain, self.pixel_size], title="Settings", expanded=False)
+        self.add_qt(Container(widgets=[self.run_button, self.cancel_button], layout="horizontal",
+                              labels=False).native)  # fmt: skip
+        self.add_form([self.progress])
+        self.add_qt(self.status.native)
         self.counts = CountTable()
-        self.native.layout().addWidget(self.counts)
-        exports = Container(widgets=[self.export_csv, self.export_geojson, self.export_crops])
-        self.append(exports)
+        self.add_qt(self.counts)
+        self.add_qt(self.show_labels.native)
+        exports = Container(
+            widgets=[self.export_csv, self.export_geojson, self.export_crops],
+            layout="horizontal",
+            labels=False,
+        )
+        exports.margins = (0, 0, 0, 0)
+        self.add_section("Export", exports.native, expanded=False)
+        self.finish()
+
         self.runner = WorkerRunner(self, description="cell classification")
         self.result_layer: Points | None = None
         self._live: list[pd.DataFrame] = []
+        self._step: dict[str, int] = {}
 
         self.model.changed.connect(lambda v: setattr(self.model_file, "visible", v == MODEL_FILE))
         self.source.changed.connect(self._on_source_changed)
         self.run_button.clicked.connect(self.run)
         self.cancel_button.clicked.connect(self.cancel)
+        self.show_labels.changed.connect(self._on_show_labels)
         self.export_csv.clicked.connect(lambda: self._export("csv"))
         self.export_geojson.clicked.connect(lambda: self._export("geojson"))
         self.export_crops.clicked.connect(lambda: self._export("crops"))
-        self.counts.itemSelectionChanged.connect(self._on_count_row_selected)
+        # Every click, also on the row already selected, steps to the next cell.
+        self.counts.cellClicked.connect(lambda row, _col: self.step_class(row))
         for event in (napari_viewer.layers.events.inserted, napari_viewer.layers.events.removed):
             event.connect(self._refresh_layers)
         _WIDGETS.append(self)
@@ -181,6 +287,11 @@ class ClassifyWidget(Container):
         self.cells_layer.visible = value != SOURCE_DETECT
         self.cells_layer.reset_choices()
 
+    def _on_show_labels(self, value: bool) -> None:
+        layer = self.result_layer
+        if layer is not None and any(same_layer(layer, other) for other in self.viewer.layers):
+            layer.text.visible = bool(value)
+
     def _model_path(self) -> str:
         choice = self.model.value
         if choice == MODEL_DEFAULT:
@@ -198,7 +309,7 @@ class ClassifyWidget(Container):
     def run(self):
         """Classify in a worker; the Points layer is made when it finishes."""
         from ..errors import WBCError
-        from ..models.files import load_any
+        from ..inference import load_any
         from ..pipeline import ClassifyConfig, iter_classify_smear
 
         layer = self.image.value
@@ -225,15 +336,16 @@ class ClassifyWidget(Container):
         except (ValueError, WBCError) as exc:
             self.runner.notify_error(str(exc))
             return
-        pixel = self.pixel_size.value or layer.metadata.get("pixel_size_um")
+        file_pixel_size = layer.metadata.get("pixel_size_um")
         config = ClassifyConfig(
-            pixel_size_um=pixel or None,
+            pixel_size_um=self.pixel_size.value or None,
             stain_normalize=self.stain.value,
             device=self.device.value,
         )
         level0 = image_levels(layer)[0]
-        self._live = []
-        self.counts.setRowCount(0)
+        show_labels = self.show_labels.value
+        frame = image_frame(layer)
+        self._clear_counts()
 
         def work():
             from ..progress import Progress
@@ -243,69 +355,57 @@ class ClassifyWidget(Container):
                 model_path, device=config.device if config.device != "auto" else "cpu"
             )
             cells = yield from iter_classify_smear(
-                level0, ensemble, config, points=points, labels=labels
+                level0,
+                ensemble,
+                config,
+                points=points,
+                labels=labels,
+                file_pixel_size_um=file_pixel_size,
             )
-            return cells
+            yield Progress("layer", 0, 1, f"{len(cells)} cells")
+            # Everything the layer needs is built here, off the main thread.
+            return cells, cell_markers(cells, frame, show_labels), _count_table(cells)
 
         self.runner.start(
-            work(), on_done=lambda cells: self._show(layer, cells), on_progress=self._on_progress
+            work(),
+            on_done=lambda result: self._show(layer, *result),
+            on_progress=self._on_progress,
+            on_cancelled=self._clear_counts,
         )
 
     def cancel(self):
-        """Stop the running worker; no partial layer is left."""
+        """Stop the run at its next block; no partial layer or count is left."""
         self.runner.cancel()
+
+    def _clear_counts(self) -> None:
+        self._live = []
+        self.counts.setRowCount(0)
 
     def _on_progress(self, event):
         """Update the count table live as blocks finish (main thread)."""
         from ..pipeline import differential_count
 
         cells = event.info.get("cells")
-        if cells is not None:
+        if cells is not None and not self.runner.cancelling:
             self._live.append(cells)
             table = pd.concat(self._live, ignore_index=True)
             self.counts.show_counts(differential_count(table, sorted(event.info["counts"])))
 
-    def _show(self, image_layer, cells: pd.DataFrame):
-        from ..export import class_colour
-        from ..pipeline import differential_count
-
-        classes = cells.attrs.get("classes") or sorted(cells["class"].unique())
-        features = cells.drop(columns=["y", "x"]).reset_index(drop=True)
-        colours = {name: np.array([*class_colour(name), 255]) / 255 for name in classes}
-        face = np.array([colours[c] for c in features["class"]]).reshape(-1, 4)
-        border = np.where(
-            features["needs_review"].to_numpy(bool)[:, None], [[1, 0, 0, 1]], [[1, 1, 1, 1]]
-        )
-        size = float(np.nanmedian(cells["diameter"])) if cells["diameter"].notna().any() else 20.0
+    def _show(self, image_layer, cells: pd.DataFrame, markers, table: pd.DataFrame):
+        data, kwargs = markers
         name = f"{image_layer.name} cells"
-        kwargs = dict(
-            features=features,
-            face_color=face if len(face) else "white",
-            border_color=border if len(border) else "white",
-            border_width=0.12,
-            size=size,
-            scale=image_layer.scale,
-            translate=image_layer.translate,
-            metadata={
-                **cells.attrs,
-                "napari_wbc_cells": True,
-                "classes": list(classes),
-                "pixel_size_um": image_layer.metadata.get("pixel_size_um"),
-            },
-        )
         existing = self.viewer.layers[name] if name in self.viewer.layers else None
         if existing is not None and existing.metadata.get(OWNER_KEY):
             self.viewer.layers.remove(existing)
-        self.result_layer = output_layer(
-            self.viewer, name, cells[["y", "x"]].to_numpy(float), layer_type="points", **kwargs
-        )
+        self.result_layer = self.viewer.add_points(data, name=name, **kwargs)
         self.result_layer.selected_data.events.items_changed.connect(self._on_point_selected)
-        self.counts.show_counts(differential_count(cells, classes))
+        self._step = {}
+        self.counts.show_counts(table)
         attrs = cells.attrs
         review = int(cells["needs_review"].sum()) if len(cells) else 0
         self.status.value = (
-            f"{len(cells)} cells, {review} to review; red cell ≈ {attrs.get('rbc_diameter_px', 0):.0f} px "
-            f"({attrs.get('scale', '')})"
+            f"{len(cells)} cells, {review} to review (squares); red cell ≈ "
+            f"{attrs.get('rbc_diameter_px', 0):.0f} px ({attrs.get('scale', '')})"
         )
 
     # -- navigation ---------------------------------------------------------
@@ -321,19 +421,30 @@ class ClassifyWidget(Container):
         if layer is not None and len(layer.selected_data) == 1:
             self._centre_on(next(iter(layer.selected_data)))
 
-    def _on_count_row_selected(self):
+    def step_class(self, row: int) -> int | None:
+        """Centre on the next cell of the class in ``row`` of the count table.
+
+        Returns the cell's index in the result layer.
+        """
         layer = self.result_layer
-        rows = {i.row() for i in self.counts.selectedIndexes()}
-        if layer is None or len(rows) != 1:
-            return
-        name = self.counts.item(rows.pop(), 0).text()
-        classes = layer.features["class"].to_numpy()
+        item = self.counts.item(row, 0)
+        if (
+            layer is None
+            or item is None
+            or not any(same_layer(layer, other) for other in self.viewer.layers)
+        ):
+            return None
+        name = item.text()
+        classes = layer.features["class"].astype(str).to_numpy()
         members = np.flatnonzero(classes == name) if name != "total" else np.arange(len(classes))
-        if len(members):
-            # Each click on the same row steps to the next cell of that class.
-            step = getattr(self, "_step", {}).get(name, -1) + 1
-            self._step = {**getattr(self, "_step", {}), name: step}
-            self._centre_on(int(members[step % len(members)]))
+        if not len(members):
+            return None
+        step = self._step.get(name, -1) + 1
+        self._step[name] = step
+        index = int(members[step % len(members)])
+        self._centre_on(index)
+        self.status.value = f"{name}: cell {step % len(members) + 1}/{len(members)}"
+        return index
 
     # -- export ---------------------------------------------------------------
     def _export(self, kind: str, path: str | None = None):
@@ -348,17 +459,29 @@ class ClassifyWidget(Container):
             return None
         if path is None:
             mode = "d" if kind == "crops" else "w"
-            values = request_values(path={"annotation": Path, "options": {"mode": mode}})
+            titles = {
+                "csv": "Export cells as CSV",
+                "geojson": "Export cells as GeoJSON (QuPath)",
+                "crops": "Export a crop of every cell into a folder per class",
+            }
+            values = request_values(
+                path={"annotation": Path, "label": "save to", "options": {"mode": mode}},
+                title=titles[kind],
+            )
             if not values:
                 return None
             path = values["path"]
+        if kind != "crops":
+            path = Path(path)
+            if not path.suffix:
+                path = path.with_suffix(f".{kind}")
         cells = layer.features.copy()
         cells["y"], cells["x"] = layer.data[:, 0], layer.data[:, 1]
-        pixel = layer.metadata.get("pixel_size_um") or self.pixel_size.value or None
+        pixel = layer.metadata.get("pixel_size_um")
         if kind == "csv":
             out = cells_to_csv(cells, path, pixel_size_um=pixel)
         elif kind == "geojson":
-            cells_to_geojson(cells, path)
+            cells_to_geojson(cells, path, image_shape=layer.metadata.get("image_shape"))
             out = path
         else:
             image = self.image.value
@@ -367,3 +490,10 @@ class ClassifyWidget(Container):
             out = f"{len(out)} crops in {path}"
         show_info(f"exported {out}")
         return out
+
+
+def _count_table(cells: pd.DataFrame) -> pd.DataFrame:
+    from ..pipeline import differential_count
+
+    classes = cells.attrs.get("classes") or sorted(cells["class"].unique())
+    return differential_count(cells, classes)

@@ -8,20 +8,31 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 from magicgui.widgets import (
+    CheckBox,
     ComboBox,
     Container,
     FileEdit,
     FloatSpinBox,
-    Label,
     LineEdit,
     ProgressBar,
     PushButton,
     SpinBox,
 )
 from napari.layers import Labels, Points
+from qtpy.QtCore import QPointF, Qt
+from qtpy.QtGui import QColor, QPainter, QPen, QPolygonF
+from qtpy.QtWidgets import QSizePolicy, QWidget
 
-from ._common import WorkerRunner, image_levels, rgb_image_layers
-from .classify import SESSION_MODELS, camera, register_session_model
+from ..annotations import DEFAULT_MIN_CONFIDENCE, EXCLUDED
+from ._common import (
+    DockPage,
+    WorkerRunner,
+    image_levels,
+    rgb_image_layers,
+    same_layer,
+    wrapping_label,
+)
+from .classify import SESSION_MODELS, camera, class_rgba, register_session_model
 
 if TYPE_CHECKING:
     import napari
@@ -35,65 +46,123 @@ SCRATCH = "from scratch: "
 STAGES = [("both stages", "both"), ("stage 2 only (quick)", "stage2"), ("stage 1 only", "stage1")]
 
 
-class LossPlot:
-    """Loss and validation macro-F1 per epoch, drawn with matplotlib in the widget."""
+STAGE_NAMES = {1: "stage 1", 2: "stage 2"}
+
+
+class LossPlot(QWidget):
+    """Loss and validation macro-F1 per whole epoch, drawn with QPainter.
+
+    A few lines drawn by hand cost well under a millisecond per epoch on the
+    main thread, where a matplotlib redraw took hundreds. The x axis counts
+    whole epochs; the caption names the stages actually trained.
+    """
+
+    LOSS = QColor(31, 119, 180)
+    F1 = QColor(255, 127, 14)
 
     def __init__(self):
-        from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
-        from matplotlib.figure import Figure
-
-        self.figure = Figure(figsize=(4, 2.4), tight_layout=True)
-        self.canvas = FigureCanvasQTAgg(self.figure)
-        self.canvas.setMinimumHeight(160)
-        self.loss_ax = self.figure.add_subplot(111)
-        self.f1_ax = self.loss_ax.twinx()
+        super().__init__()
         self.epochs: list[dict] = []
-        self.clear()
+        self.setMinimumHeight(110)
+        self.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Fixed)
+        self.setFixedHeight(130)
+
+    @property
+    def canvas(self) -> QWidget:
+        return self
 
     def clear(self) -> None:
         self.epochs = []
-        self._draw()
+        self.update()
 
     def add(self, entry: dict) -> None:
         self.epochs.append(entry)
-        self._draw()
+        self.update()
 
-    def _draw(self) -> None:
-        x = np.arange(1, len(self.epochs) + 1)
-        loss = [e["loss"] for e in self.epochs]
-        f1 = [e["val_macro_f1"] for e in self.epochs]
-        self.loss_ax.clear()
-        self.f1_ax.clear()
-        self.loss_ax.plot(x, loss, "o-", color="tab:blue", label="loss")
-        self.f1_ax.plot(x, f1, "s-", color="tab:orange", label="val macro-F1")
-        self.f1_ax.set_ylim(0, 1)
-        self.loss_ax.set_xlabel("epoch (stage 1, then stage 2)")
-        self.loss_ax.set_ylabel("loss", color="tab:blue")
-        self.f1_ax.set_ylabel("val macro-F1", color="tab:orange")
-        self.canvas.draw_idle()
+    def caption(self) -> str:
+        """What the x axis shows, naming only the stages trained."""
+        stages = sorted({int(e.get("stage", 1)) for e in self.epochs})
+        if not stages:
+            return "epoch"
+        return "epoch (" + ", then ".join(STAGE_NAMES.get(s, f"stage {s}") for s in stages) + ")"
+
+    def paintEvent(self, _event) -> None:
+        painter = QPainter(self)
+        painter.setRenderHint(QPainter.RenderHint.Antialiasing)
+        text = self.palette().windowText().color()
+        metrics = painter.fontMetrics()
+        line = metrics.height()
+        left, right, top, bottom = 8 + metrics.horizontalAdvance("0.00"), 8, line + 4, 2 * line + 4
+        width, height = self.width() - left - right, self.height() - top - bottom
+        if width < 20 or height < 20:
+            return
+        painter.setPen(QPen(text, 1))
+        painter.drawRect(left, top, width, height)
+        painter.setPen(QPen(self.LOSS, 1))
+        painter.drawText(left, line, "loss")
+        painter.setPen(QPen(self.F1, 1))
+        painter.drawText(left + metrics.horizontalAdvance("loss   "), line, "val macro-F1 (0–1)")
+        painter.setPen(QPen(text, 1))
+        painter.drawText(left, self.height() - 4, self.caption())
+        n = len(self.epochs)
+        if n == 0:
+            return
+        xs = [left + width * (i + 0.5) / n for i in range(n)]
+        # Whole-epoch ticks: at most ~8 labels.
+        step = max(1, int(np.ceil(n / 8)))
+        for i in range(0, n, step):
+            painter.drawText(int(xs[i]) - 4, top + height + line, str(i + 1))
+        for i in range(1, n):  # a dotted line where stage 2 starts
+            if self.epochs[i].get("stage") != self.epochs[i - 1].get("stage"):
+                painter.setPen(QPen(text, 1, Qt.PenStyle.DotLine))
+                x = (xs[i - 1] + xs[i]) / 2
+                painter.drawLine(QPointF(x, top), QPointF(x, top + height))
+        loss = np.array([e["loss"] for e in self.epochs], float)
+        peak = float(np.nanmax(loss)) if np.isfinite(loss).any() else 1.0
+        painter.setPen(QPen(text, 1))
+        painter.drawText(2, top + line, f"{peak:.2f}")
+        f1 = np.array([e["val_macro_f1"] for e in self.epochs], float)
+        for values, colour in ((loss / max(peak, 1e-9), self.LOSS), (f1, self.F1)):
+            painter.setPen(QPen(colour, 2))
+            ys = [top + height * (1 - min(max(v, 0.0), 1.0)) for v in np.nan_to_num(values)]
+            points = [QPointF(x, y) for x, y in zip(xs, ys, strict=True)]
+            painter.drawPolyline(QPolygonF(points))
+            for point in points:
+                painter.drawEllipse(point, 2.5, 2.5)
 
 
-class TrainWidget(Container):
+class TrainWidget(DockPage):
     """Fine-tune a classifier on cells annotated in napari, and review classified cells."""
 
     def __init__(self, napari_viewer: napari.viewer.Viewer):
-        super().__init__(labels=True)
+        super().__init__()
         self.viewer = napari_viewer
         self.image = ComboBox(label="image", choices=self._image_choices)
         self.source = ComboBox(
-            label="annotations", choices=[SOURCE_LABELS, SOURCE_POINTS, SOURCE_CROPS]
+            label="annotations", choices=[SOURCE_POINTS, SOURCE_LABELS, SOURCE_CROPS]
         )
         self.layer = ComboBox(label="layer", choices=self._layer_choices)
         self.crops = FileEdit(label="crops", mode="r", visible=False)
+        self.classes = LineEdit(label="classes", tooltip="label value = position in this list")
+        self.new_class = LineEdit(label="new class")
+        self.review_by = ComboBox(label="review by", choices=["confidence", "disagreement"])
+        self.review_button = PushButton(text="Next cell to review")
+        self.pick = ComboBox(label="class", choices=self._pick_choices)
+        self.set_class_button = PushButton(text="Set class of selected (confirm / correct)")
+        self.include_predicted = CheckBox(
+            text="also train on confident predictions",
+            value=False,
+            tooltip="By default only the cells you confirmed or corrected count",
+        )
+        self.min_confidence = FloatSpinBox(
+            label="confidence ≥", value=DEFAULT_MIN_CONFIDENCE, min=0.0, max=1.0, step=0.05,
+            visible=False,
+        )  # fmt: skip
+        self.counts = wrapping_label(value="")
+        self.count_button = PushButton(text="Count annotations")
+        self.add_class_button = PushButton(text="Add class")
         self.base = ComboBox(label="base model", choices=self._base_choices)
         self.base_file = FileEdit(label="model file", filter="*.safetensors *.json", visible=False)
-        self.classes = LineEdit(label="classes (label value = position)")
-        self.new_class = LineEdit(label="new class")
-        self.add_class_button = PushButton(text="Add class")
-        self.counts = Label(label="cells per class", value="")
-        self.count_button = PushButton(text="Count annotations")
-        self.pick = ComboBox(label="class", choices=self._class_list)
-        self.set_class_button = PushButton(text="Set class of selected points")
         self.stages = ComboBox(label="stages", choices=STAGES, value="both")
         self.epochs1 = SpinBox(label="epochs stage 1", value=5, min=1, max=500)
         self.epochs2 = SpinBox(label="epochs stage 2", value=5, min=0, max=500)
@@ -105,23 +174,41 @@ class TrainWidget(Container):
         self.run_button = PushButton(text="Train")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
         self.progress = ProgressBar(label="progress", value=0, max=1)
-        self.status = Label(value="")
-        self.review_by = ComboBox(label="review by", choices=["confidence", "disagreement"])
-        self.review_button = PushButton(text="Next cell to review")
-        self._cancelling = False
-        self.extend(
-            [
-                self.image, self.source, self.layer, self.crops, self.base, self.base_file,
-                self.classes, self.new_class, self.add_class_button, self.counts,
-                self.count_button, self.pick, self.set_class_button, self.stages,
-                self.epochs1, self.epochs2,
-                self.val_fraction, self.seed, self.output, self.run_button,
-                self.cancel_button, self.progress, self.status,
-            ]
+        self.status = wrapping_label(value="")
+
+        self.add_form([self.image, self.source, self.layer, self.crops])
+        review = Container(
+            widgets=[
+                self.review_by, self.review_button, self.pick, self.set_class_button,
+                self.include_predicted, self.min_confidence,
+            ],
+            labels=True,
         )  # fmt: skip
+        review.margins = (0, 0, 0, 0)
+        self._forms.append(review)
+        self.add_section("Review and correct", review.native)
+        self.add_qt(self.counts.native)
+        self.add_form([self.count_button])
+        self.add_form(
+            [self.classes, self.new_class, self.add_class_button], title="Classes", expanded=False
+        )
+        self.add_form(
+            [self.base, self.base_file, self.stages, self.epochs1, self.epochs2,
+             self.val_fraction, self.seed, self.output],
+            title="Training settings",
+            expanded=False,
+        )  # fmt: skip
+        buttons = Container(
+            widgets=[self.run_button, self.cancel_button], layout="horizontal", labels=False
+        )
+        buttons.margins = (0, 0, 0, 0)
+        self.add_qt(buttons.native)
+        self.add_form([self.progress])
+        self.add_qt(self.status.native)
         self.plot = LossPlot()
-        self.native.layout().addWidget(self.plot.canvas)
-        self.extend([self.review_by, self.review_button])
+        self.add_qt(self.plot)
+        self.finish()
+
         self.runner = WorkerRunner(self, description="training")
         self.model_path: Path | None = None
         self._review: tuple[object, str, np.ndarray] | None = None
@@ -132,6 +219,8 @@ class TrainWidget(Container):
         self.add_class_button.clicked.connect(lambda: self.add_class(self.new_class.value))
         self.classes.changed.connect(lambda _v: self.pick.reset_choices())
         self.set_class_button.clicked.connect(lambda: self.set_class(self.pick.value))
+        self.include_predicted.changed.connect(self._on_include_predicted)
+        self.min_confidence.changed.connect(lambda _v: self.update_counts())
         self.layer.changed.connect(lambda _v: self.update_counts())
         self.count_button.clicked.connect(self.update_counts)
         self.run_button.clicked.connect(self.run)
@@ -159,6 +248,9 @@ class TrainWidget(Container):
     def _class_list(self, _w=None) -> list[str]:
         return [c.strip() for c in self.classes.value.split(",") if c.strip()]
 
+    def _pick_choices(self, _w=None) -> list[str]:
+        return [*self._class_list(), EXCLUDED]
+
     def _refresh_layers(self, _event=None):
         self.image.reset_choices()
         self.layer.reset_choices()
@@ -168,6 +260,10 @@ class TrainWidget(Container):
         self.layer.visible = value != SOURCE_CROPS
         self.crops.visible = value == SOURCE_CROPS
         self.layer.reset_choices()
+        self.update_counts()
+
+    def _on_include_predicted(self, value):
+        self.min_confidence.visible = bool(value)
         self.update_counts()
 
     def _on_base_changed(self, value):
@@ -218,7 +314,12 @@ class TrainWidget(Container):
             self.new_class.value = ""
 
     def set_class(self, name: str) -> None:
-        """Set the ``class`` feature of the selected points of the points layer."""
+        """Set the ``class`` of the selected points, confirming or correcting them.
+
+        On the Classify output the points are also marked ``reviewed``: only
+        reviewed cells are trained on by default. :data:`EXCLUDED` keeps a
+        point out of training (not a white cell, or unsure).
+        """
         layer = self._points_target()
         if layer is None or not layer.selected_data:
             self.runner.notify_error("select some points of a points layer first")
@@ -229,12 +330,26 @@ class TrainWidget(Container):
         features["class"] = features["class"].astype(object)
         rows = sorted(layer.selected_data)
         features.loc[rows, "class"] = name
+        classified = bool(layer.metadata.get("napari_wbc_cells"))
+        if classified:
+            if "reviewed" not in features.columns:
+                features["reviewed"] = False
+            features.loc[rows, "reviewed"] = True
         layer.features = features
-        from ..export import class_colour
-
-        colours = np.asarray(layer.face_color).copy()
-        colours[rows] = [*np.asarray(class_colour(name)) / 255, 1.0]
-        layer.face_color = colours
+        colour = class_rgba([name])[0]
+        if classified:  # hollow rings: colour the ring; reviewed cells are no longer squares
+            border = np.asarray(layer.border_color).copy()
+            border[rows] = colour
+            layer.border_color = border
+            symbols = np.asarray(layer.symbol, dtype=object).copy()
+            if symbols.ndim:
+                symbols[rows] = "disc"
+                layer.symbol = list(symbols)
+        else:
+            face = np.asarray(layer.face_color).copy()
+            face[rows] = colour
+            layer.face_color = face
+        layer.refresh()
         self.status.value = f"{len(rows)} point(s) set to {name}"
         self.update_counts()
 
@@ -256,7 +371,12 @@ class TrainWidget(Container):
         if isinstance(layer, Labels):
             cells = cells_from_labels(np.asarray(layer.data), self._class_list())
         else:
-            cells = cells_from_points(layer.data, layer.features)
+            cells = cells_from_points(
+                layer.data,
+                layer.features,
+                include_predicted=self.include_predicted.value,
+                min_confidence=self.min_confidence.value,
+            )
         image = self.image.value
         if image is not None and len(cells):
             # Annotations may be drawn on a layer with another scale: map through world.
@@ -281,7 +401,10 @@ class TrainWidget(Container):
         table, warnings = annotation_summary(cells, self._class_list())
         shown = table[table["count"] > 0]
         text = ", ".join(f"{r['class']}: {r['count']}" for r in shown.to_dict("records"))
-        text = text or "no annotated cells"
+        if not text:
+            text = "no annotated cells"
+            if "reviewed" in getattr(self.layer.value, "features", {}):
+                text += " yet: confirm or correct classified cells (Review and correct)"
         if warnings:
             text += "\n⚠ too few: " + "; ".join(warnings)
         self.counts.value = text
@@ -347,55 +470,37 @@ class TrainWidget(Container):
             return None
         self.update_counts()
         self.plot.clear()
-        self._cancelling = False
         return self.runner.start(
-            self._drive(gen), on_done=self._done, on_progress=self._on_progress
+            self._drive(gen),
+            on_done=self._done,
+            on_progress=self._on_progress,
+            on_cancelled=self._cancelled,
         )
 
     def _drive(self, gen):
-        """Run ``gen`` in the worker thread; stop it there when Cancel is pressed.
+        """Run ``gen`` in the worker thread with gradients on.
 
-        Cancelling from inside the worker (instead of quitting it) closes the
-        generator in the thread that ran it, so its clean-up (no model file,
-        no working folder) happens at once, and torch's thread-local grad
-        mode, switched off while the trainer validates, is restored in that
-        pooled thread rather than left off for the next worker.
+        Pooled threads may carry another run's grad mode (the trainer switches
+        it off while validating); the runner closes ``gen`` in this thread on
+        Cancel, so its clean-up (no model file, no working folder) runs at once.
         """
         import torch
 
-        from ..errors import WBCError
-
-        torch.set_grad_enabled(True)  # pooled threads may carry another run's state
-        try:
-            while True:
-                try:
-                    event = next(gen)
-                except StopIteration as stop:
-                    return stop.value
-                except RuntimeError as exc:
-                    # superqt treats a RuntimeError as a deleted worker and never
-                    # reports it; pass it on as an error the user gets to see.
-                    raise WBCError(f"training failed: {exc}") from exc
-                yield event
-                if self._cancelling:
-                    return None
-        finally:
-            gen.close()
+        torch.set_grad_enabled(True)
+        return (yield from gen)
 
     def cancel(self):
         """Stop training at the next batch; no model file is written."""
-        if self.runner.running:
-            self._cancelling = True
-            self.status.value = "training: cancelling…"
+        self.runner.cancel()
 
     def _on_progress(self, event):
         if event.info.get("event") == "epoch":
             self.plot.add(event.info)
 
+    def _cancelled(self):
+        self.status.value = "training: cancelled; no model written"
+
     def _done(self, path):
-        if path is None:  # cancelled
-            self.status.value = "training: cancelled; no model written"
-            return
         self.model_path = Path(path)
         register_session_model(path)
         self.base.reset_choices()
@@ -424,7 +529,7 @@ class TrainWidget(Container):
             self.runner.notify_error("classify the cells first (Classify widget)")
             return None
         by = self.review_by.value
-        if self._review is None or self._review[0] is not layer or self._review[1] != by:
+        if self._review is None or not same_layer(self._review[0], layer) or self._review[1] != by:
             self._review = (layer, by, review_order(layer.features, by))
             self._review_pos = 0
         order = self._review[2]
@@ -441,6 +546,6 @@ class TrainWidget(Container):
             f"cell {self._review_pos}/{len(order)}: {row.get('class', '?')} "
             f"(confidence {float(row.get('confidence', float('nan'))):.2f})"
         )
-        if "class" in layer.features.columns and row.get("class") in self._class_list():
-            self.pick.value = row["class"]
+        if "class" in layer.features.columns and row.get("class") in self.pick.choices:
+            self.pick.value = row["class"]  # "Set class" now confirms it
         return index
