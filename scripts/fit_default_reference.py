@@ -1,8 +1,11 @@
 """Measure the built-in stain reference on the PBC data set.
 
-Fits Macenko stain vectors, concentration maxima and Reinhard Lab statistics on
-pixels pooled from a seeded, class-stratified sample of PBC crops, and writes
-them to src/napari_wbc/resources/pbc_stain_reference.json.
+Fits every registered stain method (region colours, Macenko, Reinhard) on
+pixels pooled from a seeded, class-stratified sample of PBC crops, with the
+same function that fits a user's image (napari_wbc.stain.fit_stain_reference:
+glass, red cells and nuclei segmented, nuclei, red cells and other stained
+pixels sampled in equal numbers), so normalizing a PBC-like image onto it is
+close to the identity. Writes src/napari_wbc/resources/pbc_stain_reference.json.
 
     python scripts/fit_default_reference.py [--data ../shared/data] [--per-class 40]
 """
@@ -33,7 +36,9 @@ def main() -> None:
     args = parser.parse_args()
 
     table = pd.read_csv(args.data / "pbc" / "labels.csv")
-    sample = table.groupby("label", group_keys=False).sample(n=args.per_class, random_state=args.seed)
+    sample = table.groupby("label", group_keys=False).sample(
+        n=args.per_class, random_state=args.seed
+    )
     rng = np.random.default_rng(args.seed)
     pooled = []
     for rel in sample["path"]:

@@ -1,14 +1,35 @@
 """Stain colour normalization that works tile by tile without seams.
 
-Macenko (the paper's choice) and Reinhard normalization, fitted **once** and
-then applied as a fixed per-pixel transform to every tile. Because the
-transform depends only on the pixel (not on the tile around it), normalizing a
-slide tile by tile gives the same result as normalizing it whole: no seams.
+A stain method is fitted **once** per image and then applied as a fixed
+per-pixel transform to every tile. Because the transform depends only on the
+pixel (not on the tile around it), normalizing a slide tile by tile gives the
+same result as normalizing it whole: no seams.
 
-torchstain's ``normalize()`` re-estimates the source stains on every call; used
-per tile it colours each tile differently, crashes on tiles without stain and
-returns int32. Here torchstain's Macenko estimator is used for *fitting* (on a
-reference, and once on the source image), and the application is ours.
+Fitting looks at the right pixels. A smear field is mostly red cells and glass
+with a few white-cell nuclei, so statistics of "all stained pixels" describe
+red cells and miss the nuclear stain (Macenko then finds a red-cell plane and
+turns nuclei green). :func:`segment_pixels` splits the pixels into glass, red
+cells and white-cell nuclei by colour and darkness, and every method fits on a
+sample that holds nuclei, red cells and other stained pixels in fixed
+proportions, the same way for the reference and for the user's image.
+
+Methods live in one registry (:func:`register_stain_method`); the CLI, the
+widgets and training read their choices from :func:`stain_methods`:
+
+- ``"regions"`` (the default): a region-matched transfer. The mean optical
+  densities of the image's nuclei and red cells are mapped onto the
+  reference's colours by one 3×3 matrix in optical-density space; glass
+  stays as it is.
+- ``"macenko"``: the paper's two-stain model (Macenko et al. 2009), stain
+  vectors estimated by torchstain on the balanced sample.
+- ``"reinhard"``: CIE-Lab mean and spread of the balanced stained sample.
+- ``"none"``: no change.
+
+A fit that is implausible for a Romanowsky stain (too few nuclei or red cells,
+nuclei not darker and bluer than red cells, stain vectors nearly collinear, a
+stain plane that does not explain the nuclei) is refused with a reason, and the
+normalizer falls back along the method's documented ``fallback`` chain
+(macenko → regions → none) with a warning, rather than produce false colours.
 
 Pixels with almost no stain (glass, background) are left as they are, blending
 smoothly into the normalized colours as optical density rises, so blank tiles
@@ -21,10 +42,11 @@ import json
 import logging
 import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
+from typing import ClassVar
 
 import dask.array as da
 import numpy as np
@@ -34,14 +56,35 @@ from .progress import Progress, ProgressGen, run
 
 log = logging.getLogger(__name__)
 
-METHODS = ("macenko", "reinhard", "none")
-
 #: Optical-density threshold for "stained" pixels (Macenko et al. 2009) and the
 #: percentile of stain angles taken as the extreme stain directions.
 BETA = 0.15
 ALPHA = 1.0
 #: Fewest stained pixels a fit accepts.
 MIN_STAINED_PIXELS = 500
+#: Fewest white-cell nucleus and red-cell pixels a region-based fit accepts.
+MIN_NUCLEUS_PIXELS = 200
+MIN_RBC_PIXELS = 500
+#: Pixels per region (nuclei, red cells, other stained) in the balanced sample.
+SAMPLE_PER_REGION = 30_000
+#: Segmentation: a nucleus pixel's optical density leaves the red-cell
+#: direction by at least this much (OD units) and is at least this many times
+#: as dense as the median stained pixel; a red-cell pixel stays within
+#: ``RBC_RESIDUAL`` of the red-cell direction.
+NUCLEUS_RESIDUAL = 0.2
+NUCLEUS_DENSITY = 1.2
+RBC_RESIDUAL = 0.15
+#: Smallest angle (degrees) between two stain vectors a fit accepts.
+MIN_STAIN_ANGLE = 8.0
+#: Version of :meth:`StainReference.to_dict`'s layout.
+FORMAT_VERSION = 2
+#: Descriptions of built-in references saved before format 2 (model files of
+#: that time embed them); they are read as the current built-in reference.
+LEGACY_BUILTIN_DESCRIPTIONS = ("PBC (Acevedo et al. 2020), 320 crops, 40 per class, seed 0",)
+
+
+class StainFitError(StainError):
+    """A method's statistics could not be fitted, or are implausible for a blood smear."""
 
 
 def _od_lut(background) -> np.ndarray:
@@ -69,79 +112,546 @@ def estimate_background(pixels: np.ndarray) -> np.ndarray:
     return np.median(bright, axis=0).astype(np.float64)
 
 
+def _rgb_to_lab(pixels: np.ndarray) -> np.ndarray:
+    """CIE-Lab (N×3 float) of uint8 or 0-255 float RGB pixels (N×3)."""
+    from skimage.color import rgb2lab
+
+    return rgb2lab(np.asarray(pixels, np.float32)[None] / 255.0)[0]
+
+
+def _lab_to_rgb(lab: np.ndarray) -> np.ndarray:
+    """0-255 float RGB of CIE-Lab pixels (N×3); out-of-gamut colours are clipped."""
+    from skimage.color import lab2rgb
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return lab2rgb(np.asarray(lab, np.float32)[None])[0] * 255.0
+
+
+# ------------------------------------------------------------ segmentation
+
+
+@dataclass(frozen=True)
+class PixelRegions:
+    """A pixel sample split into glass, red cells and white-cell nuclei.
+
+    Attributes
+    ----------
+    pixels : ndarray
+        N×3 uint8 pixels.
+    background : ndarray
+        Per-channel intensity of bare glass.
+    od : ndarray
+        N×3 optical densities against ``background``.
+    glass, stained, rbc, nucleus : ndarray
+        Boolean masks of length N; ``rbc`` and ``nucleus`` are disjoint parts
+        of ``stained``.
+    """
+
+    pixels: np.ndarray
+    background: np.ndarray
+    od: np.ndarray
+    glass: np.ndarray
+    stained: np.ndarray
+    rbc: np.ndarray
+    nucleus: np.ndarray
+
+    @property
+    def other(self) -> np.ndarray:
+        """Stained pixels that are neither red cell nor nucleus (cytoplasm, granules, edges)."""
+        return self.stained & ~self.rbc & ~self.nucleus
+
+    def balanced(self, per_region: int = SAMPLE_PER_REGION, seed: int = 0) -> np.ndarray:
+        """Indices of nuclei, red cells and other stained pixels in equal numbers.
+
+        Each region gives as many pixels as the scarcer of nuclei and red cells
+        (at most ``per_region``), so a field that is mostly red cells weighs
+        like a crop that is mostly nucleus.
+        """
+        rng = np.random.default_rng(seed)
+        n = min(per_region, int(self.nucleus.sum()), int(self.rbc.sum()))
+        if n == 0:
+            n = per_region
+        picks = []
+        for mask in (self.nucleus, self.rbc, self.other):
+            idx = np.flatnonzero(mask)
+            if len(idx) > n:
+                idx = np.sort(rng.choice(idx, n, replace=False))
+            picks.append(idx)
+        return np.concatenate(picks)
+
+
+def segment_pixels(pixels: np.ndarray, background=None, beta: float = BETA) -> PixelRegions:
+    """Split smear pixels into glass, red cells and white-cell nuclei by colour alone.
+
+    Red cells are the bulk of the stained pixels, so the median direction of
+    their optical-density vectors is the red-cell stain. Nuclei leave that
+    direction (they absorb red light relatively more than red cells in every
+    lab seen, or take a different hue) and are denser than a typical stained
+    pixel; overlapping red cells are denser too but keep the red-cell
+    direction. Glass has almost no optical density.
+
+    Parameters
+    ----------
+    pixels : ndarray
+        N×3 (or ``(..., 3)``) uint8 pixels, including some glass when
+        ``background`` is omitted.
+    background : sequence of 3 floats, optional
+        Intensity of bare glass per channel; estimated when omitted.
+    beta : float
+        Optical density above which a pixel counts as stained.
+    """
+    pixels = np.asarray(pixels).reshape(-1, 3)
+    if background is None:
+        background = estimate_background(pixels)
+    background = np.asarray(background, dtype=np.float64)
+    od = optical_density(pixels, background)
+    peak = od.max(axis=1)
+    stained = peak >= beta
+    glass = peak < beta / 2
+    nucleus = np.zeros(len(pixels), bool)
+    rbc = np.zeros(len(pixels), bool)
+    if stained.sum() >= MIN_STAINED_PIXELS:
+        od_s = od[stained]
+        norm = np.maximum(np.linalg.norm(od_s, axis=1, keepdims=True), 1e-6)
+        direction = np.median(od_s / norm, axis=0)
+        direction /= np.linalg.norm(direction)
+        residual = np.linalg.norm(od_s - (od_s @ direction)[:, None] * direction, axis=1)
+        density = od_s.sum(axis=1)
+        is_nucleus = (residual >= NUCLEUS_RESIDUAL) & (
+            density >= NUCLEUS_DENSITY * np.median(density)
+        )
+        nucleus[stained] = is_nucleus
+        rbc[stained] = (residual < RBC_RESIDUAL) & ~is_nucleus
+    return PixelRegions(pixels, background, od, glass, stained, rbc, nucleus)
+
+
+# ----------------------------------------------------------------- registry
+
+
+class StainMethod:
+    """One stain normalization method: fit statistics, check them, build a transform.
+
+    Subclass, set ``name`` (and optionally ``label`` and ``fallback``), and
+    decorate with :func:`register_stain_method`; the CLI, the Stain
+    normalization widget and training then offer it.
+
+    Attributes
+    ----------
+    name : str
+        Registry key (used on the command line and stored in model configs).
+    label : str
+        One line for help texts.
+    fallback : str or None
+        Method used instead when this one's fit on an image is refused.
+    """
+
+    name: ClassVar[str] = ""
+    label: ClassVar[str] = ""
+    fallback: ClassVar[str | None] = "none"
+    #: Pixels whose peak optical density is below this stay (almost) as they
+    #: are: the transform fades in between half of it and all of it.
+    fade_od: ClassVar[float] = BETA
+
+    def fit(self, regions: PixelRegions, balanced: np.ndarray) -> dict:
+        """JSON-able statistics of an image; raise :class:`StainFitError` when implausible.
+
+        ``balanced`` indexes the pixels of ``regions`` in fixed region proportions.
+        """
+        raise NotImplementedError
+
+    def validate(self, stats: Mapping) -> dict:
+        """Checked copy of statistics read from a file; raise :class:`StainError` if invalid."""
+        return dict(stats)
+
+    def transform(
+        self, source: StainReference, target: StainReference
+    ) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+        """A function ``(pixels N×3 uint8, od N×3) -> RGB N×3 float`` from source to target."""
+        raise NotImplementedError
+
+
+_REGISTRY: dict[str, StainMethod] = {}
+
+
+def register_stain_method(cls: type[StainMethod]) -> type[StainMethod]:
+    """Class decorator: make a :class:`StainMethod` available everywhere by its ``name``."""
+    name = getattr(cls, "name", "")
+    if not name or not name.isidentifier() or name != name.lower():
+        raise StainError(f"a stain method needs a lower-case identifier as name, got {name!r}")
+    _REGISTRY[name] = cls()
+    return cls
+
+
+def unregister_stain_method(name: str) -> None:
+    """Remove a method from the registry (for tests and plugins that unload)."""
+    _REGISTRY.pop(name, None)
+
+
+def stain_methods() -> tuple[str, ...]:
+    """Names of the registered methods, the default first and ``"none"`` last."""
+    names = [n for n in _REGISTRY if n != "none"]
+    names.sort(key=lambda n: n != DEFAULT_METHOD)
+    return (*names, "none") if "none" in _REGISTRY else tuple(names)
+
+
+def get_stain_method(name: str) -> StainMethod:
+    """The registered method called ``name`` (case-insensitive)."""
+    method = _REGISTRY.get(str(name).lower())
+    if method is None:
+        raise StainError(
+            f"unknown stain method {name!r}; choose one of {', '.join(stain_methods())}"
+        )
+    return method
+
+
+def _finite(value, shape: tuple[int, ...], what: str) -> np.ndarray:
+    arr = np.asarray(value, dtype=np.float64)
+    if arr.shape != shape or not np.all(np.isfinite(arr)):
+        raise StainError(
+            f"{what} must be {'×'.join(map(str, shape))} finite numbers, got shape {arr.shape}"
+        )
+    return arr
+
+
+def _angle_deg(a: np.ndarray, b: np.ndarray) -> float:
+    cos = float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-12))
+    return float(np.degrees(np.arccos(np.clip(cos, -1.0, 1.0))))
+
+
+@register_stain_method
+class NoNormalization(StainMethod):
+    """Leave the image as it is."""
+
+    name = "none"
+    label = "no normalization"
+    fallback = None
+
+    def fit(self, regions, balanced):
+        return {}
+
+
+@register_stain_method
+class RegionTransfer(StainMethod):
+    """Map the image's nucleus and red-cell colours onto the reference's.
+
+    Fitted statistics are the mean optical densities of the segmented nuclei
+    and red cells. The transform is one 3×3 matrix in optical-density space
+    taking the source's nucleus and red-cell densities to the target's (and the
+    unit normal of their plane to the target's), so every colour between and
+    beyond them follows smoothly and glass (zero density) stays glass. The
+    target's densities are taken against the source's glass colour, so the
+    mean nucleus and red cell come out in the reference's colours (RGB), not
+    merely its stain amounts.
+    """
+
+    name = "regions"
+    label = "match nuclei and red cells to the reference (default)"
+    fallback = "none"
+
+    def fit(self, regions, balanced):
+        n_nuc, n_rbc = int(regions.nucleus.sum()), int(regions.rbc.sum())
+        if n_nuc < MIN_NUCLEUS_PIXELS:
+            raise StainFitError(
+                f"only {n_nuc} white-cell nucleus pixels found (need {MIN_NUCLEUS_PIXELS}); "
+                "fit on an image or region that contains white cells"
+            )
+        if n_rbc < MIN_RBC_PIXELS:
+            raise StainFitError(f"only {n_rbc} red-cell pixels found (need {MIN_RBC_PIXELS})")
+        nucleus = regions.od[regions.nucleus].mean(axis=0).astype(np.float64)
+        rbc = regions.od[regions.rbc].mean(axis=0).astype(np.float64)
+        stats = {
+            "nucleus_od": nucleus.tolist(),
+            "rbc_od": rbc.tolist(),
+            "n_nucleus": n_nuc,
+            "n_rbc": n_rbc,
+        }
+        return self.validate(stats)
+
+    def validate(self, stats):
+        nucleus = _finite(stats.get("nucleus_od"), (3,), "nucleus_od")
+        rbc = _finite(stats.get("rbc_od"), (3,), "rbc_od")
+        _check_romanowsky(nucleus, rbc, "the mean nucleus and red-cell colours")
+        return {
+            "nucleus_od": nucleus.tolist(),
+            "rbc_od": rbc.tolist(),
+            "n_nucleus": int(stats.get("n_nucleus", 0)),
+            "n_rbc": int(stats.get("n_rbc", 0)),
+        }
+
+    @staticmethod
+    def _frame(stats: Mapping) -> np.ndarray:
+        """3×3 columns: nucleus density, red-cell density, unit normal of their plane."""
+        nucleus, rbc = np.asarray(stats["nucleus_od"]), np.asarray(stats["rbc_od"])
+        normal = np.cross(nucleus, rbc)
+        return np.stack([nucleus, rbc, normal / np.linalg.norm(normal)], axis=1)
+
+    def transform(self, source, target):
+        src, tgt = dict(source.stats[self.name]), dict(target.stats[self.name])
+        # The target's colours seen under the source's glass light: the same
+        # RGB, so glass (density 0) stays the source's glass and the mean
+        # nucleus and red cell come out in the reference's colours exactly.
+        shift = np.log(
+            (np.asarray(source.background) + 1.0) / (np.asarray(target.background) + 1.0)
+        )
+        for key in ("nucleus_od", "rbc_od"):
+            tgt[key] = (np.asarray(tgt[key]) + shift).tolist()
+        od_map = (self._frame(tgt) @ np.linalg.inv(self._frame(src))).T.astype(np.float32)
+        i0 = np.asarray(source.background, np.float32) + 1.0
+
+        def apply(pixels: np.ndarray, od: np.ndarray) -> np.ndarray:
+            return i0 * np.exp(-(od @ od_map)) - 1.0
+
+        return apply
+
+
+def _check_romanowsky(nucleus: np.ndarray, rbc: np.ndarray, what: str) -> None:
+    """Refuse nucleus/red-cell densities that a Romanowsky stain cannot give."""
+    angle = _angle_deg(nucleus, rbc)
+    if angle < MIN_STAIN_ANGLE:
+        raise StainFitError(
+            f"{what} are nearly the same hue ({angle:.1f}° apart); the nuclear stain was not found"
+        )
+    if nucleus.sum() < NUCLEUS_DENSITY * rbc.sum():
+        raise StainFitError(f"{what}: the 'nuclear' colour is not darker than the red cells")
+    # Purple, violet and blue nuclei (the azure dye) pass blue light best; a
+    # "nucleus" that absorbs blue most is yellow, brown or green, not a nucleus.
+    if nucleus[2] >= min(nucleus[0], nucleus[1]):
+        raise StainFitError(f"{what}: the 'nuclear' colour is not blue-violet")
+
+
+@register_stain_method
+class Macenko(StainMethod):
+    """Macenko et al. (2009): two stain vectors and their concentration maxima.
+
+    Estimated by torchstain on the balanced sample (so the nuclear stain is
+    there to be found); applied as one 3×3 map in optical-density space,
+    rendered under the source's own glass colour.
+    """
+
+    name = "macenko"
+    label = "Macenko two-stain model (the paper's method)"
+    fallback = "regions"
+
+    def fit(self, regions, balanced):
+        import torchstain
+
+        background = regions.background
+        pixels = regions.pixels[balanced]
+        pixels = pixels[regions.stained[balanced]]
+        if len(pixels) < MIN_STAINED_PIXELS:
+            raise StainFitError(f"only {len(pixels)} stained pixels to fit stain vectors on")
+        macenko = torchstain.normalizers.MacenkoNormalizer(backend="numpy")
+        try:
+            with np.errstate(all="ignore"):
+                # torchstain takes one scalar light intensity: rescale each channel so
+                # that its glass sits at 240 and the per-channel background applies.
+                scaled = pixels.astype(np.float64) * (240.0 / (background + 1.0))
+                macenko.fit(scaled[:, None, :], Io=240.0, alpha=ALPHA, beta=BETA)
+        except (np.linalg.LinAlgError, ValueError, IndexError) as exc:
+            raise StainFitError(f"Macenko stain estimation failed on this image: {exc}") from exc
+        he = np.asarray(macenko.HERef, dtype=np.float64)
+        max_c = np.asarray(macenko.maxCRef, dtype=np.float64)
+        if not np.all(np.isfinite(he)) or not np.all(max_c > 0):
+            raise StainFitError(
+                "Macenko stain estimation gave no usable stain vectors; the image may hold a "
+                "single stain only"
+            )
+        # Hematoxylin (nuclei) absorbs red light relatively more than eosin does;
+        # torchstain's ordering looks at the red component alone.
+        if he[0, 0] / he[1, 0] < he[0, 1] / he[1, 1]:
+            he, max_c = he[:, ::-1], max_c[::-1]
+        stats = self.validate({"stain_matrix": he.tolist(), "max_concentrations": max_c.tolist()})
+        if regions.nucleus.sum() >= MIN_NUCLEUS_PIXELS:
+            # The two-stain plane must explain the nuclei; on a whole field it
+            # can lie through red cells and glass only.
+            nucleus = regions.od[regions.nucleus].mean(axis=0)
+            conc, *_ = np.linalg.lstsq(he, nucleus, rcond=None)
+            missed = np.linalg.norm(nucleus - he @ conc) / np.linalg.norm(nucleus)
+            if missed > 0.25:
+                raise StainFitError(
+                    f"the Macenko stain plane misses {missed:.0%} of the nuclear colour"
+                )
+            if conc[0] <= 0:
+                raise StainFitError("the Macenko 'nuclear' vector does not stain the nuclei")
+        return stats
+
+    def validate(self, stats):
+        m = _finite(stats.get("stain_matrix"), (3, 2), "stain_matrix")
+        c = _finite(stats.get("max_concentrations"), (2,), "max_concentrations")
+        if np.any(c <= 0):
+            raise StainError("stain reference has non-positive concentrations")
+        angle = _angle_deg(m[:, 0], m[:, 1])
+        if angle < MIN_STAIN_ANGLE:
+            raise StainFitError(
+                f"the two Macenko stain vectors are nearly collinear ({angle:.1f}°)"
+            )
+        return {"stain_matrix": m.tolist(), "max_concentrations": c.tolist()}
+
+    def transform(self, source, target):
+        src, tgt = source.stats[self.name], target.stats[self.name]
+        # Concentrations by least squares (pseudo-inverse), rescaled so the
+        # source's 99th percentile lands on the target's, then re-mixed with
+        # the target's stain vectors: one 3×3 map in optical-density space.
+        pinv = np.linalg.pinv(np.asarray(src["stain_matrix"]))  # 2×3
+        scale = np.asarray(tgt["max_concentrations"]) / np.asarray(src["max_concentrations"])
+        od_map = (np.asarray(tgt["stain_matrix"]) @ (scale[:, None] * pinv)).T.astype(np.float32)
+        i0 = np.asarray(source.background, np.float32) + 1.0
+
+        def apply(pixels: np.ndarray, od: np.ndarray) -> np.ndarray:
+            # Rendered under the source's own illumination: stain changes, glass does not.
+            return i0 * np.exp(-(od @ od_map)) - 1.0
+
+        return apply
+
+
+@register_stain_method
+class Reinhard(StainMethod):
+    """Reinhard et al. (2001) on stained pixels: match CIE-Lab mean and spread."""
+
+    name = "reinhard"
+    label = "Reinhard colour transfer on stained pixels"
+    fallback = "none"
+
+    def fit(self, regions, balanced):
+        pixels = regions.pixels[balanced][regions.stained[balanced]]
+        if len(pixels) < MIN_STAINED_PIXELS:
+            raise StainFitError(f"only {len(pixels)} stained pixels to measure colours on")
+        lab = _rgb_to_lab(pixels)
+        return self.validate(
+            {"lab_mean": lab.mean(axis=0).tolist(), "lab_std": lab.std(axis=0).tolist()}
+        )
+
+    def validate(self, stats):
+        mean = _finite(stats.get("lab_mean"), (3,), "lab_mean")
+        std = np.maximum(_finite(stats.get("lab_std"), (3,), "lab_std"), 1e-3)
+        return {"lab_mean": mean.tolist(), "lab_std": std.tolist()}
+
+    def transform(self, source, target):
+        src, tgt = source.stats[self.name], target.stats[self.name]
+        scale = (np.asarray(tgt["lab_std"]) / np.asarray(src["lab_std"])).astype(np.float32)
+        shift = (np.asarray(tgt["lab_mean"]) - np.asarray(src["lab_mean"]) * scale).astype(
+            np.float32
+        )
+
+        def apply(pixels: np.ndarray, od: np.ndarray) -> np.ndarray:
+            return _lab_to_rgb(_rgb_to_lab(pixels) * scale + shift)
+
+        return apply
+
+
+#: The method used when none is chosen: see docs/results.md ("Stain
+#: normalization across labs") for the measurement that chose it.
+DEFAULT_METHOD = "regions"
+
+#: Names of the built-in methods (the registry may hold more).
+METHODS = stain_methods()
+
+
+# ---------------------------------------------------------------- reference
+
+
 @dataclass(frozen=True)
 class StainReference:
     """Stain statistics of an image, used as a target or as a source.
 
     Attributes
     ----------
-    stain_matrix : tuple
-        3×2 optical-density vectors of hematoxylin (column 0) and eosin
-        (column 1), Macenko's estimate.
-    max_concentrations : tuple
-        99th percentile of each stain's concentration.
-    lab_mean, lab_std : tuple
-        CIE-Lab mean and standard deviation of the stained pixels (Reinhard).
     background : tuple
         Per-channel intensity of bare glass (I0 of the optical densities).
+    stats : dict
+        Per method name, that method's fitted statistics (JSON-able).
+    refused : dict
+        Per method name, why its fit was refused on this image.
     description : str
         Where these numbers came from.
+    n_pixels : int
+        Stained pixels the fit saw.
     """
 
-    stain_matrix: tuple[tuple[float, float], ...]
-    max_concentrations: tuple[float, float]
-    lab_mean: tuple[float, float, float]
-    lab_std: tuple[float, float, float]
     background: tuple[float, float, float] = (255.0, 255.0, 255.0)
+    stats: Mapping[str, dict] = field(default_factory=dict)
+    refused: Mapping[str, str] = field(default_factory=dict)
     description: str = ""
     n_pixels: int = field(default=0, compare=False)
 
     def __post_init__(self):
-        m = np.asarray(self.stain_matrix, dtype=float)
-        if m.shape != (3, 2) or not np.all(np.isfinite(m)):
-            raise StainError(f"stain_matrix must be 3×2 finite numbers, got shape {m.shape}")
-        for name, n in (
-            ("max_concentrations", 2),
-            ("lab_mean", 3),
-            ("lab_std", 3),
-            ("background", 3),
-        ):
-            v = np.asarray(getattr(self, name), dtype=float)
-            if v.shape != (n,) or not np.all(np.isfinite(v)):
-                raise StainError(f"{name} must be {n} finite numbers")
-        if np.any(np.asarray(self.max_concentrations) <= 0) or np.any(np.asarray(self.lab_std) <= 0):
-            raise StainError("stain reference has non-positive concentrations or spreads")
+        bg = np.asarray(self.background, dtype=float)
+        if bg.shape != (3,) or not np.all(np.isfinite(bg)):
+            raise StainError("background must be 3 finite numbers")
+
+    def method_stats(self, method: str) -> dict:
+        """This reference's statistics for ``method``; StainFitError says why there are none."""
+        if method in self.stats:
+            return self.stats[method]
+        reason = self.refused.get(method, "it was fitted before this method existed")
+        raise StainFitError(
+            f"no {method} statistics for {self.description or 'this image'}: {reason}"
+        )
 
     @property
     def matrix(self) -> np.ndarray:
-        return np.asarray(self.stain_matrix, dtype=np.float64)
+        """Macenko stain vectors (3×2; column 0 nuclear)."""
+        return np.asarray(self.method_stats("macenko")["stain_matrix"], dtype=np.float64)
+
+    @property
+    def max_concentrations(self) -> tuple[float, float]:
+        return tuple(self.method_stats("macenko")["max_concentrations"])
+
+    @property
+    def lab_mean(self) -> tuple[float, float, float]:
+        return tuple(self.method_stats("reinhard")["lab_mean"])
 
     def to_dict(self) -> dict:
         """JSON-able form (stored in model files and sidecars)."""
         return {
-            "stain_matrix": [list(map(float, row)) for row in self.stain_matrix],
-            "max_concentrations": list(map(float, self.max_concentrations)),
-            "lab_mean": list(map(float, self.lab_mean)),
-            "lab_std": list(map(float, self.lab_std)),
-            "background": list(map(float, self.background)),
+            "format_version": FORMAT_VERSION,
+            "background": [float(v) for v in self.background],
+            "methods": {name: dict(stats) for name, stats in self.stats.items()},
+            "refused": dict(self.refused),
             "description": self.description,
             "n_pixels": int(self.n_pixels),
         }
 
     @classmethod
     def from_dict(cls, d: dict) -> StainReference:
-        """Inverse of :meth:`to_dict`, validating the numbers."""
+        """Inverse of :meth:`to_dict`, validating the numbers.
+
+        Also reads the format before version 2 (Macenko and Reinhard fields
+        at the top level); such a dict describing the built-in PBC reference
+        is read as the current built-in reference.
+        """
+        if not isinstance(d, Mapping):
+            raise StainError(
+                f"invalid stain reference: expected a mapping, got {type(d).__name__}"
+            )
         try:
+            if "methods" not in d:
+                if d.get("description") in LEGACY_BUILTIN_DESCRIPTIONS:
+                    return default_reference()
+                methods = {
+                    "macenko": {
+                        "stain_matrix": d["stain_matrix"],
+                        "max_concentrations": d["max_concentrations"],
+                    },
+                    "reinhard": {"lab_mean": d["lab_mean"], "lab_std": d["lab_std"]},
+                }
+            else:
+                methods = dict(d["methods"])
+            stats = {}
+            for name, values in methods.items():
+                known = _REGISTRY.get(name)
+                stats[name] = known.validate(values) if known is not None else dict(values)
             return cls(
-                stain_matrix=tuple(tuple(float(v) for v in row) for row in d["stain_matrix"]),
-                max_concentrations=tuple(float(v) for v in d["max_concentrations"]),
-                lab_mean=tuple(float(v) for v in d["lab_mean"]),
-                lab_std=tuple(float(v) for v in d["lab_std"]),
                 background=tuple(float(v) for v in d.get("background", (255.0,) * 3)),
+                stats=stats,
+                refused={str(k): str(v) for k, v in dict(d.get("refused", {})).items()},
                 description=str(d.get("description", "")),
                 n_pixels=int(d.get("n_pixels", 0)),
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except StainError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise StainError(f"invalid stain reference: {exc!r}") from exc
 
 
@@ -156,20 +666,29 @@ def default_reference() -> StainReference:
 
 
 def stained_mask(pixels: np.ndarray, background=None, beta: float = BETA) -> np.ndarray:
-    """Pixels (N×3 uint8) whose optical density is at least ``beta`` in every channel.
+    """Pixels (N×3 uint8) whose optical density reaches ``beta`` in some channel.
 
     ``background`` defaults to the one estimated from ``pixels`` themselves.
     """
     pixels = np.asarray(pixels).reshape(-1, 3)
     if background is None:
         background = estimate_background(pixels)
-    return np.all(optical_density(pixels, background) >= beta, axis=-1)
+    return optical_density(pixels, background).max(axis=-1) >= beta
 
 
 def fit_stain_reference(
-    image: np.ndarray, description: str = "", background=None, beta: float = BETA
+    image: np.ndarray,
+    description: str = "",
+    background=None,
+    beta: float = BETA,
+    methods: Sequence[str] | None = None,
 ) -> StainReference:
-    """Fit Macenko and Reinhard statistics on an RGB image or a pixel list.
+    """Fit every registered method's statistics on an RGB image or a pixel list.
+
+    The pixels are segmented into glass, red cells and white-cell nuclei
+    (:func:`segment_pixels`) and each method fits on a sample holding nuclei,
+    red cells and other stained pixels in equal numbers. A method whose fit
+    is implausible is recorded in ``refused`` with the reason.
 
     Parameters
     ----------
@@ -182,6 +701,8 @@ def fit_stain_reference(
         omitted (they should then include some glass).
     beta : float
         Optical density above which a pixel counts as stained.
+    methods : sequence of str, optional
+        Methods to fit; all registered ones by default.
 
     Raises
     ------
@@ -203,44 +724,24 @@ def fit_stain_reference(
             f"the brightest part of this image is dark ({background.round().tolist()}); "
             "a smear needs some bare glass to measure stain against"
         )
-    mask = stained_mask(pixels, background, beta)
-    n_stained = int(mask.sum())
+    regions = segment_pixels(pixels, background, beta)
+    n_stained = int(regions.stained.sum())
     if n_stained < MIN_STAINED_PIXELS:
         raise StainError(
             f"only {n_stained} stained pixels found (need {MIN_STAINED_PIXELS}); the image or "
             "region looks blank. Choose a reference region that contains cells."
         )
-    import torchstain
-
-    macenko = torchstain.normalizers.MacenkoNormalizer(backend="numpy")
-    try:
-        with np.errstate(all="ignore"):
-            # torchstain takes one scalar light intensity: rescale each channel so
-            # that its glass sits at 240 and the per-channel background applies.
-            scaled = pixels[mask].astype(np.float64) * (240.0 / (background + 1.0))
-            macenko.fit(scaled[:, None, :], Io=240.0, alpha=ALPHA, beta=beta)
-    except (np.linalg.LinAlgError, ValueError, IndexError) as exc:
-        raise StainError(f"Macenko stain estimation failed on this image: {exc}") from exc
-    he = np.asarray(macenko.HERef, dtype=np.float64)
-    max_c = np.asarray(macenko.maxCRef, dtype=np.float64)
-    if not np.all(np.isfinite(he)) or not np.all(max_c > 0):
-        raise StainError(
-            "Macenko stain estimation gave no usable stain vectors; the image may hold a "
-            "single stain only. Try Reinhard normalization or another reference."
-        )
-    # Hematoxylin (nuclei) absorbs red light relatively more than eosin does;
-    # torchstain's ordering looks at the red component alone.
-    if he[0, 0] / he[1, 0] < he[0, 1] / he[1, 1]:
-        he, max_c = he[:, ::-1], max_c[::-1]
-    from skimage.color import rgb2lab
-
-    lab = rgb2lab(pixels[mask][None].astype(np.float32) / 255.0)[0]
+    balanced = regions.balanced()
+    stats, refused = {}, {}
+    for name in methods if methods is not None else [n for n in _REGISTRY if n != "none"]:
+        try:
+            stats[name] = get_stain_method(name).fit(regions, balanced)
+        except StainFitError as exc:
+            refused[name] = str(exc)
     return StainReference(
-        stain_matrix=tuple(tuple(row) for row in he.tolist()),
-        max_concentrations=tuple(max_c.tolist()),
-        lab_mean=tuple(lab.mean(axis=0).tolist()),
-        lab_std=tuple(np.maximum(lab.std(axis=0), 1e-3).tolist()),
         background=tuple(float(v) for v in background),
+        stats=stats,
+        refused=refused,
         description=description,
         n_pixels=n_stained,
     )
@@ -261,7 +762,9 @@ def iter_sample_pixels(
     random pixels from each: fitting a whole slide reads a small part of it.
     Yields one :class:`Progress` per window and returns an N×3 uint8 array.
     """
-    arr = image if isinstance(image, da.Array) else da.from_array(image, chunks=(window, window, -1))
+    arr = (
+        image if isinstance(image, da.Array) else da.from_array(image, chunks=(window, window, -1))
+    )
     rng = np.random.default_rng(seed)
     height, width = arr.shape[:2]
     corners = [(y, x) for y in range(0, height, window) for x in range(0, width, window)]
@@ -288,9 +791,9 @@ def iter_fit_stain_reference(
 ) -> ProgressGen[StainReference]:
     """Fit a :class:`StainReference` on a (possibly huge, lazy) image, with progress."""
     pixels = yield from iter_sample_pixels(image, max_pixels=max_pixels, seed=seed)
-    yield Progress("fit", 0, 1, "estimating stain vectors")
+    yield Progress("fit", 0, 1, "estimating stain statistics")
     ref = fit_stain_reference(pixels, description=description)
-    yield Progress("fit", 1, 1, "stain vectors estimated")
+    yield Progress("fit", 1, 1, "stain statistics estimated")
     return ref
 
 
@@ -304,47 +807,66 @@ class StainNormalizer:
     shape. The transform does not look at neighbouring pixels, so tiling never
     changes the result.
 
+    When the source (or target) has no usable statistics for ``method`` (its
+    fit was refused as implausible), the method's ``fallback`` chain is
+    followed with a warning; ``method`` then names the method in use,
+    ``requested`` the one asked for and ``fallback_reason`` says why.
+
     Parameters
     ----------
-    method : {"macenko", "reinhard", "none"}
+    method : str
+        One of :func:`stain_methods`.
     source : StainReference
         Statistics of the image being normalized (fit once on the whole image).
     target : StainReference
         The reference to map onto.
     """
 
+    #: Tiles at least this large (pixels) switch to the colour table.
+    TABLE_AFTER_PIXELS = 8_000_000
+
     def __init__(self, method: str, source: StainReference | None, target: StainReference | None):
-        method = method.lower()
-        if method not in METHODS:
-            raise StainError(f"unknown stain method {method!r}; choose one of {', '.join(METHODS)}")
-        if method != "none" and (source is None or target is None):
-            raise StainError(f"{method} normalization needs a source and a target reference")
-        self.method = method
+        requested = get_stain_method(method).name
+        if requested != "none" and (source is None or target is None):
+            raise StainError(f"{requested} normalization needs a source and a target reference")
+        self.requested = requested
+        self.fallback_reason = ""
+        name: str | None = requested
+        seen = set()
+        while name not in (None, "none") and name not in seen:
+            seen.add(name)
+            try:
+                source.method_stats(name)
+                target.method_stats(name)
+                break
+            except StainFitError as exc:
+                nxt = get_stain_method(name).fallback or "none"
+                log.warning("%s normalization refused (%s); using %s instead", name, exc, nxt)
+                self.fallback_reason = self.fallback_reason or str(exc)
+                name = nxt
+        self.method = name or "none"
         self.source = source
         self.target = target
-        if method == "macenko":
-            # Concentrations by least squares (pseudo-inverse), rescaled so the
-            # source's 99th percentile lands on the target's, then re-mixed with
-            # the target's stain vectors: one 3×3 map in optical-density space.
-            pinv = np.linalg.pinv(source.matrix)  # 2×3
-            scale = np.asarray(target.max_concentrations) / np.asarray(source.max_concentrations)
-            self._od_map = (target.matrix @ (scale[:, None] * pinv)).T.astype(np.float32)
-        elif method == "reinhard":
-            self._lab_scale = (np.asarray(target.lab_std) / np.asarray(source.lab_std)).astype(
-                np.float32
-            )
-            self._lab_shift = (
-                np.asarray(target.lab_mean) - np.asarray(source.lab_mean) * self._lab_scale
-            ).astype(np.float32)
         self._lock = threading.Lock()
         self._table = None
         self._seen = 0
-        if method != "none":
+        if self.method != "none":
+            impl = get_stain_method(self.method)
+            self._apply = impl.transform(source, target)
+            self._fade = np.float32(impl.fade_od)
             self._lut = _od_lut(source.background)
-            self._i0 = np.asarray(source.background, dtype=np.float32) + 1.0
 
-    #: Tiles at least this large (pixels) switch to the colour table.
-    TABLE_AFTER_PIXELS = 8_000_000
+    @property
+    def cache_key(self) -> str:
+        """Stable name of this transform (for caches of normalized crops)."""
+        if self.method == "none":
+            return "none"
+        payload = json.dumps(
+            [self.method, self.source.to_dict(), self.target.to_dict()], sort_keys=True
+        )
+        import hashlib
+
+        return f"{self.method}-{hashlib.sha1(payload.encode()).hexdigest()[:12]}"
 
     def __call__(self, tile: np.ndarray) -> np.ndarray:
         tile = np.asarray(tile)
@@ -390,39 +912,28 @@ class StainNormalizer:
         state = self.__dict__.copy()
         state["_table"] = None
         state["_lock"] = None
+        state.pop("_apply", None)
         return state
 
     def __setstate__(self, state):
         self.__dict__.update(state)
         self._lock = threading.Lock()
+        if self.method != "none":
+            self._apply = get_stain_method(self.method).transform(self.source, self.target)
 
     def _transform(self, pixels: np.ndarray) -> np.ndarray:
         """Normalize N×3 uint8 pixels with the arithmetic."""
         od = self._lut[pixels, np.arange(3)]  # N×3 float32
-        weight = np.clip((od.max(axis=1) - BETA / 2) / (BETA / 2), 0.0, 1.0)
+        weight = np.clip((od.max(axis=1) - self._fade / 2) / (self._fade / 2), 0.0, 1.0)
         active = weight > 0
         out = pixels.copy()
         if not active.any():
             return out
-        if self.method == "macenko":
-            # Rendered under the source's own illumination: stain changes, glass does not.
-            normed = self._i0 * np.exp(-(od[active] @ self._od_map)) - 1.0
-        else:
-            normed = self._reinhard(pixels[active])
+        normed = self._apply(pixels[active], od[active])
         w = weight[active, None]
         blended = w * normed + (1.0 - w) * pixels[active]
         out[active] = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
         return out
-
-    def _reinhard(self, pixels: np.ndarray) -> np.ndarray:
-        from skimage.color import lab2rgb, rgb2lab
-
-        lab = rgb2lab(pixels[None].astype(np.float32) / 255.0)[0]
-        lab = lab * self._lab_scale + self._lab_shift
-        with warnings.catch_warnings():
-            # Out-of-gamut colours are clipped, which is what we want.
-            warnings.simplefilter("ignore", UserWarning)
-            return lab2rgb(lab[None])[0] * 255.0
 
 
 def normalize_array(image, normalizer: StainNormalizer):
@@ -437,16 +948,14 @@ def normalize_array(image, normalizer: StainNormalizer):
 
 def iter_prepare_normalizer(
     levels: Sequence[np.ndarray | da.Array],
-    method: str = "macenko",
+    method: str = DEFAULT_METHOD,
     reference: StainReference | None = None,
     source: StainReference | None = None,
     max_pixels: int = 1_000_000,
     seed: int = 0,
 ) -> ProgressGen[StainNormalizer]:
     """Fit the source statistics once (on a coarse level) and build the normalizer."""
-    method = method.lower()
-    if method not in METHODS:
-        raise StainError(f"unknown stain method {method!r}; choose one of {', '.join(METHODS)}")
+    method = get_stain_method(method).name
     if method == "none":
         return StainNormalizer("none", None, None)
     target = reference or default_reference()
@@ -463,7 +972,7 @@ def iter_prepare_normalizer(
 
 def iter_normalize(
     levels: Sequence[np.ndarray | da.Array] | np.ndarray | da.Array,
-    method: str = "macenko",
+    method: str = DEFAULT_METHOD,
     reference: StainReference | None = None,
     source: StainReference | None = None,
     max_pixels: int = 1_000_000,
@@ -488,7 +997,7 @@ def iter_normalize(
     return [normalize_array(level, normalizer) for level in levels]
 
 
-def normalize(image, method: str = "macenko", reference: StainReference | None = None):
+def normalize(image, method: str = DEFAULT_METHOD, reference: StainReference | None = None):
     """Normalize one image (numpy → numpy, dask → lazy dask) to ``reference`` (default PBC)."""
     (out,) = run(iter_normalize([image], method, reference))
     return out

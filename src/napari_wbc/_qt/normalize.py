@@ -24,7 +24,7 @@ class StainNormalizeWidget(Container):
         super().__init__(labels=True)
         self.viewer = napari_viewer
         self.image = ComboBox(label="image", choices=self._image_choices, nullable=False)
-        self.method = ComboBox(label="method", choices=["macenko", "reinhard", "none"])
+        self.method = ComboBox(label="method", choices=self._method_choices)
         self.reference = ComboBox(
             label="reference", choices=[REFERENCE_DEFAULT, REFERENCE_LAYER, REFERENCE_VIEW]
         )
@@ -55,6 +55,12 @@ class StainNormalizeWidget(Container):
             event.connect(self._refresh_layers)
 
     # -- helpers ---------------------------------------------------------
+    @staticmethod
+    def _method_choices(_widget=None):
+        from ..stain import stain_methods
+
+        return list(stain_methods())
+
     def _image_choices(self, _widget=None):
         return [(layer.name, layer) for layer in rgb_image_layers(self.viewer)]
 
@@ -110,19 +116,32 @@ class StainNormalizeWidget(Container):
             # In-memory images are normalized here, off the main thread; dask
             # levels stay lazy and are computed tile by tile as napari shows them.
             yield Progress("apply", 0, 1, "applying")
-            return [normalize_array(level, normalizer) for level in levels]
+            return [normalize_array(level, normalizer) for level in levels], normalizer
 
-        def done(out):
-            name = f"{layer.name} ({method})"
+        def done(result):
+            out, normalizer = result
+            used = normalizer.method
+            name = f"{layer.name} ({used})"
             output_layer(
                 self.viewer,
                 name,
                 out if len(out) > 1 else out[0],
                 source=layer,
-                metadata={"stain_method": method, "stain_source": layer.name},
+                metadata={"stain_method": used, "stain_source": layer.name},
             )
-            lazy = " (computed lazily as you view it)" if not isinstance(out[0], np.ndarray) else ""
+            lazy = (
+                " (computed lazily as you view it)" if not isinstance(out[0], np.ndarray) else ""
+            )
             self.status.value = f"{name} ready{lazy}"
+            if used != method:
+                # The fit was implausible for this method: say what was done instead.
+                from napari.utils.notifications import show_warning
+
+                self.status.value = (
+                    f"{name} ready: {method} refused ({normalizer.fallback_reason}), "
+                    f"{used} used instead"
+                )
+                show_warning(self.status.value)
 
         self.runner.start(work(), on_done=done)
 
