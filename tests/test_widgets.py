@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from napari_wbc._qt.normalize import REFERENCE_LAYER, StainNormalizeWidget
+from napari_wbc.stain import DEFAULT_METHOD
 
 pytestmark = pytest.mark.gui
 
@@ -72,7 +73,7 @@ def test_reference_from_another_layer(viewer_with_sample, qtbot):
     widget.reference_layer.value = ref
     widget.run()
     _wait(qtbot, widget)
-    assert f"{source.name} (macenko)" in viewer.layers
+    assert f"{source.name} ({DEFAULT_METHOD})" in viewer.layers
 
 
 def test_cancel_leaves_viewer_usable_and_no_layer(viewer_with_sample, qtbot):
@@ -91,8 +92,8 @@ def test_cancel_leaves_viewer_usable_and_no_layer(viewer_with_sample, qtbot):
     # Still usable: a new run completes.
     widget.run()
     _wait(qtbot, widget)
-    assert "tiled (macenko)" in viewer.layers
-    assert isinstance(viewer.layers["tiled (macenko)"].data, da.Array)  # lazy output
+    assert f"tiled ({DEFAULT_METHOD})" in viewer.layers
+    assert isinstance(viewer.layers[f"tiled ({DEFAULT_METHOD})"].data, da.Array)  # lazy output
 
 
 def test_blank_image_error_is_reported_not_raised(make_napari_viewer, qtbot):
@@ -118,7 +119,7 @@ def test_multiscale_in_multiscale_out_with_reference_in_view(viewer_with_sample,
     widget.reference_layer.value = viewer.layers[0]
     widget.run()
     _wait(qtbot, widget)
-    out = viewer.layers["pyramid (macenko)"]
+    out = viewer.layers[f"pyramid ({DEFAULT_METHOD})"]
     assert out.multiscale
     assert [lvl.shape for lvl in out.data] == [lvl.shape for lvl in pyramid]
     assert all(isinstance(lvl, da.Array) for lvl in out.data)

@@ -18,6 +18,7 @@ from . import __version__
 from .cli_models import _drive, add_model_commands, smear_setup
 from .errors import WBCError
 from .progress import run
+from .stain import DEFAULT_METHOD, stain_methods
 
 log = logging.getLogger("napari_wbc")
 
@@ -179,7 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("input", type=Path, help="image to normalize (TIFF, SVS, JPEG, PNG, BMP)")
     p.add_argument("-o", "--output", type=Path, required=True, help="output .tif")
-    p.add_argument("--method", choices=("macenko", "reinhard", "none"), default="macenko")
+    p.add_argument(
+        "--method",
+        choices=stain_methods(),
+        default=DEFAULT_METHOD,
+        help=f"stain method (default {DEFAULT_METHOD}; see docs/results.md)",
+    )
     p.add_argument(
         "--reference",
         help="image to take the target stain from, or a reference .json; "

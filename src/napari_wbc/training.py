@@ -80,6 +80,7 @@ from napari_wbc.models.files import (
 from napari_wbc.models.registry import get_spec
 from napari_wbc.progress import Progress, ProgressGen, run
 from napari_wbc.sampling import ClassAwareSampler, InstanceBalancedSampler
+from napari_wbc.stain import stain_methods
 
 logger = logging.getLogger(__name__)
 
@@ -130,8 +131,9 @@ class TrainConfig:
     stain_normalize : bool
         Normalise crops from the training set's pooled stain statistics to
         the built-in reference.
-    stain_method : {"macenko", "reinhard"}
-        Normalisation method.
+    stain_method : str
+        Normalisation method, one of :func:`napari_wbc.stain.stain_methods`
+        (not "none": use ``stain_normalize=False``).
     input_size : int, optional
         Override the spec's network input side (small sizes for tests).
     cache_size : int, optional
@@ -189,8 +191,9 @@ class TrainConfig:
             out.append("batch_size must be >= 1")
         if not 0.0 < self.val_fraction < 1.0:
             out.append(f"val_fraction must be between 0 and 1, got {self.val_fraction}")
-        if self.stain_method not in ("macenko", "reinhard"):
-            out.append(f"stain_method must be 'macenko' or 'reinhard', got {self.stain_method!r}")
+        methods = [m for m in stain_methods() if m != "none"]
+        if self.stain_method not in methods:
+            out.append(f"stain_method must be one of {', '.join(methods)}, got {self.stain_method!r}")
         if self.input_size is not None and self.input_size < 8:
             out.append("input_size must be at least 8 px")
         if self.cache_size is not None and self.cache_size < 8:
