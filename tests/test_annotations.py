@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from napari_wbc.annotations import (
+    EXCLUDED,
     annotation_summary,
     cells_from_labels,
     cells_from_points,
@@ -65,6 +66,23 @@ def test_points_with_a_class_feature_skip_unlabelled_ones():
     assert list(cells["label"]) == ["neutrophil", "monocyte"]
     with pytest.raises(WBCError, match="class"):
         cells_from_points(points, pd.DataFrame({"confidence": [1, 1, 1, 1]}))
+
+
+def test_classified_points_count_only_when_confirmed_or_corrected():
+    points = np.arange(10, dtype=float).reshape(5, 2)
+    features = pd.DataFrame(
+        {
+            "class": ["neutrophil", "monocyte", EXCLUDED, "basophil", "lymphocyte"],
+            "confidence": [0.95, 0.4, 0.99, 0.5, 0.92],
+            "reviewed": [False, True, True, False, True],
+        }
+    )
+    cells = cells_from_points(points, features)
+    assert list(cells["label"]) == ["monocyte", "lymphocyte"]  # excluded never counts
+    # The lone uncorrected basophil no longer blocks training.
+    check_trainable(pd.concat([cells, cells]), CLASSES)
+    cells = cells_from_points(points, features, include_predicted=True, min_confidence=0.9)
+    assert list(cells["label"]) == ["neutrophil", "monocyte", "lymphocyte"]
 
 
 def test_summary_warns_and_too_few_cells_are_refused_by_name():

@@ -14,6 +14,7 @@ from napari_wbc._qt.train import (
     SOURCE_POINTS,
     TrainWidget,
 )
+from napari_wbc.annotations import EXCLUDED
 from napari_wbc.models import read_model_config
 from napari_wbc.synthetic import sample_smear_truth
 
@@ -31,7 +32,11 @@ def tiny_config(**kw):
 def setup(make_napari_viewer, tiny_model_path, tmp_path):
     viewer = make_napari_viewer()
     viewer.open_sample("napari-wbc", "smear")
-    w = TrainWidget(viewer)
+    # As napari's Plugins menu gives it: the widget sees layers through proxies.
+    _dock, w = viewer.window.add_plugin_dock_widget(
+        "napari-wbc", "Train classifier from annotations"
+    )
+    assert isinstance(w, TrainWidget)
     w.base.value = BASE_FILE
     w.base_file.value = tiny_model_path
     w.output.value = tmp_path / "tuned.safetensors"
@@ -69,6 +74,7 @@ def test_labels_annotations_train_a_model_that_classifies(setup, qtbot, tiny_mod
     assert out.is_file(), w.status.value
     assert w.model_path == out
     assert len(w.plot.epochs) == 2  # one epoch per stage, plotted live
+    assert w.plot.caption() == "epoch (stage 1, then stage 2)"
     assert 0 <= w.plot.epochs[-1]["val_macro_f1"] <= 1
     assert not list(tmp_path.glob(".*"))  # no working folder left
 
@@ -152,6 +158,64 @@ def test_cancel_leaves_no_model_and_the_viewer_usable(setup, qtbot, tmp_path):
     assert out.is_file(), w.status.value
 
 
+def classified_points(viewer, n_reviewed: int = 0):
+    """A layer like the Classify output: four cells, classes, confidences."""
+    features = pd.DataFrame(
+        {
+            "class": ["neutrophil", "lymphocyte", "monocyte", "neutrophil"],
+            "confidence": [0.9, 0.3, 0.6, 0.5],
+            "disagreement": [0.0, 0.0, 0.7, 0.0],
+            "needs_review": [False, True, False, True],
+            "reviewed": [True] * n_reviewed + [False] * (4 - n_reviewed),
+        }
+    )
+    data = np.array([[100.0, 100.0], [200.0, 300.0], [400.0, 500.0], [600.0, 700.0]])
+    return viewer.add_points(
+        data, features=features, scale=(0.1, 0.1), metadata={"napari_wbc_cells": True}
+    )
+
+
+def test_next_cell_to_review_advances_through_the_button(setup):
+    viewer, w, _ = setup
+    layer = classified_points(viewer)
+    seen = []
+    for k in range(1, 6):
+        w.review_button.clicked()
+        seen.append(next(iter(viewer.layers[layer.name].selected_data)))
+        assert f"cell {k}/4" in w.status.value
+    assert seen == [1, 3, 2, 0, 1]  # least confident first, then wraps around
+
+
+def test_only_confirmed_or_corrected_cells_train_by_default(setup):
+    viewer, w, _ = setup
+    layer = classified_points(viewer)
+    w.source.value = SOURCE_POINTS
+    w.layer.value = viewer.layers[layer.name]
+    table = w.update_counts()
+    assert table["count"].sum() == 0  # predictions alone are not labels
+    assert "confirm or correct" in w.counts.value
+    # Review: the first cell shown is confirmed, the next corrected, the next excluded.
+    w.review_button.clicked()  # cell 1 (lymphocyte)
+    w.set_class_button.clicked()  # confirms the class the picker was set to
+    w.review_button.clicked()  # cell 3 (neutrophil) is a monocyte
+    w.pick.value = "monocyte"
+    w.set_class_button.clicked()
+    w.review_button.clicked()  # cell 2: not a white cell
+    assert EXCLUDED in w.pick.choices
+    w.pick.value = EXCLUDED
+    w.set_class_button.clicked()
+    features = viewer.layers[layer.name].features
+    assert features["reviewed"].tolist() == [False, True, True, True]
+    assert features["class"].tolist() == ["neutrophil", "lymphocyte", EXCLUDED, "monocyte"]
+    counts = w.update_counts().set_index("class")["count"]
+    assert counts[counts > 0].to_dict() == {"lymphocyte": 1, "monocyte": 1}
+    # Optionally, confident predictions count too (cell 0, confidence 0.9).
+    w.include_predicted.value = True
+    w.min_confidence.value = 0.85
+    counts = w.update_counts().set_index("class")["count"]
+    assert counts[counts > 0].to_dict() == {"lymphocyte": 1, "monocyte": 1, "neutrophil": 1}
+
+
 def test_review_steps_from_least_confident(setup):
     viewer, w, _ = setup
     features = pd.DataFrame(
@@ -191,3 +255,5 @@ def test_crops_folder_stage2_only(setup, qtbot, tmp_path):
     out = tmp_path / "tuned.safetensors"
     assert out.is_file(), w.status.value
     assert read_model_config(out).training["stages"] == "stage2"
+    assert [e["stage"] for e in w.plot.epochs] == [2]
+    assert w.plot.caption() == "epoch (stage 2)"  # not "stage 1, then stage 2"

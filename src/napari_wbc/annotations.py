@@ -146,7 +146,7 @@ def cells_from_points(
     if "reviewed" in features.columns:
         chosen = features["reviewed"].fillna(False).to_numpy(bool)
         if include_predicted and "confidence" in features.columns:
-            chosen |= features["confidence"].to_numpy(float) >= min_confidence
+            chosen = chosen | (features["confidence"].to_numpy(float) >= min_confidence)
         keep &= chosen
     return pd.DataFrame(
         {"y": pts[keep, 0], "x": pts[keep, 1], "label": [n.strip() for n in names[keep]]}
