@@ -99,7 +99,7 @@ def main() -> None:
             out = member_outputs(ens, prepared(crops))
         raw = ensemble_probs(out["logits"], ens.weights)
         cal = ensemble_probs(out["logits"], ens.weights, stats.temperature)
-        y = np.array([index[l] for l in labels])
+        y = np.array([index[v] for v in labels])
         pred = raw.argmax(1)
         wrong = pred != y
         dist = stats.ood_distance(out["features"])

@@ -194,7 +194,9 @@ class TrustStats:
                 f"trust statistics describe {len(self.features)} members, "
                 f"got features of {len(member_features)}"
             )
-        return np.mean([s.distance(f) for s, f in zip(self.features, member_features)], axis=0)
+        return np.mean(
+            [s.distance(f) for s, f in zip(self.features, member_features, strict=True)], axis=0
+        )
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
