@@ -53,7 +53,7 @@ def _make_models(preset: str, folder: Path) -> list[Path]:
 def case_end_to_end(size: int, preset: str, tta: str) -> dict:
     import torch
 
-    from napari_wbc.models.files import load_any
+    from napari_wbc.inference import load_any
     from napari_wbc.pipeline import ClassifyConfig, iter_classify_smear
     from napari_wbc.progress import run
     from napari_wbc.synthetic import lazy_smear
@@ -73,8 +73,7 @@ def case_crops(preset: str, n: int, member: str | None, tta: str) -> dict:
     import numpy as np
     import torch
 
-    from napari_wbc.inference import predict_crops
-    from napari_wbc.models.files import load_any
+    from napari_wbc.inference import load_any, predict_crops
 
     torch.set_num_threads(2)
     rng = np.random.default_rng(0)

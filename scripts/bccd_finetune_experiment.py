@@ -20,8 +20,9 @@ import pandas as pd
 
 from napari_wbc.annotations import base_model_file, iter_finetune_crops, iter_write_training_crops
 from napari_wbc.images import read_smear
+from napari_wbc.inference import load_any
 from napari_wbc.metrics import classification_metrics
-from napari_wbc.models.files import default_model_path, load_any, read_model_config
+from napari_wbc.models.files import default_model_path, read_model_config
 from napari_wbc.pipeline import ClassifyConfig, iter_classify_smear
 from napari_wbc.progress import run
 from napari_wbc.settings import data_root

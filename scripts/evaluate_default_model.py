@@ -27,13 +27,14 @@ import numpy as np
 
 from napari_wbc.datasets import balanced_subset, load_labelled_crops
 from napari_wbc.images import read_smear
+from napari_wbc.inference import load_any
 from napari_wbc.metrics import classification_metrics, save_confusion_png
-from napari_wbc.models.files import default_model_path, load_any, read_ensemble
+from napari_wbc.models.files import default_model_path, read_ensemble
 from napari_wbc.pipeline import ClassifyConfig, iter_classify_smear
+from napari_wbc.prediction import evaluate
 from napari_wbc.progress import run
 from napari_wbc.settings import data_root
 from napari_wbc.smears import NO_CLASS_LABELS, iter_evaluate_smears, load_boxes
-from napari_wbc.training import evaluate
 
 KEYS = ("n", "accuracy", "macro_f1", "balanced_accuracy")
 

@@ -33,8 +33,9 @@ import pandas as pd
 from napari_wbc.datasets import balanced_subset, load_labelled_crops, long_tailed_subset
 from napari_wbc.models.files import save_ensemble
 from napari_wbc.models.registry import get_preset
+from napari_wbc.prediction import evaluate
 from napari_wbc.settings import data_root
-from napari_wbc.training import TrainConfig, evaluate, train
+from napari_wbc.training import TrainConfig, train
 
 UNSPECIFIED = ("neutrophil_unspecified", "immature_granulocyte_unspecified")
 

@@ -91,3 +91,23 @@ def test_evaluate_smears_reports_detection_and_classification(smear_dir, tiny_mo
     for key in ("accuracy", "macro_f1", "balanced_accuracy", "per_class", "confusion", "classes"):
         assert key in result
     assert set(result["classes"]) <= {"neutrophil", "lymphocyte", "monocyte", "eosinophil", "basophil"}
+
+
+def test_user_pixel_size_wins_over_the_files_in_every_column(tiny_model_path, tmp_path):
+    from napari_wbc.images import read_smear
+
+    path = tmp_path / "field.png"
+    # The file says 0.5 µm/px (as PNG pixels per metre); the user knows better.
+    Image.fromarray(make_smear((700, 800), seed=3, wbc_per_mpx=9)).save(path, dpi=(50800, 50800))
+    smear = read_smear(path)
+    assert smear.pixel_size_um == pytest.approx(0.5, rel=1e-3)
+    smear.close()
+    out = tmp_path / "results"
+    args = ["classify", str(path), "--model", str(tiny_model_path), "-o", str(out)]
+    assert main([*args, "--pixel-size", "0.1", "-q"]) == 0
+    cells = pd.read_csv(out / "field.csv")
+    assert len(cells) > 0
+    np.testing.assert_allclose(cells["x_um"], cells["x"] * 0.1)
+    np.testing.assert_allclose(cells["y_um"], cells["y"] * 0.1)
+    summary = pd.read_csv(out / "summary.csv")
+    assert summary.iloc[0]["rbc_diameter_px"] == pytest.approx(75.0)

@@ -9,7 +9,8 @@ import pytest
 
 import napari_wbc
 from napari_wbc.errors import ModelFileError
-from napari_wbc.models.files import default_model_path, load_any, read_ensemble
+from napari_wbc.inference import load_any
+from napari_wbc.models.files import default_model_path, read_ensemble
 
 try:
     DEFAULT = default_model_path()
@@ -31,7 +32,8 @@ def test_default_model_lives_inside_the_package_and_fits_the_budget():
 def test_default_model_classifies_the_sample_offline(tmp_path):
     # A fresh interpreter with no network access allowed by the environment.
     code = (
-        "from napari_wbc.models.files import default_model_path, load_any\n"
+        "from napari_wbc.inference import load_any\n"
+        "from napari_wbc.models.files import default_model_path\n"
         "from napari_wbc.pipeline import ClassifyConfig, iter_classify_smear\n"
         "from napari_wbc.progress import run\n"
         "from napari_wbc.synthetic import make_sample_smear\n"
@@ -49,7 +51,8 @@ def test_default_model_classifies_the_sample_offline(tmp_path):
 @pytest.mark.realdata
 def test_default_model_on_pbc_validation_crops(data_dir):
     from napari_wbc.datasets import balanced_subset, load_labelled_crops
-    from napari_wbc.training import TrainConfig, evaluate, validation_split
+    from napari_wbc.prediction import evaluate
+    from napari_wbc.training import TrainConfig, validation_split
 
     table = load_labelled_crops(data_dir / "pbc" / "labels.csv")
     # The crops scripts/train_default_model.sh kept out of training: its

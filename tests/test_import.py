@@ -20,6 +20,10 @@ CORE_MODULES = [
     "napari_wbc.models.files",
     "napari_wbc.models.build",
     "napari_wbc.inference",
+    "napari_wbc.prediction",
+    "napari_wbc.preprocess",
+    "napari_wbc.pixels",
+    "napari_wbc.tiling",
     "napari_wbc.annotations",
     "napari_wbc.detection",
     "napari_wbc.scale",
@@ -59,3 +63,56 @@ def test_core_imports_no_gui():
     mods = _imported_after(code)
     gui = sorted(m for m in mods if m.startswith(GUI_PREFIXES))
     assert gui == [], f"core pulled in GUI modules: {gui[:10]}"
+
+
+def _package_imports() -> dict[str, set[str]]:
+    """Every napari_wbc module and the napari_wbc modules it imports, at any depth of code."""
+    import ast
+    from pathlib import Path
+
+    import napari_wbc
+
+    root = Path(napari_wbc.__file__).parent
+    modules = {}
+    for path in root.rglob("*.py"):
+        parts = ("napari_wbc", *path.relative_to(root).with_suffix("").parts)
+        is_package = parts[-1] == "__init__"
+        name = ".".join(parts[:-1] if is_package else parts)
+        modules[name] = (path, is_package)
+    graph: dict[str, set[str]] = {}
+    for name, (path, is_package) in modules.items():
+        here = name.split(".") if is_package else name.split(".")[:-1]
+        edges = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = here[: len(here) - node.level + 1] if node.level else []
+                module = ".".join([*base, *([node.module] if node.module else [])])
+                targets = [module] + [f"{module}.{alias.name}" for alias in node.names]
+            else:
+                continue
+            edges |= {t for t in targets if t in modules and t != name}
+        graph[name] = edges
+    return graph
+
+
+def test_no_import_cycles_in_the_package():
+    graph = _package_imports()
+    assert "napari_wbc.inference" in graph["napari_wbc.pipeline"] | graph["napari_wbc.prediction"]
+    cycles = []
+    state: dict[str, int] = {}
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                cycles.append(path[path.index(nxt) :] + [nxt])
+            elif nxt not in state:
+                visit(nxt, [*path, nxt])
+        state[node] = 2
+
+    for start in sorted(graph):
+        if start not in state:
+            visit(start, [start])
+    assert cycles == [], f"import cycles: {cycles}"

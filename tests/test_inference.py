@@ -14,10 +14,11 @@ from napari_wbc.inference import (
     EnsembleMember,
     disagreement,
     iter_predict_crops,
+    load_any,
     predict_crops,
 )
 from napari_wbc.models.build import build_model
-from napari_wbc.models.files import TTA_NAMES, ModelConfig, load_any, save_model
+from napari_wbc.models.files import TTA_NAMES, ModelConfig, save_model
 from napari_wbc.models.registry import get_preset
 from napari_wbc.progress import Progress, run
 

@@ -14,14 +14,12 @@ import torch
 
 import napari_wbc
 from napari_wbc.errors import ModelFileError
-from napari_wbc.inference import Ensemble
+from napari_wbc.inference import Ensemble, load_any, load_ensemble
 from napari_wbc.models import files
 from napari_wbc.models.build import build_model
 from napari_wbc.models.files import (
     ModelConfig,
     clear_model_cache,
-    load_any,
-    load_ensemble,
     load_model,
     read_ensemble,
     read_model_config,

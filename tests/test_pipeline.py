@@ -1,14 +1,17 @@
 """Whole-smear classification: detection → crops → stain → ensemble, block by block."""
 
+import math
+
 import dask.array as da
 import numpy as np
 import pandas as pd
 import pytest
 
+from napari_wbc.detection import Detector
 from napari_wbc.errors import WBCError
-from napari_wbc.models.files import load_any
+from napari_wbc.inference import load_any
 from napari_wbc.pipeline import ClassifyConfig, differential_count, iter_classify_smear
-from napari_wbc.progress import run
+from napari_wbc.progress import Progress, run
 from napari_wbc.synthetic import make_sample_smear, sample_smear_truth
 
 
@@ -110,3 +113,88 @@ def test_differential_count():
     assert table["count"].tolist() == [3, 1, 0, 4]
     np.testing.assert_allclose(table["percent"], [75, 25, 0, 100])
     assert table["needs_review"].tolist() == [2, 0, 0, 2]
+
+
+class NucleusBlobs(Detector):
+    """A stand-in for a learned detector: connected blobs of nuclear stain, nothing shared."""
+
+    returned: list[int] = []  # rows returned per window, over all instances
+
+    def __init__(self, rbc_diameter_px: float | None = None):
+        self.rbc = rbc_diameter_px
+
+    def iter_prepare(self, image, rbc_diameter_px):
+        yield Progress("prepare", 1, 1, "blob detector ready")
+        return NucleusBlobs(rbc_diameter_px)
+
+    @property
+    def halo(self) -> int:
+        return math.ceil(2 * self.rbc)
+
+    def detect(self, window, origin):
+        from scipy import ndimage as ndi
+
+        from napari_wbc.pixels import nuclear_signal
+
+        labels, n = ndi.label(nuclear_signal(window, (235, 230, 235)) > 0.15)
+        index = np.arange(1, n + 1)
+        area = ndi.sum_labels(np.ones(labels.shape), labels, index)
+        centres = np.array(ndi.center_of_mass(np.ones(labels.shape), labels, index)).reshape(-1, 2)
+        keep = area >= 0.005 * self.rbc**2
+        table = pd.DataFrame(
+            {
+                "y": centres[keep, 0] + origin[0],
+                "x": centres[keep, 1] + origin[1],
+                "diameter": np.sqrt(4 * area[keep] / np.pi),
+                "kind": "wbc",
+            }
+        )
+        NucleusBlobs.returned.append(len(table))
+        return table
+
+
+def test_a_new_detector_runs_tiled_with_ownership_like_on_the_whole_image(sample, ensemble):
+    image, _ = sample
+    NucleusBlobs.returned = []
+    events = []
+    whole = run(
+        iter_classify_smear(
+            image, ensemble, ClassifyConfig(pixel_size_um=0.1, block=4096), detector=NucleusBlobs()
+        ),
+        events.append,
+    )
+    assert sum(NucleusBlobs.returned) == len(whole) > 10
+    assert [e.stage for e in events].count("prepare") == 1
+    NucleusBlobs.returned = []
+    lazy = da.from_array(image, chunks=((300, 77, image.shape[0] - 377), (640, 3, image.shape[1] - 643), 3))
+    tiled = run(
+        iter_classify_smear(
+            lazy, ensemble, ClassifyConfig(pixel_size_um=0.1, block=300), detector=NucleusBlobs()
+        )
+    )
+    # Several windows saw the same blobs; ownership kept each once.
+    assert len(NucleusBlobs.returned) > 4 and sum(NucleusBlobs.returned) > len(tiled)
+    key = ["y", "x"]
+    whole = whole.sort_values(key).reset_index(drop=True)
+    tiled = tiled.sort_values(key).reset_index(drop=True)
+    np.testing.assert_allclose(tiled[key], whole[key], atol=1e-6)
+    np.testing.assert_allclose(tiled["diameter"], whole["diameter"])
+    probs = [f"p_{c}" for c in ensemble.classes]
+    np.testing.assert_allclose(tiled[probs], whole[probs], atol=1e-4)
+    top2 = np.sort(whole[probs].to_numpy(), axis=1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > 1e-3
+    assert (tiled["class"][clear] == whole["class"][clear]).all()
+
+
+def test_user_pixel_size_wins_over_the_file_and_is_recorded(sample, ensemble):
+    image, _ = sample
+    points = np.array([[300.0, 400.0]])
+    config = ClassifyConfig(pixel_size_um=0.1)
+    cells = run(iter_classify_smear(image, ensemble, config, points=points, file_pixel_size_um=0.5))
+    assert cells.attrs["pixel_size_um"] == 0.1 and cells.attrs["scale_source"] == "user"
+    assert cells.attrs["rbc_diameter_px"] == pytest.approx(75.0)
+    from_file = run(
+        iter_classify_smear(image, ensemble, ClassifyConfig(), points=points, file_pixel_size_um=0.125)
+    )
+    assert from_file.attrs["pixel_size_um"] == 0.125 and from_file.attrs["scale_source"] == "file"
+    assert from_file.attrs["rbc_diameter_px"] == pytest.approx(60.0)

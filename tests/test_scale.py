@@ -13,7 +13,6 @@ from napari_wbc.scale import (
     RBC_DIAMETER_UM,
     ScaleError,
     estimate_rbc_diameter,
-    grid_windows,
     iter_estimate_rbc_diameter,
     resolve_scale,
 )
@@ -54,17 +53,6 @@ def test_iter_estimate_reports_progress_and_returns_estimate():
     assert events and all(isinstance(e, Progress) and e.stage == "scale" for e in events)
     assert events[-1].done == events[-1].total == 3
     assert result == estimate_rbc_diameter(image, window=512, max_windows=3)
-
-
-def test_grid_windows_depend_on_shape_only_and_stay_inside():
-    boxes = grid_windows((5000, 3000), window=1024, max_windows=6)
-    assert len(boxes) == 6
-    assert boxes == grid_windows((5000, 3000), window=1024, max_windows=6)
-    for y0, y1, x0, x1 in boxes:
-        assert 0 <= y0 < y1 <= 5000 and 0 <= x0 < x1 <= 3000
-        assert (y1 - y0, x1 - x0) == (1024, 1024)
-    # A small image is one window of its own size.
-    assert grid_windows((480, 640)) == [(0, 480, 0, 640)]
 
 
 def test_blank_image_raises_clear_error():

@@ -15,12 +15,12 @@ torch = pytest.importorskip("torch")
 from napari_wbc.datasets import balanced_subset, load_labelled_crops  # noqa: E402
 from napari_wbc.errors import DataError, WBCError  # noqa: E402
 from napari_wbc.models import load_model, read_model_config  # noqa: E402
+from napari_wbc.prediction import evaluate  # noqa: E402
 from napari_wbc.progress import run  # noqa: E402
 from napari_wbc.stain import default_reference  # noqa: E402
 from napari_wbc.training import (  # noqa: E402
     TrainConfig,
     checkpoint_dir,
-    evaluate,
     iter_train,
     train,
     validation_split,

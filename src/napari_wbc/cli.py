@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .cli_models import _drive, add_model_commands, smear_setup
+from .cli_models import add_model_commands, drive, smear_setup
 from .errors import WBCError
 from .progress import run
 from .stain import DEFAULT_METHOD, stain_methods
@@ -56,12 +56,12 @@ def cmd_normalize(args) -> int:
     reference = _load_reference(args.reference)
     smear = read_smear(args.input)
     try:
-        normalizer = _drive(
+        normalizer = drive(
             iter_prepare_normalizer(smear.levels, args.method, reference), args.quiet
         )
         out = normalize_array(smear.levels[0], normalizer)
         meta = {"napari_wbc": {"stain_method": args.method, "source": str(args.input)}}
-        path = _drive(
+        path = drive(
             iter_write_pyramid_tiff(
                 args.output, out, pixel_size_um=smear.pixel_size_um, tile=args.tile, metadata=meta
             ),
@@ -111,7 +111,7 @@ def cmd_classify(args) -> int:
         except OSError as exc:
             raise WBCError(f"cannot reach the dask scheduler at {args.scheduler}: {exc}") from exc
     try:
-        summary = _drive(
+        summary = drive(
             iter_classify_files(args.inputs, ensemble, args.output, config, formats, client),
             args.quiet,
         )

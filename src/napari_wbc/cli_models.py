@@ -1,8 +1,9 @@
 """Model subcommands of the ``napari-wbc`` command line: train, evaluate, predict.
 
 :func:`add_model_commands` adds them to the main parser's subparsers. Each
-command is a thin layer over :mod:`napari_wbc.training`; torch is imported only
-when a command runs, so ``napari-wbc --help`` stays fast.
+command is a thin layer over :mod:`napari_wbc.training` or
+:mod:`napari_wbc.prediction`; torch is imported only when a command runs, so
+``napari-wbc --help`` stays fast.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import DataError, WBCError
+from .models.files import default_model_path
 from .progress import Progress, TerminalBar, run
 
 __all__ = [
@@ -23,19 +25,13 @@ __all__ = [
     "cmd_evaluate",
     "cmd_predict",
     "cmd_train",
-    "default_model_path",
+    "drive",
     "member_paths",
+    "smear_setup",
 ]
 
 
-def default_model_path() -> Path:
-    """The model the plugin uses when none is named (see :mod:`napari_wbc.models.files`)."""
-    from .models.files import default_model_path as _default
-
-    return _default()
-
-
-def _drive(gen, quiet: bool, on_epoch=None):
+def drive(gen, quiet: bool, on_epoch=None):
     """Run a progress generator with a terminal bar; epoch events go to ``on_epoch``."""
     bar = None if quiet else TerminalBar()
 
@@ -77,7 +73,7 @@ def smear_setup(args, model, **options):
     Uses ``args.device``, ``args.pixel_size``, ``args.stain_normalization``
     and ``args.tta``; ``options`` are further :class:`ClassifyConfig` fields.
     """
-    from .models.files import load_any
+    from .inference import load_any
     from .pipeline import ClassifyConfig
 
     ensemble = load_any(model, device="cpu" if args.device == "auto" else args.device)
@@ -93,16 +89,18 @@ def smear_setup(args, model, **options):
 
 def _add_crop_model_options(p) -> None:
     """Options shared by the commands that classify crops (evaluate, predict)."""
+    from .preprocess import STAIN_MIN_CROPS, STAIN_SOURCES
+
     p.add_argument("--model", type=Path, help="model (.safetensors) or ensemble (.json)")
     p.add_argument("--tta", choices=("none", "flips", "d4"), help="default: the model's")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto")
     p.add_argument(
         "--stain-source",
-        choices=("auto", "fit", "training"),
+        choices=STAIN_SOURCES,
         default="auto",
         help="source stain statistics: fitted on these crops, the model's training "
-        "crops', or auto (fit when there are 32 crops or more)",
+        f"crops', or auto (fit when there are {STAIN_MIN_CROPS} crops or more)",
     )
 
 
@@ -117,7 +115,8 @@ def cmd_train(args) -> int:
     from .datasets import load_labelled_crops, long_tailed_subset
     from .models.files import read_model_config, save_ensemble
     from .models.registry import get_preset
-    from .training import TrainConfig, evaluate, iter_train, validation_split
+    from .prediction import evaluate
+    from .training import TrainConfig, iter_train, validation_split
 
     df = load_labelled_crops(args.data)
     if args.subtypes:
@@ -167,7 +166,7 @@ def cmd_train(args) -> int:
                 flush=True,
             )
 
-        written = _drive(iter_train(df, config, path, resume=args.resume), args.quiet, on_epoch)
+        written = drive(iter_train(df, config, path, resume=args.resume), args.quiet, on_epoch)
         print(f"{spec.name}: validation {_format_metrics(read_model_config(written).metrics)}")
 
     if ensemble is not None:
@@ -191,13 +190,13 @@ def cmd_train(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
+    from .prediction import iter_evaluate
     from .smears import is_box_table
-    from .training import iter_evaluate
 
     model = args.model or default_model_path()
     if args.data.suffix.lower() == ".csv" and is_box_table(args.data):
         return _evaluate_smears(args, model)
-    metrics = _drive(
+    metrics = drive(
         iter_evaluate(
             model,
             args.data,
@@ -235,7 +234,7 @@ def _evaluate_smears(args, model) -> int:
     from .smears import iter_evaluate_smears, load_boxes
 
     ensemble, config = smear_setup(args, model)
-    metrics = _drive(
+    metrics = drive(
         iter_evaluate_smears(load_boxes(args.data), ensemble, config), args.quiet or args.json
     )
     metrics["model"] = str(model)
@@ -261,12 +260,12 @@ def _evaluate_smears(args, model) -> int:
 
 
 def cmd_predict(args) -> int:
-    from .training import iter_classify_files, list_crop_files
+    from .prediction import iter_predict_crop_files, list_crop_files
 
     model = args.model or default_model_path()
     files = list_crop_files(args.crops)
-    result = _drive(
-        iter_classify_files(
+    result = drive(
+        iter_predict_crop_files(
             model, files, args.tta, args.batch_size, args.device, args.stain_source
         ),
         args.quiet or args.output is None,

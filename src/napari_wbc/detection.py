@@ -12,16 +12,25 @@ Every size is a multiple of the red-cell diameter, measured from the image
 (:mod:`napari_wbc.scale`) when the pixel size is unknown, and the work is done
 on a copy downsampled so that a red cell spans about 24 pixels.
 
-Images of any size are processed block by block on a fixed grid, each block
-read with a halo of more than 1.5 of the largest cell's diameter; a cell is
-reported only by the block holding its centre, so each cell comes out once and
-the result does not depend on the block size. The few image-wide numbers (the
-glass colour and the nuclear threshold) are measured once, on windows of a
-fixed grid, before the blocks are processed.
+Images of any size are processed block by block on the grid of
+:mod:`napari_wbc.tiling`, each block read with a halo of more than 1.5 of the
+largest cell's diameter; a cell is reported only by the block that owns its
+centre, so each cell comes out once and the result does not depend on the
+block size. The few image-wide numbers (the glass colour and the nuclear
+threshold) are measured once, on windows of a fixed grid, before the blocks
+are processed.
+
+A detector is any :class:`Detector`: prepared once per image
+(:meth:`Detector.iter_prepare`), then asked for the cells of one window at a
+time (:meth:`Detector.detect`), reading the halo it asks for
+(:attr:`Detector.halo`). :class:`ClassicalDetector` is the nuclear-stain
+detector above; a learned detector is another subclass, and the smear
+pipeline (:mod:`napari_wbc.pipeline`) runs either without knowing which.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass
@@ -31,24 +40,27 @@ import pandas as pd
 from scipy import ndimage as ndi
 
 from .errors import WBCError
-from .progress import Progress, ProgressGen, run
-from .scale import (
+from .pixels import (
     as_rgb_image,
     background_of,
     downsample,
     grid_windows,
-    iter_estimate_rbc_diameter,
     nuclear_signal,
     read_window,
-    resolve_scale,
 )
+from .progress import Progress, ProgressGen, run
+from .scale import iter_resolve_scale
+from .tiling import tile_grid
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "COLUMNS",
+    "ClassicalDetector",
     "DetectionError",
+    "Detector",
     "detect_cells",
+    "iter_detect",
     "iter_detect_cells",
     "match_detections",
 ]
@@ -139,46 +151,15 @@ def _otsu_threshold(values: np.ndarray, bounds: tuple[float, float]) -> float:
 
 def _iter_setup(
     rgb,
-    rbc_diameter_px,
-    pixel_size_um,
+    d: float,
     threshold,
     threshold_bounds,
     min_nucleus_area,
     include_platelets,
     max_windows,
 ) -> ProgressGen[_Setup]:
-    """Measure scale, glass colour and nuclear threshold on fixed-grid windows."""
-    if rbc_diameter_px is not None:
-        try:
-            d = float(rbc_diameter_px)
-        except (TypeError, ValueError):
-            raise DetectionError(
-                f"rbc_diameter_px must be a number of pixels; got {rbc_diameter_px!r}"
-            ) from None
-        if not math.isfinite(d) or d < 4:
-            raise DetectionError(
-                f"rbc_diameter_px={rbc_diameter_px!r} is too small; a red cell must span at "
-                "least 4 pixels to find white cells"
-            )
-    elif pixel_size_um is not None:
-        d = resolve_scale(pixel_size_um=pixel_size_um)
-        if d < 4:
-            raise DetectionError(
-                f"at {pixel_size_um} µm/px a red cell spans {d:.1f} px; white cells cannot "
-                "be found below 4 px per red cell"
-            )
-    else:
-        estimate = yield from iter_estimate_rbc_diameter(rgb, max_windows=max_windows)
-        d = estimate.rbc_diameter_px
+    """Measure glass colour and nuclear threshold on fixed-grid windows (red cell ``d`` px)."""
     lo, hi = (float(v) for v in threshold_bounds)
-    if not lo <= hi:
-        raise DetectionError(
-            f"threshold_bounds={threshold_bounds!r} must be (low, high), low <= high"
-        )
-    if min_nucleus_area <= 0:
-        raise DetectionError(
-            f"min_nucleus_area={min_nucleus_area} must be positive (in RBC diameters²)"
-        )
     factor = _working_factor(d)
     boxes = grid_windows(rgb.shape, 1024, max_windows)
     backgrounds, samples = [], []
@@ -353,17 +334,179 @@ def _empty() -> pd.DataFrame:
     return table
 
 
-def _block_grid(shape, block: int) -> list[tuple[int, int, int, int]]:
-    """Blocks ``(y0, y1, x0, x1)`` of a fixed grid covering the image."""
-    h, w = shape[:2]
-    return [
-        (y, min(y + block, h), x, min(x + block, w))
-        for y in range(0, h, block)
-        for x in range(0, w, block)
-    ]
+# -------------------------------------------------------------- detectors
+
+
+def _check_rbc_diameter(rbc_diameter_px) -> None:
+    """A given red-cell diameter must be a number of at least 4 pixels."""
+    if rbc_diameter_px is None:
+        return
+    try:
+        d = float(rbc_diameter_px)
+    except (TypeError, ValueError):
+        raise DetectionError(
+            f"rbc_diameter_px must be a number of pixels; got {rbc_diameter_px!r}"
+        ) from None
+    if not math.isfinite(d) or d < 4:
+        raise DetectionError(
+            f"rbc_diameter_px={rbc_diameter_px!r} is too small; a red cell must span at "
+            "least 4 pixels to find white cells"
+        )
+
+
+class Detector:
+    """What finds cells in a smear, window by window; subclass it for a new detector.
+
+    The smear pipeline and :func:`iter_detect` use a detector in three steps:
+
+    1. ``prepared = yield from detector.iter_prepare(image, rbc_diameter_px)``
+       once per image: measure whatever every window must share (a
+       threshold, the glass colour) and return a detector ready for that
+       image. It may yield :class:`~napari_wbc.progress.Progress` events.
+    2. Read the halo it asks for: ``prepared.halo`` pixels around each block,
+       with window origins on multiples of ``prepared.align``.
+    3. ``prepared.detect(window, origin)`` for each in-memory window whose
+       top-left pixel is ``origin`` in the image: a table with at least
+       ``y``, ``x`` (the centre, full-image pixels) and ``diameter`` (px),
+       optionally ``kind`` ("wbc" rows are classified). The caller keeps
+       the cells the window's tile owns (:mod:`napari_wbc.tiling`), so a
+       detector reports everything it sees and need not deduplicate.
+
+    A detector must find the same cell at the same place in any window that
+    holds the cell and its halo; then a tiled run equals a whole-image run.
+    Prepared detectors are pickled to dask workers, so keep them small.
+    """
+
+    #: Window origins must be multiples of this many pixels.
+    align: int = 1
+
+    def iter_prepare(self, image, rbc_diameter_px: float) -> ProgressGen[Detector]:
+        """Measure image-wide settings once; the default needs none and returns self."""
+        return self
+        yield  # a generator, like every iter_ function
+
+    @property
+    def halo(self) -> int:
+        """Pixels of context needed around a block to find every cell centred in it."""
+        raise NotImplementedError
+
+    def detect(self, window: np.ndarray, origin: tuple[int, int]) -> pd.DataFrame:
+        """Cells found in one (Y, X, 3) uint8 window, in full-image coordinates."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class ClassicalDetector(Detector):
+    """White cells by their nuclear stain (this module's method); see :func:`detect_cells`.
+
+    Parameters are those of :func:`detect_cells`. :meth:`iter_prepare` fixes
+    the glass colour and the nuclear threshold for the whole image.
+    """
+
+    threshold: float | None = None
+    threshold_bounds: tuple[float, float] = THRESHOLD_BOUNDS
+    min_nucleus_area: float = MIN_NUCLEUS_AREA
+    include_platelets: bool = False
+    max_windows: int = 16
+    setup: _Setup | None = None
+
+    def __post_init__(self):
+        lo, hi = (float(v) for v in self.threshold_bounds)
+        if not lo <= hi:
+            raise DetectionError(
+                f"threshold_bounds={self.threshold_bounds!r} must be (low, high), low <= high"
+            )
+        if self.min_nucleus_area <= 0:
+            raise DetectionError(
+                f"min_nucleus_area={self.min_nucleus_area} must be positive (in RBC diameters²)"
+            )
+
+    def iter_prepare(self, image, rbc_diameter_px: float) -> ProgressGen[ClassicalDetector]:
+        setup = yield from _iter_setup(
+            as_rgb_image(image),
+            float(rbc_diameter_px),
+            self.threshold,
+            self.threshold_bounds,
+            self.min_nucleus_area,
+            self.include_platelets,
+            self.max_windows,
+        )
+        return dataclasses.replace(self, setup=setup)
+
+    def _ready(self) -> _Setup:
+        if self.setup is None:
+            raise DetectionError("prepare the detector on the image first (iter_prepare)")
+        return self.setup
+
+    @property
+    def align(self) -> int:
+        return self._ready().factor
+
+    @property
+    def halo(self) -> int:
+        setup = self._ready()
+        f = setup.factor
+        return math.ceil(_HALO_CELLS * _MAX_CELL * setup.rbc_diameter / f) * f
+
+    def detect(self, window: np.ndarray, origin: tuple[int, int]) -> pd.DataFrame:
+        setup = self._ready()
+        if origin[0] % setup.factor or origin[1] % setup.factor:
+            raise DetectionError(
+                f"window origin {origin} is not on the {setup.factor}-px working grid"
+            )
+        return _detect_block(np.asarray(window), origin, setup)
 
 
 # -------------------------------------------------------------- public API
+
+
+def iter_detect(
+    image, detector: Detector, rbc_diameter_px: float, block: int = 2048
+) -> ProgressGen[pd.DataFrame]:
+    """Run any detector block by block over an image of any size; returns the cell table.
+
+    Parameters
+    ----------
+    image : array-like, dask array or Smear
+        ``(Y, X, 3)`` RGB smear; dask arrays are read window by window.
+    detector : Detector
+        Not yet prepared; it is prepared here on ``image``.
+    rbc_diameter_px : float
+        Red-cell diameter in pixels.
+    block : int
+        Edge of the blocks (rounded down to the detector's ``align``).
+
+    Yields
+    ------
+    Progress
+        The detector's preparation, then stage "detect", one event per block.
+    """
+    rgb = as_rgb_image(image)
+    if int(block) < 64:
+        raise DetectionError(f"block={block} px is too small; use at least 64 (default 2048)")
+    detector = yield from detector.iter_prepare(rgb, rbc_diameter_px)
+    align = detector.align
+    # Blocks on the detector's grid, so every block downsamples the same
+    # pixel groups as a single whole-image block would.
+    block = max(align, int(block) // align * align)
+    h, w = rgb.shape[:2]
+    tiles = tile_grid((h, w), block, detector.halo, align)
+    tables = []
+    for tile in tiles:
+        found = tile.select(detector.detect(read_window(rgb, tile.window), tile.origin))
+        if len(found):
+            tables.append(found)
+        yield Progress("detect", tile.index + 1, len(tiles), f"{sum(map(len, tables))} cells found")
+    if not tables:
+        return _empty()
+    table = pd.concat(tables, ignore_index=True)
+    for c in ("bbox_y0", "bbox_y1"):
+        if c in table:
+            table[c] = table[c].clip(0, h)
+    for c in ("bbox_x0", "bbox_x1"):
+        if c in table:
+            table[c] = table[c].clip(0, w)
+    return table.sort_values(["y", "x"], kind="stable").reset_index(drop=True)
 
 
 def iter_detect_cells(
@@ -386,46 +529,23 @@ def iter_detect_cells(
     rgb = as_rgb_image(image)
     if int(block) < 64:
         raise DetectionError(f"block={block} px is too small; use at least 64 (default 2048)")
-    setup = yield from _iter_setup(
-        rgb,
-        rbc_diameter_px,
-        pixel_size_um,
-        threshold,
-        threshold_bounds,
-        min_nucleus_area,
-        include_platelets,
-        max_windows,
+    detector = ClassicalDetector(
+        threshold=threshold,
+        threshold_bounds=threshold_bounds,
+        min_nucleus_area=min_nucleus_area,
+        include_platelets=include_platelets,
+        max_windows=max_windows,
     )
-    f = setup.factor
-    # Blocks and halos on the factor grid, so every block downsamples the same
-    # pixel groups as a single whole-image block would.
-    block = max(f, int(block) // f * f)
-    halo = math.ceil(_HALO_CELLS * _MAX_CELL * setup.rbc_diameter / f) * f
-    h, w = rgb.shape[:2]
-    blocks = _block_grid((h, w), block)
-    tables = []
-    for i, (y0, y1, x0, x1) in enumerate(blocks):
-        ry0, rx0 = max(y0 - halo, 0), max(x0 - halo, 0)
-        ry1, rx1 = min(y1 + halo, h), min(x1 + halo, w)
-        found = _detect_block(read_window(rgb, (ry0, ry1, rx0, rx1)), (ry0, rx0), setup)
-        # The block holding a cell's centre reports it, and no other.
-        own = (
-            (found.y >= y0 - 0.5)
-            & (found.y < y1 - 0.5)
-            & (found.x >= x0 - 0.5)
-            & (found.x < x1 - 0.5)
+    _check_rbc_diameter(rbc_diameter_px)
+    scale = yield from iter_resolve_scale(
+        rgb, pixel_size_um, rbc_diameter_px=rbc_diameter_px, max_windows=max_windows
+    )
+    if scale.source == "user" and scale.rbc_diameter_px < 4:
+        raise DetectionError(
+            f"at {pixel_size_um} µm/px a red cell spans {scale.rbc_diameter_px:.1f} px; white "
+            "cells cannot be found below 4 px per red cell"
         )
-        if own.any():
-            tables.append(found[own])
-        yield Progress("detect", i + 1, len(blocks), f"{sum(len(t) for t in tables)} cells found")
-    if not tables:
-        return _empty()
-    table = pd.concat(tables, ignore_index=True)
-    for c in ("bbox_y0", "bbox_y1"):
-        table[c] = table[c].clip(0, h)
-    for c in ("bbox_x0", "bbox_x1"):
-        table[c] = table[c].clip(0, w)
-    table = table.sort_values(["y", "x"], kind="stable").reset_index(drop=True)
+    table = yield from iter_detect(rgb, detector, scale.rbc_diameter_px, block)
     return table[COLUMNS]
 
 
@@ -582,59 +702,3 @@ def match_detections(detections: pd.DataFrame, boxes, by: str = "distance") -> d
         "f1": f1,
         "pairs": sorted(pairs),
     }
-
-
-# ------------------------------------------------ for callers that tile themselves
-
-#: Image-wide detection settings (scale, glass colour, nuclear threshold).
-DetectionSetup = _Setup
-
-
-def iter_prepare_detection(
-    image,
-    rbc_diameter_px: float | None = None,
-    pixel_size_um: float | None = None,
-    *,
-    threshold: float | None = None,
-    threshold_bounds: tuple[float, float] = THRESHOLD_BOUNDS,
-    min_nucleus_area: float = MIN_NUCLEUS_AREA,
-    include_platelets: bool = False,
-    max_windows: int = 16,
-) -> ProgressGen[DetectionSetup]:
-    """Measure the image-wide detection settings once, for :func:`detect_in_window`.
-
-    Callers that walk the image block by block themselves (the classification
-    pipeline) use this so that every block applies the same threshold.
-    """
-    setup = yield from _iter_setup(
-        as_rgb_image(image),
-        rbc_diameter_px,
-        pixel_size_um,
-        threshold,
-        threshold_bounds,
-        min_nucleus_area,
-        include_platelets,
-        max_windows,
-    )
-    return setup
-
-
-def detect_in_window(
-    rgb: np.ndarray, origin: tuple[int, int], setup: DetectionSetup
-) -> pd.DataFrame:
-    """Cells found in one in-memory window whose top-left pixel is ``origin``.
-
-    Coordinates are global. ``origin`` must lie on the ``setup.factor`` grid
-    (see :func:`align_to_grid`) so that every window sees the same pixels
-    at the working scale; the caller decides which window owns each cell.
-    """
-    if origin[0] % setup.factor or origin[1] % setup.factor:
-        raise DetectionError(
-            f"window origin {origin} is not on the {setup.factor}-px working grid"
-        )
-    return _detect_block(np.asarray(rgb), origin, setup)
-
-
-def align_to_grid(value: int, setup: DetectionSetup) -> int:
-    """Round a window coordinate down onto the working grid."""
-    return int(value) - int(value) % setup.factor

@@ -19,3 +19,7 @@ class ModelFileError(WBCError, ValueError):
 
 class DataError(WBCError, ValueError):
     """A training or evaluation data set is malformed."""
+
+
+class ScaleError(WBCError, ValueError):
+    """The red-cell size cannot be measured, or a given scale is unusable."""

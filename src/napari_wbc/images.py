@@ -26,7 +26,7 @@ from pathlib import Path
 import dask.array as da
 import numpy as np
 
-from .errors import ImageReadError
+from .errors import DataError, ImageReadError
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +87,49 @@ class Smear:
 def is_supported(path: str | Path) -> bool:
     """True when the file name has an extension napari-wbc reads."""
     return str(path).lower().endswith(SUPPORTED_SUFFIXES)
+
+
+def list_image_files(
+    items, recursive: bool = False, suffixes: tuple[str, ...] = SUPPORTED_SUFFIXES
+) -> list[Path]:
+    """Image files named in ``items``: files as given, folders searched (sorted).
+
+    Parameters
+    ----------
+    items : iterable of path-like
+        Files and folders.
+    recursive : bool
+        Search folders recursively (crop trees) or only their top level (smears).
+    suffixes : tuple of str
+        File name endings (lower case) that count as images in folders;
+        hidden files are skipped.
+
+    Raises
+    ------
+    DataError
+        When an item does not exist or nothing is found.
+    """
+    items = [Path(item) for item in items]
+    out: list[Path] = []
+    for item in items:
+        if item.is_dir():
+            found = item.rglob("*") if recursive else item.iterdir()
+            out += sorted(
+                p
+                for p in found
+                if p.is_file()
+                and p.name.lower().endswith(suffixes)
+                and not p.name.startswith(".")
+            )
+        elif item.is_file():
+            out.append(item)
+        else:
+            raise DataError(f"{item} does not exist")
+    if not out:
+        raise DataError(
+            f"no images ({', '.join(suffixes)}) found in {', '.join(map(str, items))}"
+        )
+    return out
 
 
 def read_smear(path: str | Path, chunk: int = 1024) -> Smear:

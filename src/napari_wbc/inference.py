@@ -11,8 +11,10 @@ the dihedral group D4 (4 rotations × optional mirror) is the natural TTA set.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -22,7 +24,14 @@ import torch.nn.functional as F
 
 from napari_wbc.errors import DataError, ModelFileError, WBCError
 from napari_wbc.models.build import get_device
-from napari_wbc.models.files import ModelConfig, class_difference
+from napari_wbc.models.files import (
+    ModelConfig,
+    check_members_agree,
+    check_tta,
+    load_model,
+    read_ensemble,
+)
+from napari_wbc.preprocess import Preprocessor
 from napari_wbc.progress import Progress, ProgressGen, run
 
 logger = logging.getLogger(__name__)
@@ -115,20 +124,11 @@ class Ensemble:
             raise ModelFileError("an ensemble needs at least one member model")
         if self.tta not in TTA_SETS:
             raise WBCError(f"unknown TTA set {self.tta!r}; use one of {', '.join(TTA_SETS)}")
-        first = self.members[0].config
-        for i, member in enumerate(self.members[1:], start=1):
-            diff = class_difference(first.classes, member.config.classes)
-            if diff:
-                raise ModelFileError(
-                    f"ensemble members 0 ({first.name}) and {i} ({member.config.name}) have "
-                    f"different classes: {diff}"
-                )
-            ratio = member.config.spec.fov_rbc / first.spec.fov_rbc
-            if abs(ratio - 1) > 1e-6:
-                raise ModelFileError(
-                    f"ensemble members 0 ({first.name}) and {i} ({member.config.name}) see "
-                    "different fields of view; they cannot classify the same crops"
-                )
+        check_members_agree(
+            [f"{i} ({m.config.name})" for i, m in enumerate(self.members)],
+            [m.config for m in self.members],
+        )
+        for i, member in enumerate(self.members):
             if member.weight <= 0:
                 raise ModelFileError(f"member {i} has weight {member.weight}; must be positive")
         stains = {repr(m.config.stain) for m in self.members}
@@ -164,6 +164,16 @@ class Ensemble:
         return self.members[0].config.stain
 
     @property
+    def stain_method(self) -> str:
+        """Stain normalization method the members were trained with (first member's)."""
+        return self.preprocessor.stain_method
+
+    @cached_property
+    def preprocessor(self) -> Preprocessor:
+        """How raw crops or a smear become this ensemble's input (stain, field of view)."""
+        return Preprocessor.from_configs([m.config for m in self.members])
+
+    @property
     def weights(self) -> np.ndarray:
         """Member weights normalised to sum to 1."""
         w = np.array([m.weight for m in self.members], dtype=np.float64)
@@ -190,6 +200,56 @@ def _model_device(model: torch.nn.Module) -> torch.device:
     for param in model.parameters():
         return param.device
     return torch.device("cpu")
+
+
+# --- loading --------------------------------------------------------------------
+
+
+def load_ensemble(path: str | os.PathLike, device: str | torch.device = "cpu") -> Ensemble:
+    """Load an ensemble file and its member models (through the model cache).
+
+    Raises
+    ------
+    ModelFileError
+        When the ensemble file or a member is invalid, or members disagree
+        on classes or field of view.
+    """
+    path = Path(path)
+    ens = read_ensemble(path)
+    members = []
+    for ref in ens.members:
+        try:
+            model, config = load_model(ref.path, device)
+        except ModelFileError as exc:
+            raise ModelFileError(f"ensemble {path}: member {ref.path}: {exc}") from exc
+        members.append(EnsembleMember(model, config, ref.weight))
+    check_members_agree([m.path for m in ens.members], [m.config for m in members])
+    return Ensemble(
+        members, tta=ens.tta, name=ens.name, metrics=ens.metrics, notes=ens.notes, path=path
+    )
+
+
+def load_any(
+    path: str | os.PathLike, device: str | torch.device = "cpu", tta: str = "d4"
+) -> Ensemble:
+    """Load a model file or an ensemble file as an :class:`Ensemble`.
+
+    A ``.json`` file is read as an ensemble file; anything else as a model
+    file, which becomes a one-member ensemble using the TTA set ``tta``.
+    """
+    path = Path(path)
+    if path.suffix.lower() == ".json":
+        return load_ensemble(path, device)
+    check_tta(tta, path)
+    model, config = load_model(path, device)
+    return Ensemble(
+        [EnsembleMember(model, config, 1.0)],
+        tta=tta,
+        name=config.name,
+        metrics=config.metrics,
+        notes=config.notes,
+        path=path,
+    )
 
 
 # --- prediction -----------------------------------------------------------------

@@ -1,12 +1,18 @@
 """Classify the white cells of a whole smear, block by block.
 
-One pass over the image: each block of a fixed grid is read once with a halo
-wide enough for a whole crop around any cell whose centre lies in the block;
-cells are detected in it (or taken from the user's points / labels), the ones
-whose centre the block owns are kept, their crops are cut from the block in
-memory, stain-normalized with the model's reference, and classified by the
-ensemble with test-time augmentation. Memory is bounded by one block, however
-large the slide.
+The data flow of :func:`iter_classify_smear`::
+
+    image ─ scale (napari_wbc.scale.iter_resolve_scale: user > file > red cells)
+          ─ model input (ensemble.preprocessor: crop side, stain fitted once)
+          ─ detector, prepared once (napari_wbc.detection.Detector)
+          ─ tiles (napari_wbc.tiling: block grid, halo, one ownership rule)
+              per tile: read the window → detect (or take the given cells)
+              → keep the cells the tile owns → cut and normalise their crops
+              → ensemble with test-time augmentation → table rows
+          ─ one table, with the scale in ``df.attrs``
+
+Memory is bounded by one block with its halo, however large the slide; the
+result does not depend on the block size.
 """
 
 from __future__ import annotations
@@ -15,17 +21,16 @@ import logging
 import math
 from dataclasses import dataclass, field
 
-import dask.array as da
 import numpy as np
 import pandas as pd
 
 from .errors import WBCError
-from .images import cut_square
+from .pixels import as_dask_rgb
 from .progress import Progress, ProgressGen
+from .scale import iter_resolve_scale
+from .tiling import Tile, tile_grid
 
 log = logging.getLogger(__name__)
-
-RBC_DIAMETER_UM = 7.5
 
 
 @dataclass
@@ -35,13 +40,15 @@ class ClassifyConfig:
     Attributes
     ----------
     pixel_size_um : float or None
-        Micrometres per pixel; None estimates the scale from the red cells.
+        The user's micrometres per pixel; None takes the file's, else
+        measures the red cells (:func:`napari_wbc.scale.iter_resolve_scale`).
     rbc_diameter_px : float or None
         Red-cell diameter in pixels, overriding ``pixel_size_um``.
     stain_normalize : bool
         Map the image's stains onto the model's reference before classifying.
     stain_method : str or None
-        "macenko" or "reinhard"; None uses the method the model was trained with.
+        A stain method of :mod:`napari_wbc.stain`; None uses the one the model
+        was trained with.
     tta : str or None
         Test-time augmentation ("none", "flips", "d4"); None uses the model's.
     block : int
@@ -70,32 +77,6 @@ class ClassifyConfig:
     extra: dict = field(default_factory=dict)
 
 
-def _as_dask(image) -> da.Array:
-    if isinstance(image, da.Array):
-        return image
-    arr = np.asarray(image)
-    if arr.ndim != 3 or arr.shape[-1] != 3 or arr.dtype != np.uint8:
-        raise WBCError(f"expected an 8-bit RGB image (Y, X, 3), got {arr.dtype} {arr.shape}")
-    return da.from_array(arr, chunks=(2048, 2048, 3))
-
-
-def iter_resolve_scale(image, config: ClassifyConfig) -> ProgressGen[tuple[float, str]]:
-    """The red-cell diameter in pixels and how it was obtained."""
-    if config.rbc_diameter_px:
-        return float(config.rbc_diameter_px), "given red-cell diameter"
-    if config.pixel_size_um:
-        return RBC_DIAMETER_UM / config.pixel_size_um, f"pixel size {config.pixel_size_um:g} µm"
-    from .scale import iter_estimate_rbc_diameter
-
-    estimate = yield from iter_estimate_rbc_diameter(image)
-    return float(estimate.rbc_diameter_px), f"estimated from {estimate.n_cells} red cells"
-
-
-def _crop_side(ensemble, rbc_px: float) -> int:
-    """Side of one crop in image pixels: the model's field of view at this scale."""
-    return max(round(ensemble.fov_rbc * rbc_px), 8)
-
-
 def iter_classify_smear(
     image,
     ensemble,
@@ -104,15 +85,17 @@ def iter_classify_smear(
     labels=None,
     client=None,
     source_path=None,
+    file_pixel_size_um: float | None = None,
+    detector=None,
 ) -> ProgressGen[pd.DataFrame]:
     """Find and classify the white cells of a smear of any size.
 
     Parameters
     ----------
-    image : ndarray or dask array
+    image : ndarray, dask array or Smear
         Full-resolution (Y, X, 3) uint8 RGB.
     ensemble : napari_wbc.inference.Ensemble
-        The classifier (see :func:`napari_wbc.models.files.load_any`).
+        The classifier (see :func:`napari_wbc.inference.load_any`).
     config : ClassifyConfig
     points : ndarray (N, 2), optional
         Cell centres (y, x) in pixels to classify instead of detecting.
@@ -125,6 +108,13 @@ def iter_classify_smear(
         must be reachable from the workers.
     source_path : path, optional
         The image file, needed with ``client``.
+    file_pixel_size_um : float, optional
+        The pixel size the image file records; used when ``config`` gives no
+        scale (see :func:`napari_wbc.scale.iter_resolve_scale`). Taken from
+        ``image`` when it is a Smear.
+    detector : napari_wbc.detection.Detector, optional
+        What finds the cells; default the nuclear-stain
+        :class:`~napari_wbc.detection.ClassicalDetector`.
 
     Yields
     ------
@@ -137,81 +127,61 @@ def iter_classify_smear(
     -------
     DataFrame
         One row per cell: y, x, diameter, class, confidence, needs_review,
-        disagreement, p_<class> for every class, plus the scale used in
-        ``df.attrs``.
+        disagreement, p_<class> for every class. ``df.attrs`` holds the scale
+        used (``rbc_diameter_px``, ``pixel_size_um`` when known, ``scale``,
+        ``scale_source``), ``crop_px``, ``stain_normalized`` and ``classes``.
     """
     config = config or ClassifyConfig()
-    arr = _as_dask(image)
+    if file_pixel_size_um is None and hasattr(image, "levels"):
+        file_pixel_size_um = image.pixel_size_um
+    arr = as_dask_rgb(image)
     height, width = arr.shape[:2]
-    rbc_px, scale_note = yield from iter_resolve_scale(arr, config)
-    side = _crop_side(ensemble, rbc_px)
-    yield Progress("scale", 1, 1, f"red cell ≈ {rbc_px:.0f} px ({scale_note}); crops {side} px")
-
-    normalizer = None
-    if config.stain_normalize and ensemble.stain is not None:
-        from .stain import StainReference, iter_prepare_normalizer
-
-        method = config.stain_method or ensemble.members[0].config.training.get(
-            "stain_method", "macenko"
-        )
-        try:
-            normalizer = yield from iter_prepare_normalizer(
-                [arr], method, StainReference.from_dict(ensemble.stain)
-            )
-        except WBCError as exc:
-            raise WBCError(f"{exc}; or classify without stain normalization") from exc
+    scale = yield from iter_resolve_scale(
+        arr,
+        config.pixel_size_um,
+        file_pixel_size_um,
+        config.rbc_diameter_px,
+    )
+    rbc_px = scale.rbc_diameter_px
+    model_input = yield from ensemble.preprocessor.iter_prepare_smear(
+        [arr], rbc_px, config.stain_normalize, config.stain_method
+    )
+    side = model_input.side
+    yield Progress("scale", 1, 1, f"red cell ≈ {rbc_px:.0f} px ({scale.note}); crops {side} px")
 
     given = _given_cells(points, labels, height, width)
-    detector = None
+    halo, align = math.ceil(side / 2 + 3 * rbc_px), 1
     if given is None:
-        from .detection import iter_prepare_detection
+        from .detection import ClassicalDetector
 
-        # One threshold and glass colour for the whole image: blocks agree.
-        detector = yield from iter_prepare_detection(arr, rbc_diameter_px=rbc_px)
-    halo = math.ceil(side / 2 + 3 * rbc_px)
-    step = max(int(config.block), side)
-    grid = [(y, x) for y in range(0, height, step) for x in range(0, width, step)]
+        # Prepared once for the whole image (threshold, glass colour): blocks agree.
+        detector = yield from (detector or ClassicalDetector()).iter_prepare(arr, rbc_px)
+        halo, align = max(halo, detector.halo), detector.align
+    else:
+        detector = None
+    tiles = tile_grid((height, width), max(int(config.block), side), halo, align)
     classes = list(ensemble.classes)
     counts = dict.fromkeys(classes, 0)
     tables = []
 
-    def windows():
-        for y0, x0 in grid:
-            own_box = (y0, x0, min(y0 + step, height), min(x0 + step, width))
-            wy0, wx0 = max(y0 - halo, 0), max(x0 - halo, 0)
-            if detector is not None:
-                from .detection import align_to_grid
-
-                wy0, wx0 = align_to_grid(wy0, detector), align_to_grid(wx0, detector)
-            window = (wy0, wx0, min(own_box[2] + halo, height), min(own_box[3] + halo, width))
-            own = None if given is None else _inside(given, own_box)
-            yield own_box, window, own
+    def jobs():
+        for tile in tiles:
+            own = None if given is None else tile.select(given)
+            yield tile, own
 
     def local_results():
-        for own_box, (wy0, wx0, wy1, wx1), own in windows():
+        for tile, own in jobs():
             if own is not None and own.empty:
                 yield None
                 continue
-            block = np.asarray(arr[wy0:wy1, wx0:wx1].compute())
-            yield classify_block(
-                block,
-                (wy0, wx0),
-                own_box,
-                ensemble,
-                normalizer,
-                rbc_px,
-                side,
-                config,
-                own,
-                detector,
-            )
+            y0, y1, x0, x1 = tile.window
+            window = np.asarray(arr[y0:y1, x0:x1].compute())
+            yield classify_tile(window, tile, ensemble, model_input, config, own, detector)
 
     if client is None:
         results = local_results()
     else:
-        results = _iter_remote(
-            client, source_path, ensemble, normalizer, rbc_px, side, config, windows(), detector
-        )
+        results = _iter_remote(client, source_path, ensemble, model_input, config, jobs(), detector)
     for i, table in enumerate(results):
         if table is not None and len(table):
             tables.append(table)
@@ -220,7 +190,7 @@ def iter_classify_smear(
         info = {"counts": dict(counts)}
         if table is not None and len(table):
             info["cells"] = table
-        yield Progress("blocks", i + 1, len(grid), f"{sum(counts.values())} cells", info)
+        yield Progress("blocks", i + 1, len(tiles), f"{sum(counts.values())} cells", info)
     columns = ["y", "x", "diameter", "class", "confidence", "disagreement", "needs_review"]
     cells = (
         pd.concat(tables, ignore_index=True)
@@ -229,54 +199,45 @@ def iter_classify_smear(
     )
     cells.attrs.update(
         rbc_diameter_px=rbc_px,
-        scale=scale_note,
+        pixel_size_um=scale.pixel_size_um,
+        scale=scale.note,
+        scale_source=scale.source,
         crop_px=side,
-        stain_normalized=normalizer is not None,
+        stain_normalized=model_input.normalizer is not None,
         classes=classes,
     )
     return cells
 
 
-def _inside(cells: pd.DataFrame, box) -> pd.DataFrame:
-    """Cells whose centre lies in the half-open box (y0, x0, y1, x1): ownership."""
-    y0, x0, y1, x1 = box
-    return cells[(cells.y >= y0) & (cells.y < y1) & (cells.x >= x0) & (cells.x < x1)]
-
-
-def classify_block(
-    block: np.ndarray,
-    origin: tuple[int, int],
-    own_box: tuple[int, int, int, int],
+def classify_tile(
+    window: np.ndarray,
+    tile: Tile,
     ensemble,
-    normalizer,
-    rbc_px: float,
-    side: int,
+    model_input,
     config: ClassifyConfig,
     own: pd.DataFrame | None = None,
     detector=None,
-) -> pd.DataFrame:
-    """Detect (unless ``own`` cells are given) and classify the cells one block owns.
+) -> pd.DataFrame | None:
+    """Detect (unless ``own`` cells are given) and classify the cells one tile owns.
 
-    ``block`` is the block with its halo, in memory, whose top-left pixel is
-    ``origin`` in the full image; ``own_box`` is the part of the image this
-    block owns. Returns the owned cells in full-image coordinates.
+    ``window`` is the tile's window (the block with its halo) in memory.
+    Returns the owned cells in full-image coordinates, or None when there are
+    none.
     """
     from .inference import disagreement, predict_crops
+    from .models.build import get_device
 
-    hy0, hx0 = origin
     if own is None:
-        from .detection import detect_in_window
-
-        found = detect_in_window(block, (hy0, hx0), detector)
-        own = _inside(found[found["kind"] == "wbc"], own_box)
+        found = detector.detect(window, tile.origin)
+        if "kind" in found:
+            found = found[found["kind"] == "wbc"]
+        own = tile.select(found)
     if own.empty:
         return None
-    crops = np.stack(
-        [cut_square(block, cy - hy0, cx - hx0, side) for cy, cx in zip(own.y, own.x, strict=True)]
+    crops = model_input.crops(window, tile.origin, own.y, own.x)
+    result = predict_crops(
+        ensemble, crops, config.batch_size, config.tta, get_device(config.device)
     )
-    if normalizer is not None:
-        crops = normalizer(crops)
-    result = predict_crops(ensemble, crops, config.batch_size, config.tta, _device(config))
     classes = list(ensemble.classes)
     table = pd.DataFrame(
         {
@@ -296,41 +257,34 @@ def classify_block(
     return table
 
 
-def _remote_block(
-    path, window, own_box, model_path, normalizer, rbc_px, side, config, own, detector
-):
-    """Run one block on a dask worker: read its window from the file, classify."""
+def _remote_tile(path, tile, model_path, model_input, config, own, detector):
+    """Run one tile on a dask worker: read its window from the file, classify."""
     from .images import read_smear
-    from .models.files import load_any
+    from .inference import load_any
 
     smear = read_smear(path)
     try:
-        y0, x0, y1, x1 = window
-        block = np.asarray(smear.levels[0][y0:y1, x0:x1].compute(scheduler="sync"))
+        y0, y1, x0, x1 = tile.window
+        window = np.asarray(smear.levels[0][y0:y1, x0:x1].compute(scheduler="sync"))
     finally:
         smear.close()
     ensemble = load_any(model_path, device="cpu")
-    return classify_block(
-        block, (y0, x0), own_box, ensemble, normalizer, rbc_px, side, config, own, detector
-    )
+    return classify_tile(window, tile, ensemble, model_input, config, own, detector)
 
 
-def _iter_remote(
-    client, source_path, ensemble, normalizer, rbc_px, side, config, windows, detector
-):
-    """Submit every block to the cluster; yield tables as they complete."""
+def _iter_remote(client, source_path, ensemble, model_input, config, jobs, detector):
+    """Submit every tile to the cluster; yield tables as they complete."""
     from dask.distributed import as_completed
 
     if source_path is None or ensemble.path is None:
         raise WBCError("running on a cluster needs the image and the model as files")
     futures = [
         client.submit(
-            _remote_block,
-            *(str(source_path), w, own_box, str(ensemble.path), normalizer),
-            *(rbc_px, side, config, own, detector),
+            _remote_tile,
+            *(str(source_path), tile, str(ensemble.path), model_input, config, own, detector),
             pure=False,
         )
-        for own_box, w, own in windows
+        for tile, own in jobs
     ]
     try:
         for future in as_completed(futures):
@@ -338,12 +292,6 @@ def _iter_remote(
     finally:
         for future in futures:
             future.cancel()
-
-
-def _device(config: ClassifyConfig):
-    from .models.build import get_device
-
-    return get_device(config.device)
 
 
 def _given_cells(points, labels, height: int, width: int) -> pd.DataFrame | None:

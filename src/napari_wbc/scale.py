@@ -30,25 +30,30 @@ import logging
 import math
 from dataclasses import dataclass
 
-import dask.array as da
 import numpy as np
 from scipy import ndimage as ndi
 
-from .errors import WBCError
+from .errors import ScaleError
+from .pixels import (
+    as_rgb_image,
+    background_of,
+    downsample,
+    grid_windows,
+    nuclear_signal,
+    read_window,
+)
 from .progress import Progress, ProgressGen, run
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "RBC_DIAMETER_UM",
+    "Scale",
     "ScaleError",
     "ScaleEstimate",
-    "as_rgb_image",
-    "downsample",
     "estimate_rbc_diameter",
-    "grid_windows",
     "iter_estimate_rbc_diameter",
-    "nuclear_signal",
+    "iter_resolve_scale",
     "resolve_scale",
 ]
 
@@ -68,10 +73,6 @@ _MIN_CONTRAST = 0.03
 #: when measuring for real.
 _COARSE_FACTOR = 4
 _WORKING_DIAMETER_PX = 64.0
-
-
-class ScaleError(WBCError, ValueError):
-    """The red-cell size cannot be measured, or a given scale is unusable."""
 
 
 @dataclass(frozen=True)
@@ -99,75 +100,6 @@ class ScaleEstimate:
 # ----------------------------------------------------------------- helpers
 
 
-def as_rgb_image(image, name: str = "image"):
-    """The (Y, X, 3) uint8 array behind ``image`` (numpy, dask or a Smear), not computed."""
-    if hasattr(image, "levels"):  # a napari_wbc.images.Smear
-        image = image.data
-    if not isinstance(image, np.ndarray | da.Array):
-        image = np.asarray(image)
-    if image.ndim == 3 and image.shape[-1] == 3 and image.dtype == np.uint8:
-        if 0 in image.shape:
-            raise ScaleError(f"{name} is empty (shape {image.shape})")
-        return image
-    from .images import as_rgb8
-
-    out, _ = as_rgb8(image, name)
-    return out
-
-
-def grid_windows(
-    shape, window: int = 1024, max_windows: int = 16
-) -> list[tuple[int, int, int, int]]:
-    """Up to ``max_windows`` windows ``(y0, y1, x0, x1)`` spread evenly over a fixed grid.
-
-    Windows are full-sized where the image allows (the last row and column are
-    shifted inwards), and depend only on the image shape.
-    """
-    height, width = int(shape[0]), int(shape[1])
-
-    def starts(n: int) -> list[int]:
-        if n <= window:
-            return [0]
-        return sorted({min(s, n - window) for s in range(0, n, window)})
-
-    corners = [(y, x) for y in starts(height) for x in starts(width)]
-    if len(corners) > max_windows:
-        picks = np.unique(np.linspace(0, len(corners) - 1, max_windows).round().astype(int))
-        corners = [corners[i] for i in picks]
-    return [(y, min(y + window, height), x, min(x + window, width)) for y, x in corners]
-
-
-def read_window(image, box) -> np.ndarray:
-    """Pixels of ``image`` inside ``box = (y0, y1, x0, x1)`` as a numpy array."""
-    y0, y1, x0, x1 = box
-    block = image[y0:y1, x0:x1]
-    if isinstance(block, da.Array):
-        block = block.compute()
-    return np.asarray(block)
-
-
-def background_of(pixels: np.ndarray) -> np.ndarray:
-    """Per-channel intensity of glass: median of the brightest 10% of (subsampled) pixels."""
-    from .stain import estimate_background
-
-    step = max(1, int(math.sqrt(pixels.shape[0] * pixels.shape[1] / 250_000)))
-    bg = estimate_background(pixels[::step, ::step])
-    # A window with no glass at all still needs a positive reference.
-    return np.maximum(bg, 1.0)
-
-
-def nuclear_signal(rgb: np.ndarray, background) -> np.ndarray:
-    """Blue-violet nuclear stain: ``B / B0 - R / R0`` (float32, about 0.3-0.5 on nuclei).
-
-    Nuclei absorb red light far more than blue, red cells absorb both about
-    equally and glass neither, so the signal is near 0 on glass and red cells,
-    whatever the stain's tint and the lamp's colour.
-    """
-    rgb = np.asarray(rgb, dtype=np.float32)
-    bg = np.asarray(background, dtype=np.float32)
-    return rgb[..., 2] / bg[2] - rgb[..., 0] / bg[0]
-
-
 def red_signal(rgb: np.ndarray, background) -> np.ndarray:
     """Red-cell (eosin) stain: optical density in green minus red (float32).
 
@@ -183,19 +115,6 @@ def _weighted_median(values: np.ndarray, weights: np.ndarray) -> float:
     order = np.argsort(values, kind="stable")
     cum = np.cumsum(weights[order])
     return float(values[order][np.searchsorted(cum, cum[-1] / 2)])
-
-
-def downsample(rgb: np.ndarray, factor: int) -> np.ndarray:
-    """Mean over ``factor`` × ``factor`` blocks (float32); a partial last block repeats its edge."""
-    rgb = np.asarray(rgb, dtype=np.float32)
-    if factor == 1:
-        return rgb
-    h, w = rgb.shape[:2]
-    ph, pw = -h % factor, -w % factor
-    if ph or pw:
-        rgb = np.pad(rgb, ((0, ph), (0, pw), (0, 0)), mode="edge")
-    hh, ww = rgb.shape[0] // factor, rgb.shape[1] // factor
-    return rgb.reshape(hh, factor, ww, factor, 3).mean(axis=(1, 3), dtype=np.float32)
 
 
 def _window_radii(rgb: np.ndarray, factor: int = 1) -> np.ndarray:
@@ -345,21 +264,105 @@ def estimate_rbc_diameter(
     return run(iter_estimate_rbc_diameter(image, window, max_windows, min_cells))
 
 
-def resolve_scale(pixel_size_um: float | None = None, image=None) -> float:
-    """Red-cell diameter in pixels, from the pixel size when known, else measured.
+@dataclass(frozen=True)
+class Scale:
+    """How many pixels a red cell spans in one image, and where that number came from.
+
+    Attributes
+    ----------
+    rbc_diameter_px : float
+        Red-cell diameter in full-resolution pixels.
+    pixel_size_um : float or None
+        Micrometres per pixel when a pixel size was given (by the user or the
+        file); None when the scale was measured or given as a red-cell
+        diameter. Positions in µm are written only when this is known.
+    source : {"rbc_diameter", "user", "file", "measured"}
+        Which rule of :func:`iter_resolve_scale` decided.
+    note : str
+        The same, for people ("pixel size 0.1 µm from the file").
+    """
+
+    rbc_diameter_px: float
+    pixel_size_um: float | None
+    source: str
+    note: str
+
+
+def _pixel_size(value, where: str) -> float:
+    """A pixel size as a positive finite float, or a ScaleError saying what is wrong."""
+    try:
+        size = float(value)
+    except (TypeError, ValueError):
+        raise ScaleError(f"{where} must be a number (µm/px); got {value!r}") from None
+    if not math.isfinite(size) or size <= 0:
+        raise ScaleError(f"{where} must be a positive number of µm/px; got {value!r}")
+    return size
+
+
+def iter_resolve_scale(
+    image=None,
+    pixel_size_um: float | None = None,
+    file_pixel_size_um: float | None = None,
+    rbc_diameter_px: float | None = None,
+    max_windows: int = 16,
+) -> ProgressGen[Scale]:
+    """The one rule that decides an image's scale; yields progress while measuring.
+
+    Precedence: a red-cell diameter given in pixels, then the pixel size the
+    user gives, then the pixel size in the file's metadata, then the red
+    cells measured in the image (:func:`iter_estimate_rbc_diameter`). Every
+    caller (the CLI, the smear pipeline, the widgets, detection, export)
+    goes through here, so one result never mixes two scales.
 
     Parameters
     ----------
+    image : array-like, dask array or Smear, optional
+        The smear, measured when no size is given.
     pixel_size_um : float, optional
-        Micrometres per pixel at full resolution.
-    image : array-like, optional
-        The smear, measured with :func:`estimate_rbc_diameter` when the pixel
-        size is not given.
+        The user's pixel size (µm/px).
+    file_pixel_size_um : float, optional
+        The pixel size read from the file (``Smear.pixel_size_um``).
+    rbc_diameter_px : float, optional
+        The user's red-cell diameter in pixels.
+    max_windows : int
+        Most windows read when measuring.
 
     Returns
     -------
-    float
-        Red-cell diameter in pixels (``RBC_DIAMETER_UM / pixel_size_um``).
+    Scale
+
+    Raises
+    ------
+    ScaleError
+        When a given size is not a positive number, or nothing is given and
+        the image is missing or holds too few red cells.
+    """
+    if rbc_diameter_px:
+        d = float(rbc_diameter_px)
+        if not math.isfinite(d) or d <= 0:
+            raise ScaleError(f"the red-cell diameter must be a positive number of pixels; got {d}")
+        return Scale(d, None, "rbc_diameter", "given red-cell diameter")
+    if pixel_size_um is not None:
+        size = _pixel_size(pixel_size_um, "pixel size")
+        return Scale(RBC_DIAMETER_UM / size, size, "user", f"pixel size {size:g} µm")
+    if file_pixel_size_um is not None:
+        size = _pixel_size(file_pixel_size_um, "the pixel size in the file")
+        return Scale(RBC_DIAMETER_UM / size, size, "file", f"pixel size {size:g} µm from the file")
+    if image is None:
+        raise ScaleError("give the pixel size (µm/px) or an image to measure red cells in")
+    estimate = yield from iter_estimate_rbc_diameter(image, max_windows=max_windows)
+    return Scale(
+        float(estimate.rbc_diameter_px),
+        None,
+        "measured",
+        f"estimated from {estimate.n_cells} red cells",
+    )
+
+
+def resolve_scale(pixel_size_um: float | None = None, image=None) -> float:
+    """Red-cell diameter in pixels, from the pixel size when known, else measured.
+
+    Shortcut for :func:`iter_resolve_scale` with a user pixel size.
 
     Raises
     ------
@@ -367,18 +370,4 @@ def resolve_scale(pixel_size_um: float | None = None, image=None) -> float:
         When the pixel size is not a positive number, or neither it nor an
         image is given, or the image cannot be measured.
     """
-    if pixel_size_um is not None:
-        try:
-            size = float(pixel_size_um)
-        except (TypeError, ValueError):
-            raise ScaleError(
-                f"pixel size must be a number (µm/px); got {pixel_size_um!r}"
-            ) from None
-        if not math.isfinite(size) or size <= 0:
-            raise ScaleError(
-                f"pixel size must be a positive number of µm/px; got {pixel_size_um!r}"
-            )
-        return RBC_DIAMETER_UM / size
-    if image is None:
-        raise ScaleError("give the pixel size (µm/px) or an image to measure red cells in")
-    return estimate_rbc_diameter(image).rbc_diameter_px
+    return run(iter_resolve_scale(image, pixel_size_um=pixel_size_um)).rbc_diameter_px

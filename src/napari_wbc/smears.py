@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import DataError, WBCError
-from .images import is_supported, read_smear
+from .images import list_image_files, read_smear
 from .pipeline import ClassifyConfig, iter_classify_smear
 from .progress import Progress, ProgressGen, run
 
@@ -17,21 +17,6 @@ log = logging.getLogger(__name__)
 
 #: Box labels that count for detection but carry no usable class.
 NO_CLASS_LABELS = ("ambiguous", "unlabeled", "unknown", "")
-
-
-def list_images(inputs) -> list[Path]:
-    """Image files named directly or found (not recursively) in folders, sorted."""
-    out: list[Path] = []
-    for item in map(Path, inputs):
-        if item.is_dir():
-            out.extend(sorted(p for p in item.iterdir() if p.is_file() and is_supported(p)))
-        elif item.is_file():
-            out.append(item)
-        else:
-            raise DataError(f"{item} does not exist")
-    if not out:
-        raise DataError(f"no images found in {', '.join(map(str, inputs))}")
-    return out
 
 
 def iter_classify_files(
@@ -52,17 +37,19 @@ def iter_classify_files(
     config = config or ClassifyConfig()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = list_images(inputs)
+    paths = list_image_files(inputs)
     classes = list(ensemble.classes)
     rows = []
     for i, path in enumerate(paths):
         smear = read_smear(path)
         try:
-            image_config = config
-            if config.pixel_size_um is None and smear.pixel_size_um:
-                image_config = ClassifyConfig(**{**config.__dict__, "pixel_size_um": smear.pixel_size_um})
             gen = iter_classify_smear(
-                smear.levels[0], ensemble, image_config, client=client, source_path=path
+                smear.levels[0],
+                ensemble,
+                config,
+                client=client,
+                source_path=path,
+                file_pixel_size_um=smear.pixel_size_um,
             )
             while True:
                 try:
@@ -77,7 +64,9 @@ def iter_classify_files(
             smear.close()
         table = cells
         if "csv" in formats:
-            cells_to_csv(table, out_dir / f"{path.stem}.csv", smear.pixel_size_um or image_config.pixel_size_um)
+            # The pixel size the cells were found with (the user's over the file's).
+            pixel_size = cells.attrs.get("pixel_size_um")
+            cells_to_csv(table, out_dir / f"{path.stem}.csv", pixel_size)
         if "geojson" in formats:
             cells_to_geojson(table, out_dir / f"{path.stem}.geojson")
         counts = table["class"].value_counts().reindex(classes, fill_value=0)
@@ -146,7 +135,11 @@ def iter_evaluate_smears(
         own = boxes[boxes["path"] == path].reset_index(drop=True)
         smear = read_smear(path)
         try:
-            cells = run(iter_classify_smear(smear.levels[0], ensemble, config))
+            cells = run(
+                iter_classify_smear(
+                    smear.levels[0], ensemble, config, file_pixel_size_um=smear.pixel_size_um
+                )
+            )
         except WBCError as exc:
             # One unusable field (e.g. too few red cells to measure the scale)
             # must not end the evaluation: its boxes count as missed.
@@ -194,6 +187,5 @@ __all__ = [
     "is_box_table",
     "iter_classify_files",
     "iter_evaluate_smears",
-    "list_images",
     "load_boxes",
 ]

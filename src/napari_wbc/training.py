@@ -1,4 +1,4 @@
-"""Decoupled two-stage training of one classifier, and evaluation on labelled crops.
+"""Decoupled two-stage training of one classifier.
 
 The recipe of arXiv 2603.01976 for long-tailed white-cell classes:
 
@@ -20,8 +20,9 @@ stage 2 can only keep or improve stage 1's validation macro-F1.
 
 Crops are stain-normalised (by default): the stain statistics of the training
 set, pooled over a sample of its crops, are the source, and the built-in
-reference is the target; the target is stored in the model file, and
-:func:`iter_evaluate` normalises other crops to it the same way.
+reference is the target; both are stored in the model file, and the model's
+:class:`~napari_wbc.preprocess.Preprocessor` normalises other crops to it the
+same way (evaluation and prediction are in :mod:`napari_wbc.prediction`).
 
 Training is a generator (:func:`iter_train`); closing it cancels at the next
 batch. A checkpoint is written after every epoch in ``<output>.ckpt/``, so an
@@ -51,7 +52,6 @@ import torch.nn.functional as F
 
 from napari_wbc.atomic import atomic_write
 from napari_wbc.datasets import (
-    IMAGE_SUFFIXES,
     CropCache,
     CropDataset,
     class_counts,
@@ -72,12 +72,12 @@ from napari_wbc.models.build import (
 )
 from napari_wbc.models.files import (
     ModelConfig,
-    load_any,
     load_model,
     read_model_config,
     save_model,
 )
 from napari_wbc.models.registry import get_spec
+from napari_wbc.preprocess import STAIN_SAMPLE_CROPS, Preprocessor
 from napari_wbc.progress import Progress, ProgressGen, run
 from napari_wbc.sampling import ClassAwareSampler, InstanceBalancedSampler
 from napari_wbc.stain import stain_methods
@@ -86,14 +86,9 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "STAGES",
-    "STAIN_SOURCES",
     "TrainConfig",
     "checkpoint_dir",
-    "evaluate",
-    "iter_classify_files",
-    "iter_evaluate",
     "iter_train",
-    "list_crop_files",
     "train",
     "validation_split",
 ]
@@ -102,8 +97,6 @@ __all__ = [
 STAGES = ("both", "stage1", "stage2")
 #: Layout version of the checkpoint folder; other versions are not resumed.
 CHECKPOINT_VERSION = 1
-#: Training crops pooled to fit the source stain statistics.
-STAIN_SAMPLE_CROPS = 64
 
 
 @dataclass
@@ -483,18 +476,12 @@ class _Trainer:
         self.normalizer = self.target = None
         if self.base_config is not None:
             # Stage 2 of an existing model: use the normalisation it was trained with.
-            training = self.base_config.training
-            source = training.get("stain_source")
-            if self.base_config.stain is None or source is None:
+            preprocessor = Preprocessor.from_configs([self.base_config])
+            self.normalizer = preprocessor.training_normalizer()
+            if self.normalizer is None:
                 return None
-            self.target = StainReference.from_dict(self.base_config.stain)
-            method = training.get("stain_method", "macenko")
-            self.normalizer = StainNormalizer(
-                method,
-                StainReference.from_dict(source),
-                self.target,
-            )
-            return source
+            self.target = StainReference.from_dict(preprocessor.stain_target)
+            return preprocessor.stain_training_source
         if not self.config.stain_normalize:
             return None
         if self.state is not None and self.state.get("stain_source"):
@@ -890,220 +877,3 @@ def _join_optimizer_state(tensors: dict[str, torch.Tensor], scalars: dict) -> di
             group["betas"] = tuple(group["betas"])
         groups.append(group)
     return {"state": state, "param_groups": groups}
-
-
-# ----------------------------------------------------------------- evaluation
-
-
-def list_crop_files(items: Sequence[str | os.PathLike]) -> list[Path]:
-    """Image files named in ``items``: files as given, folders searched recursively (sorted).
-
-    Raises
-    ------
-    DataError
-        When an item does not exist or nothing is found.
-    """
-    out: list[Path] = []
-    for item in items:
-        item = Path(item)
-        if item.is_dir():
-            out += sorted(
-                p
-                for p in item.rglob("*")
-                if p.is_file()
-                and p.suffix.lower() in IMAGE_SUFFIXES
-                and not p.name.startswith(".")
-            )
-        elif item.is_file():
-            out.append(item)
-        else:
-            raise DataError(f"{item} does not exist")
-    if not out:
-        raise DataError(
-            f"no images ({', '.join(IMAGE_SUFFIXES)}) found in {list(map(str, items))}"
-        )
-    return out
-
-
-#: Values of the ``stain_source`` argument of :func:`iter_classify_files`.
-STAIN_SOURCES = ("auto", "fit", "training")
-#: Fewer crops than this give unstable pooled stain statistics ("auto" then
-#: uses the training set's).
-STAIN_MIN_CROPS = 32
-
-
-def _crop_normalizer(ensemble, cache: CropCache, paths: Sequence[str], how: str = "auto"):
-    """Normaliser from these crops' stains (or the training set's) to the model's reference."""
-    from napari_wbc.errors import StainError
-    from napari_wbc.stain import StainNormalizer, StainReference, fit_stain_reference
-
-    if how not in STAIN_SOURCES:
-        raise WBCError(f"stain_source must be one of {', '.join(STAIN_SOURCES)}, got {how!r}")
-    if ensemble.stain is None:
-        return None
-    training = ensemble.members[0].config.training
-    method = training.get("stain_method", "macenko")
-    trained_on = training.get("stain_source")
-    target = StainReference.from_dict(ensemble.stain)
-    source = None
-    if how == "fit" or (how == "auto" and (len(paths) >= STAIN_MIN_CROPS or trained_on is None)):
-        pick = np.random.default_rng(0).permutation(len(paths))[:STAIN_SAMPLE_CROPS]
-        pixels = np.concatenate([cache.get(paths[i]).reshape(-1, 3) for i in pick])
-        try:
-            source = fit_stain_reference(pixels, description=f"{len(pick)} crops to classify")
-        except StainError as exc:
-            if how == "fit" or trained_on is None:
-                raise StainError(f"cannot normalise these crops: {exc}") from exc
-            logger.warning("%s; using the training set's stain statistics instead", exc)
-    if source is None:
-        if trained_on is None:
-            raise WBCError("the model does not record its training stain statistics; use 'fit'")
-        source = StainReference.from_dict(trained_on)
-    return StainNormalizer(method, source, target)
-
-
-def iter_classify_files(
-    model: str | os.PathLike | Any,
-    paths: Sequence[str | os.PathLike],
-    tta: str | None = None,
-    batch_size: int = 64,
-    device: str = "auto",
-    stain_source: str = "auto",
-) -> ProgressGen[dict[str, Any]]:
-    """Classify crop image files with a model or ensemble, as it was trained.
-
-    Each image is decoded, centre-cropped to a square, resized, normalised
-    to the model's stain reference, and classified with test-time
-    augmentation.
-
-    Parameters
-    ----------
-    model : path-like or Ensemble
-        Model file (``.safetensors``), ensemble file (``.json``) or a loaded
-        :class:`napari_wbc.inference.Ensemble`.
-    paths : sequence of path-like
-        Crop images at the model's field of view.
-    tta : {"none", "flips", "d4"}, optional
-        Test-time augmentation; default the ensemble's (d4 for a model file).
-    batch_size : int
-        Crops per forward pass.
-    device : str
-        Where to run.
-    stain_source : {"auto", "fit", "training"}
-        Where the source stain statistics come from. "fit": pooled over a
-        sample of these crops, as training did for its crops (right for
-        crops from another lab, but it assumes a mix of cells: a set of one
-        class only shifts the statistics). "training": those of the model's
-        training crops (right for crops from the same scanner and stain).
-        "auto": "fit" for at least :data:`STAIN_MIN_CROPS` crops, else
-        "training", and "training" when fitting finds too little stain.
-
-    Returns
-    -------
-    dict
-        The output of :func:`napari_wbc.inference.iter_predict_crops`
-        (``probs``, ``pred``, ``confidence``, ``classes``, ...) plus ``paths``.
-    """
-    from napari_wbc.inference import Ensemble, iter_predict_crops
-
-    ensemble = model if isinstance(model, Ensemble) else load_any(model, device)
-    paths = [str(p) for p in paths]
-    if not paths:
-        raise DataError("no crops to classify")
-    size = max(m.config.spec.input_size for m in ensemble.members)
-    cache_size = max(
-        int(m.config.training.get("cache_size") or round(m.config.spec.input_size * 1.25))
-        for m in ensemble.members
-    )
-    cache = CropCache(max(cache_size, size))
-    normalizer = _crop_normalizer(ensemble, cache, paths, stain_source)
-    crops = []
-    step = max(1, len(paths) // 100)
-    for i, p in enumerate(paths, 1):
-        crop = cache.get(p)
-        crops.append(normalizer(crop) if normalizer is not None else crop)
-        if i % step == 0 or i == len(paths):
-            yield Progress("read", i, len(paths), f"read {i}/{len(paths)} crops")
-    result = yield from iter_predict_crops(
-        ensemble,
-        np.stack(crops),
-        batch_size=batch_size,
-        tta=tta,
-        device=get_device(device),
-    )
-    result["paths"] = paths
-    return result
-
-
-def evaluate(
-    model,
-    data,
-    tta: str | None = None,
-    batch_size: int = 64,
-    device: str = "auto",
-    stain_source: str = "auto",
-) -> dict[str, Any]:
-    """Evaluate a model on labelled crops; see :func:`iter_evaluate`."""
-    return run(iter_evaluate(model, data, tta, batch_size, device, stain_source))
-
-
-def iter_evaluate(
-    model: str | os.PathLike | Any,
-    data: pd.DataFrame | str | os.PathLike,
-    tta: str | None = None,
-    batch_size: int = 64,
-    device: str = "auto",
-    stain_source: str = "auto",
-) -> ProgressGen[dict[str, Any]]:
-    """Classify labelled crops and score the predictions.
-
-    Parameters
-    ----------
-    model : path-like or Ensemble
-        Model file, ensemble file, or loaded ensemble.
-    data : DataFrame or path
-        Labelled crops (``path``, ``label``), or a CSV / folder to read.
-    tta : {"none", "flips", "d4"}, optional
-        Test-time augmentation; default the ensemble's.
-    batch_size : int
-        Crops per forward pass.
-    device : str
-        Where to run.
-    stain_source : {"auto", "fit", "training"}
-        See :func:`iter_classify_files`.
-
-    Returns
-    -------
-    dict
-        :func:`napari_wbc.metrics.classification_metrics` of the predictions
-        (macro averages over the classes present in ``data``), plus ``tta``
-        and ``model``.
-
-    Raises
-    ------
-    DataError
-        When ``data`` holds labels the model does not know.
-    """
-    from napari_wbc.inference import Ensemble
-
-    df = data if isinstance(data, pd.DataFrame) else load_labelled_crops(data)
-    ensemble = model if isinstance(model, Ensemble) else load_any(model, device)
-    unknown = sorted(set(map(str, df["label"])) - set(ensemble.classes))
-    if unknown:
-        raise DataError(
-            f"the data hold labels the model does not know: {unknown}; "
-            f"the model's classes are {list(ensemble.classes)}"
-        )
-    result = yield from iter_classify_files(
-        ensemble,
-        list(df["path"]),
-        tta,
-        batch_size,
-        device,
-        stain_source,
-    )
-    classes = list(result["classes"])
-    metrics = classification_metrics(list(map(str, df["label"])), result["pred"], classes)
-    metrics["tta"] = tta if tta is not None else ensemble.tta
-    metrics["model"] = str(ensemble.path) if ensemble.path is not None else ensemble.name
-    return metrics

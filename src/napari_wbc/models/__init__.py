@@ -2,7 +2,8 @@
 
 ``napari_wbc.models`` itself does not import torch: the registry and the file
 readers work without it. :mod:`napari_wbc.models.build` (and the names it
-provides here, loaded on first use) needs torch and timm.
+provides here, loaded on first use) needs torch and timm. Loading a model as
+an :class:`~napari_wbc.inference.Ensemble` is :func:`napari_wbc.inference.load_any`.
 """
 
 from napari_wbc.models.files import (
@@ -10,8 +11,6 @@ from napari_wbc.models.files import (
     EnsembleConfig,
     ModelConfig,
     clear_model_cache,
-    load_any,
-    load_ensemble,
     load_model,
     read_ensemble,
     read_model_config,
@@ -47,8 +46,6 @@ __all__ = [
     "get_preset",
     "get_spec",
     "list_presets",
-    "load_any",
-    "load_ensemble",
     "load_model",
     "read_ensemble",
     "read_model_config",

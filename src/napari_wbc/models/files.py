@@ -10,6 +10,9 @@ the safetensors format itself would not notice.
 
 An ensemble file is a small JSON file listing member model files (relative to
 the ensemble file's folder), their weights and the test-time augmentation set.
+:func:`napari_wbc.inference.load_any` turns either kind of file into an
+:class:`~napari_wbc.inference.Ensemble`; this module only reads and writes
+the files, so it never imports the inference code.
 
 Saving is atomic: the file is written next to its destination, synced, and
 renamed over it, so a crash or a cancel never leaves a half-written file.
@@ -41,8 +44,6 @@ from napari_wbc.models.registry import ModelSpec
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
-
-    from napari_wbc.inference import Ensemble
 
 logger = logging.getLogger(__name__)
 
@@ -591,9 +592,9 @@ def save_ensemble(
     if len(weights) != len(member_paths):
         raise ModelFileError(f"{len(weights)} weights given for {len(member_paths)} members")
     _check_weights(weights, path)
-    _check_tta(tta, path)
+    check_tta(tta, path)
     configs = [read_model_config(p) for p in member_paths]
-    _check_members_agree(list(member_paths), configs)
+    check_members_agree(list(member_paths), configs)
 
     folder = (path.parent if str(path.parent) else Path(".")).resolve()
     members = []
@@ -630,7 +631,7 @@ def _check_weights(weights: Sequence[float], where: Path) -> None:
         raise ModelFileError(f"{where}: member weights must be positive numbers, got {bad}")
 
 
-def _check_tta(tta: Any, where: Path) -> None:
+def check_tta(tta: Any, where: Path) -> None:
     """The TTA set must be one of TTA_NAMES."""
     if tta not in TTA_NAMES:
         raise ModelFileError(
@@ -638,8 +639,8 @@ def _check_tta(tta: Any, where: Path) -> None:
         )
 
 
-def _check_members_agree(paths: Sequence[Any], configs: Sequence[ModelConfig]) -> None:
-    """Members must share classes (in order) and field of view."""
+def check_members_agree(paths: Sequence[Any], configs: Sequence[ModelConfig]) -> None:
+    """Members (named by ``paths``) must share classes (in order) and field of view."""
     first = configs[0]
     for p, cfg in zip(paths[1:], configs[1:], strict=True):
         diff = class_difference(first.classes, cfg.classes)
@@ -697,7 +698,7 @@ def read_ensemble(path: str | os.PathLike) -> EnsembleConfig:
             member = path.parent / member
         members.append(EnsembleMemberRef(member, float(weight)))
     tta = data.get("tta", "d4")
-    _check_tta(tta, path)
+    check_tta(tta, path)
     metrics = data.get("metrics") or {}
     if not isinstance(metrics, dict):
         raise ModelFileError(f'{path}: "metrics" must be an object')
@@ -708,57 +709,6 @@ def read_ensemble(path: str | os.PathLike) -> EnsembleConfig:
         metrics=metrics,
         notes=str(data.get("notes") or ""),
         format_version=version,
-    )
-
-
-def load_ensemble(path: str | os.PathLike, device: str | torch.device = "cpu") -> Ensemble:
-    """Load an ensemble file and its member models (through the model cache).
-
-    Raises
-    ------
-    ModelFileError
-        When the ensemble file or a member is invalid, or members disagree
-        on classes or field of view.
-    """
-    from napari_wbc.inference import Ensemble, EnsembleMember
-
-    path = Path(path)
-    ens = read_ensemble(path)
-    members = []
-    for ref in ens.members:
-        try:
-            model, config = load_model(ref.path, device)
-        except ModelFileError as exc:
-            raise ModelFileError(f"ensemble {path}: member {ref.path}: {exc}") from exc
-        members.append(EnsembleMember(model, config, ref.weight))
-    _check_members_agree([m.path for m in ens.members], [m.config for m in members])
-    return Ensemble(
-        members, tta=ens.tta, name=ens.name, metrics=ens.metrics, notes=ens.notes, path=path
-    )
-
-
-def load_any(
-    path: str | os.PathLike, device: str | torch.device = "cpu", tta: str = "d4"
-) -> Ensemble:
-    """Load a model file or an ensemble file as an :class:`~napari_wbc.inference.Ensemble`.
-
-    A ``.json`` file is read as an ensemble file; anything else as a model
-    file, which becomes a one-member ensemble using the TTA set ``tta``.
-    """
-    from napari_wbc.inference import Ensemble, EnsembleMember
-
-    path = Path(path)
-    if path.suffix.lower() == ".json":
-        return load_ensemble(path, device)
-    _check_tta(tta, path)
-    model, config = load_model(path, device)
-    return Ensemble(
-        [EnsembleMember(model, config, 1.0)],
-        tta=tta,
-        name=config.name,
-        metrics=config.metrics,
-        notes=config.notes,
-        path=path,
     )
 
 

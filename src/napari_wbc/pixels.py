@@ -1,0 +1,128 @@
+"""Pixel helpers shared by scale estimation, detection and the smear pipeline.
+
+Reading windows of an image of any size (numpy, dask or a Smear), the glass
+colour, a nuclear-stain signal and block-mean downsampling. None of them knows
+about red cells or models; :mod:`napari_wbc.scale` (the ruler) and
+:mod:`napari_wbc.detection` build on them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import dask.array as da
+import numpy as np
+
+from .errors import ScaleError
+
+__all__ = [
+    "as_dask_rgb",
+    "as_rgb_image",
+    "background_of",
+    "downsample",
+    "grid_windows",
+    "nuclear_signal",
+    "read_window",
+]
+
+
+def as_rgb_image(image, name: str = "image"):
+    """The (Y, X, 3) uint8 array behind ``image`` (numpy, dask or a Smear), not computed."""
+    if hasattr(image, "levels"):  # a napari_wbc.images.Smear
+        image = image.data
+    if not isinstance(image, np.ndarray | da.Array):
+        image = np.asarray(image)
+    if image.ndim == 3 and image.shape[-1] == 3 and image.dtype == np.uint8:
+        if 0 in image.shape:
+            raise ScaleError(f"{name} is empty (shape {image.shape})")
+        return image
+    from .images import as_rgb8
+
+    out, _ = as_rgb8(image, name)
+    return out
+
+
+def as_dask_rgb(image, chunk: int = 2048) -> da.Array:
+    """An 8-bit RGB (Y, X, 3) image as a dask array (numpy input is wrapped, not copied).
+
+    Raises
+    ------
+    WBCError
+        When the image is not 8-bit RGB.
+    """
+    from .errors import WBCError
+
+    if hasattr(image, "levels"):  # a napari_wbc.images.Smear
+        image = image.data
+    if isinstance(image, da.Array):
+        return image
+    arr = np.asarray(image)
+    if arr.ndim != 3 or arr.shape[-1] != 3 or arr.dtype != np.uint8:
+        raise WBCError(f"expected an 8-bit RGB image (Y, X, 3), got {arr.dtype} {arr.shape}")
+    return da.from_array(arr, chunks=(chunk, chunk, 3))
+
+
+def grid_windows(
+    shape, window: int = 1024, max_windows: int = 16
+) -> list[tuple[int, int, int, int]]:
+    """Up to ``max_windows`` windows ``(y0, y1, x0, x1)`` spread evenly over a fixed grid.
+
+    Windows are full-sized where the image allows (the last row and column are
+    shifted inwards), and depend only on the image shape.
+    """
+    height, width = int(shape[0]), int(shape[1])
+
+    def starts(n: int) -> list[int]:
+        if n <= window:
+            return [0]
+        return sorted({min(s, n - window) for s in range(0, n, window)})
+
+    corners = [(y, x) for y in starts(height) for x in starts(width)]
+    if len(corners) > max_windows:
+        picks = np.unique(np.linspace(0, len(corners) - 1, max_windows).round().astype(int))
+        corners = [corners[i] for i in picks]
+    return [(y, min(y + window, height), x, min(x + window, width)) for y, x in corners]
+
+
+def read_window(image, box) -> np.ndarray:
+    """Pixels of ``image`` inside ``box = (y0, y1, x0, x1)`` as a numpy array."""
+    y0, y1, x0, x1 = box
+    block = image[y0:y1, x0:x1]
+    if isinstance(block, da.Array):
+        block = block.compute()
+    return np.asarray(block)
+
+
+def background_of(pixels: np.ndarray) -> np.ndarray:
+    """Per-channel intensity of glass: median of the brightest 10% of (subsampled) pixels."""
+    from .stain import estimate_background
+
+    step = max(1, int(math.sqrt(pixels.shape[0] * pixels.shape[1] / 250_000)))
+    bg = estimate_background(pixels[::step, ::step])
+    # A window with no glass at all still needs a positive reference.
+    return np.maximum(bg, 1.0)
+
+
+def nuclear_signal(rgb: np.ndarray, background) -> np.ndarray:
+    """Blue-violet nuclear stain: ``B / B0 - R / R0`` (float32, about 0.3-0.5 on nuclei).
+
+    Nuclei absorb red light far more than blue, red cells absorb both about
+    equally and glass neither, so the signal is near 0 on glass and red cells,
+    whatever the stain's tint and the lamp's colour.
+    """
+    rgb = np.asarray(rgb, dtype=np.float32)
+    bg = np.asarray(background, dtype=np.float32)
+    return rgb[..., 2] / bg[2] - rgb[..., 0] / bg[0]
+
+
+def downsample(rgb: np.ndarray, factor: int) -> np.ndarray:
+    """Mean over ``factor`` × ``factor`` blocks (float32); a partial last block repeats its edge."""
+    rgb = np.asarray(rgb, dtype=np.float32)
+    if factor == 1:
+        return rgb
+    h, w = rgb.shape[:2]
+    ph, pw = -h % factor, -w % factor
+    if ph or pw:
+        rgb = np.pad(rgb, ((0, ph), (0, pw), (0, 0)), mode="edge")
+    hh, ww = rgb.shape[0] // factor, rgb.shape[1] // factor
+    return rgb.reshape(hh, factor, ww, factor, 3).mean(axis=(1, 3), dtype=np.float32)

@@ -1,0 +1,167 @@
+"""Classify and evaluate crop image files with a model or ensemble, as it was trained.
+
+The crops are read and stain-normalised by the ensemble's own
+:class:`~napari_wbc.preprocess.Preprocessor` and classified with
+:func:`napari_wbc.inference.iter_predict_crops`; whole smears go through
+:mod:`napari_wbc.pipeline` instead.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from .datasets import IMAGE_SUFFIXES, load_labelled_crops
+from .errors import DataError
+from .images import list_image_files
+from .inference import Ensemble, iter_predict_crops, load_any
+from .metrics import classification_metrics
+from .models.build import get_device
+from .progress import ProgressGen, run
+
+__all__ = [
+    "evaluate",
+    "iter_evaluate",
+    "iter_predict_crop_files",
+    "list_crop_files",
+]
+
+
+def list_crop_files(items: Sequence[str | os.PathLike]) -> list[Path]:
+    """Crop images named in ``items``: files as given, folders searched recursively (sorted).
+
+    Raises
+    ------
+    DataError
+        When an item does not exist or nothing is found.
+    """
+    return list_image_files(items, recursive=True, suffixes=IMAGE_SUFFIXES)
+
+
+def iter_predict_crop_files(
+    model: str | os.PathLike | Ensemble,
+    paths: Sequence[str | os.PathLike],
+    tta: str | None = None,
+    batch_size: int = 64,
+    device: str = "auto",
+    stain_source: str = "auto",
+) -> ProgressGen[dict[str, Any]]:
+    """Classify crop image files with a model or ensemble, as it was trained.
+
+    Each image is decoded, centre-cropped to a square, resized, normalised
+    to the model's stain reference, and classified with test-time
+    augmentation.
+
+    Parameters
+    ----------
+    model : path-like or Ensemble
+        Model file (``.safetensors``), ensemble file (``.json``) or a loaded
+        :class:`napari_wbc.inference.Ensemble`.
+    paths : sequence of path-like
+        Crop images at the model's field of view.
+    tta : {"none", "flips", "d4"}, optional
+        Test-time augmentation; default the ensemble's (d4 for a model file).
+    batch_size : int
+        Crops per forward pass.
+    device : str
+        Where to run.
+    stain_source : {"auto", "fit", "training"}
+        Where the source stain statistics come from; see
+        :meth:`napari_wbc.preprocess.Preprocessor.crop_normalizer`.
+
+    Returns
+    -------
+    dict
+        The output of :func:`napari_wbc.inference.iter_predict_crops`
+        (``probs``, ``pred``, ``confidence``, ``classes``, ...) plus ``paths``.
+    """
+    ensemble = model if isinstance(model, Ensemble) else load_any(model, device)
+    paths = [str(p) for p in paths]
+    if not paths:
+        raise DataError("no crops to classify")
+    crops = yield from ensemble.preprocessor.iter_read_crop_files(paths, stain_source)
+    result = yield from iter_predict_crops(
+        ensemble,
+        crops,
+        batch_size=batch_size,
+        tta=tta,
+        device=get_device(device),
+    )
+    result["paths"] = paths
+    return result
+
+
+def evaluate(
+    model,
+    data,
+    tta: str | None = None,
+    batch_size: int = 64,
+    device: str = "auto",
+    stain_source: str = "auto",
+) -> dict[str, Any]:
+    """Evaluate a model on labelled crops; see :func:`iter_evaluate`."""
+    return run(iter_evaluate(model, data, tta, batch_size, device, stain_source))
+
+
+def iter_evaluate(
+    model: str | os.PathLike | Ensemble,
+    data: pd.DataFrame | str | os.PathLike,
+    tta: str | None = None,
+    batch_size: int = 64,
+    device: str = "auto",
+    stain_source: str = "auto",
+) -> ProgressGen[dict[str, Any]]:
+    """Classify labelled crops and score the predictions.
+
+    Parameters
+    ----------
+    model : path-like or Ensemble
+        Model file, ensemble file, or loaded ensemble.
+    data : DataFrame or path
+        Labelled crops (``path``, ``label``), or a CSV / folder to read.
+    tta : {"none", "flips", "d4"}, optional
+        Test-time augmentation; default the ensemble's.
+    batch_size : int
+        Crops per forward pass.
+    device : str
+        Where to run.
+    stain_source : {"auto", "fit", "training"}
+        See :func:`iter_predict_crop_files`.
+
+    Returns
+    -------
+    dict
+        :func:`napari_wbc.metrics.classification_metrics` of the predictions
+        (macro averages over the classes present in ``data``), plus ``tta``
+        and ``model``.
+
+    Raises
+    ------
+    DataError
+        When ``data`` holds labels the model does not know.
+    """
+    df = data if isinstance(data, pd.DataFrame) else load_labelled_crops(data)
+    ensemble = model if isinstance(model, Ensemble) else load_any(model, device)
+    unknown = sorted(set(map(str, df["label"])) - set(ensemble.classes))
+    if unknown:
+        raise DataError(
+            f"the data hold labels the model does not know: {unknown}; "
+            f"the model's classes are {list(ensemble.classes)}"
+        )
+    result = yield from iter_predict_crop_files(
+        ensemble,
+        list(df["path"]),
+        tta,
+        batch_size,
+        device,
+        stain_source,
+    )
+    classes = list(result["classes"])
+    metrics = classification_metrics(list(map(str, df["label"])), result["pred"], classes)
+    metrics["tta"] = tta if tta is not None else ensemble.tta
+    metrics["model"] = str(ensemble.path) if ensemble.path is not None else ensemble.name
+    return metrics

@@ -1,0 +1,268 @@
+"""How a model wants its input, in one place: stain, field of view and input size.
+
+A :class:`Preprocessor` is built from the model files' configs (an
+:class:`~napari_wbc.inference.Ensemble` owns one as ``ensemble.preprocessor``)
+and turns raw material into the crops the ensemble classifies:
+
+* a smear and cell centres (:meth:`Preprocessor.iter_prepare_smear`, then
+  :meth:`SmearInput.crops` per block): crops of the model's field of view at
+  the image's scale, stain-normalised from the image's own statistics to the
+  model's reference;
+* crop image files (:meth:`Preprocessor.iter_read_crop_files`): decoded,
+  squared, stain-normalised from the crops' pooled statistics or from the
+  training set's (``stain_source``).
+
+Each member then resizes the crops to its own input size and applies its own
+mean and standard deviation (:func:`napari_wbc.inference.iter_predict_crops`).
+Training writes what this module reads: the stain method and the source
+statistics of the training crops in ``config.training``, the target reference
+in ``config.stain``. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .errors import StainError, WBCError
+from .images import cut_square
+from .progress import Progress, ProgressGen
+
+if TYPE_CHECKING:
+    from .models.files import ModelConfig
+    from .stain import StainNormalizer
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "STAIN_MIN_CROPS",
+    "STAIN_SAMPLE_CROPS",
+    "STAIN_SOURCES",
+    "Preprocessor",
+    "SmearInput",
+    "crop_side",
+]
+
+#: Where the source stain statistics of crops come from (see
+#: :meth:`Preprocessor.crop_normalizer`).
+STAIN_SOURCES = ("auto", "fit", "training")
+#: Fewer crops than this give unstable pooled stain statistics ("auto" then
+#: uses the training set's).
+STAIN_MIN_CROPS = 32
+#: Crops pooled to fit stain statistics (of a training set or of crops to classify).
+STAIN_SAMPLE_CROPS = 64
+#: Stain method of model files that do not name theirs (written before the
+#: method was recorded; they were all trained with Macenko's).
+LEGACY_STAIN_METHOD = "macenko"
+
+
+def crop_side(fov_rbc: float, rbc_diameter_px: float) -> int:
+    """Side of one crop in image pixels: a field of ``fov_rbc`` red cells at this scale."""
+    return max(round(fov_rbc * rbc_diameter_px), 8)
+
+
+@dataclass(frozen=True)
+class SmearInput:
+    """What one smear needs to become model input: the crop side and the stain transform.
+
+    Made once per image by :meth:`Preprocessor.iter_prepare_smear`; small and
+    picklable, so dask workers get a copy.
+    """
+
+    side: int
+    normalizer: StainNormalizer | None = None
+
+    def crops(self, window: np.ndarray, origin: tuple[int, int], ys, xs) -> np.ndarray:
+        """Crops (N, side, side, 3) uint8 centred on (``ys``, ``xs``), normalised.
+
+        ``window`` is an in-memory part of the image whose top-left pixel is
+        ``origin``; centres are in full-image pixels.
+        """
+        oy, ox = origin
+        crops = [
+            cut_square(window, cy - oy, cx - ox, self.side) for cy, cx in zip(ys, xs, strict=True)
+        ]
+        out = np.stack(crops) if crops else np.zeros((0, self.side, self.side, 3), np.uint8)
+        return self.normalizer(out) if self.normalizer is not None and len(out) else out
+
+
+@dataclass(frozen=True)
+class Preprocessor:
+    """The input rule of an ensemble (taken from its first member, as classes are).
+
+    Attributes
+    ----------
+    fov_rbc : float
+        Crop side in red-cell diameters (shared by every member).
+    input_size : int
+        Largest member input side (px); crops are prepared at least this large.
+    cache_size : int
+        Side (px) at which crop files are decoded, as training decoded them.
+    stain_method : str
+        The stain normalization method the model was trained with.
+    stain_target : dict or None
+        The reference crops are normalised to (``None``: the model was trained
+        on raw colours, and crops are left as they are).
+    stain_training_source : dict or None
+        Stain statistics of the training crops, for crops from the same lab.
+    """
+
+    fov_rbc: float
+    input_size: int
+    cache_size: int
+    stain_method: str = LEGACY_STAIN_METHOD
+    stain_target: dict[str, Any] | None = None
+    stain_training_source: dict[str, Any] | None = None
+
+    @classmethod
+    def from_configs(cls, configs: Sequence[ModelConfig]) -> Preprocessor:
+        """The rule of models with these configs (the first one's stain, the largest input)."""
+        first = configs[0]
+        training = first.training or {}
+        input_size = max(c.spec.input_size for c in configs)
+        cache_size = max(
+            int((c.training or {}).get("cache_size") or round(c.spec.input_size * 1.25))
+            for c in configs
+        )
+        return cls(
+            fov_rbc=first.spec.fov_rbc,
+            input_size=input_size,
+            cache_size=max(cache_size, input_size),
+            stain_method=training.get("stain_method") or LEGACY_STAIN_METHOD,
+            stain_target=first.stain,
+            stain_training_source=training.get("stain_source"),
+        )
+
+    def crop_side(self, rbc_diameter_px: float) -> int:
+        """Side of one crop in image pixels at this scale (see :func:`crop_side`)."""
+        return crop_side(self.fov_rbc, rbc_diameter_px)
+
+    # -- smears
+
+    def iter_prepare_smear(
+        self,
+        levels,
+        rbc_diameter_px: float,
+        stain_normalize: bool = True,
+        stain_method: str | None = None,
+    ) -> ProgressGen[SmearInput]:
+        """Fit the image's stains once and fix the crop side for a smear.
+
+        Parameters
+        ----------
+        levels : sequence of arrays
+            The smear's resolution levels (or a one-item list); the stain
+            statistics are fitted on a coarse one.
+        rbc_diameter_px : float
+            The smear's scale (:func:`napari_wbc.scale.iter_resolve_scale`).
+        stain_normalize : bool
+            False leaves colours as they are.
+        stain_method : str, optional
+            Override the method the model was trained with.
+
+        Raises
+        ------
+        WBCError
+            When the image's stains cannot be fitted.
+        """
+        side = self.crop_side(rbc_diameter_px)
+        if not stain_normalize or self.stain_target is None:
+            return SmearInput(side)
+        from .stain import StainReference, iter_prepare_normalizer
+
+        try:
+            normalizer = yield from iter_prepare_normalizer(
+                list(levels),
+                stain_method or self.stain_method,
+                StainReference.from_dict(self.stain_target),
+            )
+        except WBCError as exc:
+            raise WBCError(f"{exc}; or classify without stain normalization") from exc
+        return SmearInput(side, normalizer)
+
+    # -- crop files
+
+    def training_normalizer(self) -> StainNormalizer | None:
+        """From the training crops' stain statistics to the reference (None without them)."""
+        if self.stain_target is None or self.stain_training_source is None:
+            return None
+        from .stain import StainNormalizer, StainReference
+
+        return StainNormalizer(
+            self.stain_method,
+            StainReference.from_dict(self.stain_training_source),
+            StainReference.from_dict(self.stain_target),
+        )
+
+    def crop_normalizer(
+        self, read: Callable[[int], np.ndarray], n: int, how: str = "auto"
+    ) -> StainNormalizer | None:
+        """Normaliser from ``n`` crops' stains (or the training set's) to the reference.
+
+        Parameters
+        ----------
+        read : callable
+            ``read(i)`` returns crop ``i`` (uint8 RGB), for the crops pooled.
+        n : int
+            Number of crops.
+        how : {"auto", "fit", "training"}
+            "fit": statistics pooled over a seeded sample of the crops, as
+            training did for its crops (right for crops from another lab, but
+            it assumes a mix of cells). "training": the training crops'
+            statistics (right for crops from the same scanner and stain).
+            "auto": "fit" for at least :data:`STAIN_MIN_CROPS` crops (or when
+            the model does not record its training statistics), else
+            "training", and "training" when fitting finds too little stain.
+        """
+        if how not in STAIN_SOURCES:
+            raise WBCError(f"stain_source must be one of {', '.join(STAIN_SOURCES)}, got {how!r}")
+        if self.stain_target is None:
+            return None
+        from .stain import StainNormalizer, StainReference, fit_stain_reference
+
+        trained_on = self.stain_training_source
+        source = None
+        if how == "fit" or (how == "auto" and (n >= STAIN_MIN_CROPS or trained_on is None)):
+            pick = np.random.default_rng(0).permutation(n)[:STAIN_SAMPLE_CROPS]
+            pixels = np.concatenate([read(int(i)).reshape(-1, 3) for i in pick])
+            try:
+                source = fit_stain_reference(pixels, description=f"{len(pick)} crops to classify")
+            except StainError as exc:
+                if how == "fit" or trained_on is None:
+                    raise StainError(f"cannot normalise these crops: {exc}") from exc
+                logger.warning("%s; using the training set's stain statistics instead", exc)
+        if source is None:
+            if trained_on is None:
+                raise WBCError(
+                    "the model does not record its training stain statistics; use 'fit'"
+                )
+            source = StainReference.from_dict(trained_on)
+        return StainNormalizer(
+            self.stain_method, source, StainReference.from_dict(self.stain_target)
+        )
+
+    def iter_read_crop_files(
+        self, paths: Sequence[str], stain_source: str = "auto"
+    ) -> ProgressGen[np.ndarray]:
+        """Decode crop files as training did and normalise their stains; (N, S, S, 3) uint8.
+
+        Yields stage "read" events. ``stain_source`` is that of
+        :meth:`crop_normalizer`.
+        """
+        from .datasets import CropCache
+
+        paths = [str(p) for p in paths]
+        cache = CropCache(self.cache_size)
+        normalizer = self.crop_normalizer(lambda i: cache.get(paths[i]), len(paths), stain_source)
+        crops = []
+        step = max(1, len(paths) // 100)
+        for i, path in enumerate(paths, 1):
+            crop = cache.get(path)
+            crops.append(normalizer(crop) if normalizer is not None else crop)
+            if i % step == 0 or i == len(paths):
+                yield Progress("read", i, len(paths), f"read {i}/{len(paths)} crops")
+        return np.stack(crops)

@@ -1,0 +1,97 @@
+"""A model prepares its own input: the Preprocessor an ensemble owns, and crop-file listing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("torch")
+
+from napari_wbc.errors import DataError, WBCError  # noqa: E402
+from napari_wbc.images import list_image_files  # noqa: E402
+from napari_wbc.inference import load_any  # noqa: E402
+from napari_wbc.prediction import list_crop_files  # noqa: E402
+from napari_wbc.preprocess import Preprocessor, crop_side  # noqa: E402
+from napari_wbc.progress import run  # noqa: E402
+from napari_wbc.stain import default_reference  # noqa: E402
+from napari_wbc.synthetic import make_sample_smear  # noqa: E402
+
+
+@pytest.fixture
+def ensemble(tiny_model_path):
+    return load_any(tiny_model_path, tta="none")
+
+
+def test_the_ensemble_knows_its_stain_method_reference_and_field_of_view(ensemble):
+    prep = ensemble.preprocessor
+    config = ensemble.members[0].config
+    assert prep.stain_method == ensemble.stain_method == "macenko"
+    assert prep.stain_target == config.stain == default_reference().to_dict()
+    assert prep.fov_rbc == pytest.approx(config.spec.fov_rbc)
+    assert prep.input_size == config.spec.input_size
+    assert prep.cache_size == round(config.spec.input_size * 1.25)
+    # The crop side the pipeline and fine-tuning from annotations both use.
+    assert prep.crop_side(75.0) == crop_side(config.spec.fov_rbc, 75.0) == 360
+    assert crop_side(0.1, 3.0) == 8  # never below 8 px
+
+
+def test_smear_input_cuts_normalised_crops_in_image_coordinates(ensemble):
+    image = make_sample_smear()
+    raw = run(ensemble.preprocessor.iter_prepare_smear([image], 75.0, stain_normalize=False))
+    assert raw.normalizer is None and raw.side == 360
+    norm = run(ensemble.preprocessor.iter_prepare_smear([image], 75.0))
+    assert norm.normalizer is not None
+    # A window of the image with its origin gives the crops of the whole image.
+    window = image[200:1200, 300:1500]
+    ys, xs = np.array([600.0, 700.5]), np.array([800.0, 900.0])
+    whole = raw.crops(image, (0, 0), ys, xs)
+    part = raw.crops(window, (200, 300), ys, xs)
+    assert whole.shape == (2, 360, 360, 3) and whole.dtype == np.uint8
+    np.testing.assert_array_equal(part, whole)
+    np.testing.assert_array_equal(norm.crops(image, (0, 0), ys, xs), norm.normalizer(whole))
+    assert raw.crops(image, (0, 0), [], []).shape == (0, 360, 360, 3)
+
+
+def test_stain_rule_from_the_model_config():
+    from napari_wbc.models.files import ModelConfig
+    from napari_wbc.models.registry import get_spec
+
+    spec = get_spec("tiny-resnet")
+    reference = default_reference().to_dict()
+    plain = Preprocessor.from_configs([ModelConfig(spec=spec)])
+    assert plain.stain_target is None and plain.training_normalizer() is None
+    assert plain.crop_normalizer(lambda i: None, 5) is None  # raw colours: nothing to do
+    legacy = Preprocessor.from_configs([ModelConfig(spec=spec, stain=reference)])
+    assert legacy.stain_method == "macenko"  # files that predate the recorded method
+    trained = Preprocessor.from_configs(
+        [
+            ModelConfig(
+                spec=spec,
+                stain=reference,
+                training={"stain_method": "reinhard", "stain_source": reference},
+            )
+        ]
+    )
+    assert trained.stain_method == "reinhard"
+    normalizer = trained.training_normalizer()
+    assert normalizer is not None and normalizer.requested == "reinhard"
+    with pytest.raises(WBCError, match="stain_source"):
+        trained.crop_normalizer(lambda i: None, 5, "guess")
+    with pytest.raises(WBCError, match="training stain statistics"):
+        legacy.crop_normalizer(lambda i: None, 5, "training")
+
+
+def test_crop_files_are_listed_recursively_and_smears_are_not(tmp_path):
+    crops = tmp_path / "crops"
+    (crops / "a" / "deep").mkdir(parents=True)
+    for name in ("a/1.png", "a/deep/2.jpg", "3.png", ".hidden.png"):
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(crops / name)
+    (crops / "notes.txt").write_text("not an image")
+    assert [p.name for p in list_crop_files([crops])] == ["3.png", "1.png", "2.jpg"]
+    assert [p.name for p in list_image_files([crops])] == ["3.png"]
+    with pytest.raises(DataError, match="does not exist"):
+        list_crop_files([tmp_path / "missing"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no images"):
+        list_image_files([tmp_path / "empty"])
