@@ -26,9 +26,6 @@ import pandas as pd
 
 from .errors import WBCError
 
-#: Typical red-cell diameter (µm), the ruler of the generated smear.
-_RBC_UM = 7.5
-
 
 @dataclass(frozen=True)
 class SampleInfo:
@@ -88,10 +85,11 @@ def load_sample(name: str) -> Sample:
         raise WBCError(f"unknown sample {name!r}; choose one of {', '.join(SAMPLES)}")
     info = SAMPLES[name]
     if name == "smear":
+        from .scale import RBC_DIAMETER_UM
         from .synthetic import SmearParams, make_sample_smear, sample_smear_truth
 
         truth = sample_smear_truth().rename(columns={"label": "class"})
-        pixel = _RBC_UM / SmearParams().rbc_diameter
+        pixel = RBC_DIAMETER_UM / SmearParams().rbc_diameter
         return Sample(info, np.asarray(make_sample_smear()), pixel, truth)
     from PIL import Image
 
