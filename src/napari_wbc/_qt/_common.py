@@ -98,7 +98,7 @@ def wrapping_label(**kwargs) -> Label:
     return label
 
 
-def narrow_combo(widget, characters: int = 14) -> None:
+def narrow_combo(widget, characters: int = 8) -> None:
     """Let a ComboBox shrink below its longest choice (model paths can be long)."""
     combo = widget.native if isinstance(widget.native, QComboBox) else None
     if combo is None:
@@ -106,6 +106,27 @@ def narrow_combo(widget, characters: int = 14) -> None:
     if combo is not None:
         combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
         combo.setMinimumContentsLength(characters)
+
+
+class _PageScroll(QScrollArea):
+    """A scroll area that asks for its page's full height, and takes what it gets."""
+
+    def sizeHint(self):
+        hint = super().sizeHint()
+        page = self.widget()
+        if page is not None:
+            hint.setHeight(page.sizeHint().height())
+        return hint
+
+    def minimumSizeHint(self):
+        # As wide as the page needs (no horizontal scrolling), as low as a few rows.
+        hint = super().minimumSizeHint()
+        page = self.widget()
+        if page is not None:
+            bar = self.verticalScrollBar().sizeHint().width()
+            hint.setWidth(page.minimumSizeHint().width() + bar)
+            hint.setHeight(120)
+        return hint
 
 
 class DockPage(Container):
@@ -124,12 +145,14 @@ class DockPage(Container):
         self.page = QWidget()
         self._page_layout = QVBoxLayout(self.page)
         self._page_layout.setContentsMargins(4, 4, 4, 4)
-        self.scroll = QScrollArea()
+        self.scroll = _PageScroll()
         self.scroll.setWidgetResizable(True)
         self.scroll.setFrameShape(QFrame.Shape.NoFrame)
         self.scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
         self.scroll.setWidget(self.page)
         self.native.layout().addWidget(self.scroll)
+        # Expanding: beside other docked widgets this one takes the spare height.
+        self.native.setSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Expanding)
 
     def add_form(self, widgets, title: str | None = None, expanded: bool = True) -> Container:
         """Add labelled controls, in a collapsible section when ``title`` is given."""

@@ -207,7 +207,7 @@ class ClassifyWidget(DockPage):
         self.status = wrapping_label(value="")
         self.show_labels = CheckBox(text="show class names", value=True)
         self.export_csv = PushButton(text="CSV…")
-        self.export_geojson = PushButton(text="GeoJSON (QuPath)…")
+        self.export_geojson = PushButton(text="GeoJSON…", tooltip="GeoJSON that QuPath imports")
         self.export_crops = PushButton(text="Crops…")
 
         self.add_form([self.image, self.model, self.model_file, self.source, self.cells_layer])

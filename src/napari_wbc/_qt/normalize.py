@@ -6,8 +6,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from magicgui.widgets import ComboBox, Container, Label, ProgressBar, PushButton
+from qtpy.QtWidgets import QSizePolicy
 
-from ._common import WorkerRunner, image_levels, output_layer, rgb_image_layers
+from ._common import WorkerRunner, image_levels, narrow_combo, output_layer, rgb_image_layers
 
 if TYPE_CHECKING:
     import napari
@@ -47,6 +48,11 @@ class StainNormalizeWidget(Container):
                 self.status,
             ]
         )
+        # Docked beside the Classify and Train widgets, take no more height than needed.
+        self.native.setSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Maximum)
+        self.status.native.setWordWrap(True)
+        for combo in (self.image, self.method, self.reference, self.reference_layer):
+            narrow_combo(combo)
         self.reference.changed.connect(self._on_reference_changed)
         self.run_button.clicked.connect(self.run)
         self.cancel_button.clicked.connect(self.cancel)

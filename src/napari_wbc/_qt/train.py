@@ -148,9 +148,12 @@ class TrainWidget(DockPage):
         self.review_by = ComboBox(label="review by", choices=["confidence", "disagreement"])
         self.review_button = PushButton(text="Next cell to review")
         self.pick = ComboBox(label="class", choices=self._pick_choices)
-        self.set_class_button = PushButton(text="Set class of selected (confirm / correct)")
+        self.set_class_button = PushButton(
+            text="Set class of selected",
+            tooltip="Confirms or corrects the selected cells; only those are trained on",
+        )
         self.include_predicted = CheckBox(
-            text="also train on confident predictions",
+            text="use confident predictions",
             value=False,
             tooltip="By default only the cells you confirmed or corrected count",
         )
@@ -164,10 +167,10 @@ class TrainWidget(DockPage):
         self.base = ComboBox(label="base model", choices=self._base_choices)
         self.base_file = FileEdit(label="model file", filter="*.safetensors *.json", visible=False)
         self.stages = ComboBox(label="stages", choices=STAGES, value="both")
-        self.epochs1 = SpinBox(label="epochs stage 1", value=5, min=1, max=500)
-        self.epochs2 = SpinBox(label="epochs stage 2", value=5, min=0, max=500)
+        self.epochs1 = SpinBox(label="epochs, stage 1", value=5, min=1, max=500)
+        self.epochs2 = SpinBox(label="epochs, stage 2", value=5, min=0, max=500)
         self.val_fraction = FloatSpinBox(
-            label="validation fraction", value=0.2, min=0.05, max=0.9, step=0.05
+            label="validation", value=0.2, min=0.05, max=0.9, step=0.05
         )
         self.seed = SpinBox(label="seed", value=0, min=0, max=2**31 - 1)
         self.output = FileEdit(label="output", mode="w", filter="*.safetensors")
