@@ -42,7 +42,13 @@ def test_pyramidal_tiff_is_lazy_multiscale_with_pixel_size(tmp_path):
     path = tmp_path / "pyr.tif"
     with tifffile.TiffWriter(path, bigtiff=True) as tw:
         opts = dict(tile=(256, 256), photometric="rgb")
-        tw.write(base, subifds=2, resolution=(1e4 / 0.25, 1e4 / 0.25), resolutionunit="CENTIMETER", **opts)
+        tw.write(
+            base,
+            subifds=2,
+            resolution=(1e4 / 0.25, 1e4 / 0.25),
+            resolutionunit="CENTIMETER",
+            **opts,
+        )
         tw.write(base[::2, ::2], subfiletype=1, **opts)
         tw.write(base[::4, ::4], subfiletype=1, **opts)
     smear = read_smear(path)
@@ -60,7 +66,10 @@ def test_pyramidal_tiff_is_lazy_multiscale_with_pixel_size(tmp_path):
 def test_ome_pixel_size(tmp_path, rgb):
     path = tmp_path / "img.ome.tif"
     tifffile.imwrite(
-        path, rgb, photometric="rgb", metadata={"axes": "YXS", "PhysicalSizeX": 0.12, "PhysicalSizeY": 0.12}
+        path,
+        rgb,
+        photometric="rgb",
+        metadata={"axes": "YXS", "PhysicalSizeX": 0.12, "PhysicalSizeY": 0.12},
     )
     assert read_smear(path).pixel_size_um == pytest.approx(0.12)
 
@@ -73,7 +82,9 @@ def test_camera_dpi_is_not_taken_as_pixel_size(tmp_path, rgb):
 
 def test_large_single_level_image_gets_lazy_pyramid(tmp_path):
     path = tmp_path / "big.tif"
-    tifffile.imwrite(path, shape=(9000, 300, 3), dtype=np.uint8, photometric="rgb", tile=(512, 512))
+    tifffile.imwrite(
+        path, shape=(9000, 300, 3), dtype=np.uint8, photometric="rgb", tile=(512, 512)
+    )
     smear = read_smear(path)
     assert smear.multiscale
     assert max(smear.levels[-1].shape[:2]) <= 1024
@@ -137,7 +148,9 @@ def test_bad_shapes_are_refused(shape, match):
 
 def test_z_stack_is_refused(tmp_path):
     path = tmp_path / "stack.tif"
-    tifffile.imwrite(path, np.zeros((4, 32, 32), np.uint8), photometric="minisblack", metadata={"axes": "ZYX"})
+    tifffile.imwrite(
+        path, np.zeros((4, 32, 32), np.uint8), photometric="minisblack", metadata={"axes": "ZYX"}
+    )
     with pytest.raises(ImageReadError, match="4 planes"):
         read_smear(path)
 

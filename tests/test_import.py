@@ -33,7 +33,16 @@ CORE_MODULES = [
     "napari_wbc.training",
     "napari_wbc.cli_models",
 ]
-GUI_PREFIXES = ("qtpy", "PyQt5", "PyQt6", "PySide2", "PySide6", "napari._qt", "napari.qt", "vispy.app")
+GUI_PREFIXES = (
+    "qtpy",
+    "PyQt5",
+    "PyQt6",
+    "PySide2",
+    "PySide6",
+    "napari._qt",
+    "napari.qt",
+    "vispy.app",
+)
 
 
 def _imported_after(code: str) -> set[str]:
@@ -107,7 +116,7 @@ def test_no_import_cycles_in_the_package():
         state[node] = 1
         for nxt in sorted(graph[node]):
             if state.get(nxt) == 1:
-                cycles.append(path[path.index(nxt) :] + [nxt])
+                cycles.append([*path[path.index(nxt) :], nxt])
             elif nxt not in state:
                 visit(nxt, [*path, nxt])
         state[node] = 2

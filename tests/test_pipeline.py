@@ -1,6 +1,7 @@
 """Whole-smear classification: detection → crops → stain → ensemble, block by block."""
 
 import math
+from typing import ClassVar
 
 import dask.array as da
 import numpy as np
@@ -26,8 +27,10 @@ def ensemble(tiny_model_path):
 
 
 def _check_found(cells, truth, shape):
-    """Every true white cell is found once; extra finds are only cells cut by the border
-    (the generator draws cells centred just outside the image, its truth lists only those inside)."""
+    """Every true white cell is found once; extra finds are only cells cut by the border.
+
+    The generator draws cells centred just outside the image; its truth lists only those inside.
+    """
     d = np.hypot(
         cells.x.to_numpy()[:, None] - truth.x.to_numpy()[None],
         cells.y.to_numpy()[:, None] - truth.y.to_numpy()[None],
@@ -37,7 +40,12 @@ def _check_found(cells, truth, shape):
     assert ((d < tol).sum(axis=0) == 1).all(), "a white cell was reported twice"
     extra = cells[d.min(axis=1) >= tol]
     margin = truth.diameter.max() / 2
-    near_border = (extra.x < margin) | (extra.y < margin) | (extra.x > shape[1] - margin) | (extra.y > shape[0] - margin)
+    near_border = (
+        (extra.x < margin)
+        | (extra.y < margin)
+        | (extra.x > shape[1] - margin)
+        | (extra.y > shape[0] - margin)
+    )
     assert near_border.all(), "a false detection away from the border"
 
 
@@ -45,7 +53,9 @@ def test_classifies_every_white_cell_of_the_sample(sample, ensemble):
     image, truth = sample
     wbc = truth[truth.kind == "wbc"]
     events = []
-    cells = run(iter_classify_smear(image, ensemble, ClassifyConfig(pixel_size_um=0.1)), events.append)
+    cells = run(
+        iter_classify_smear(image, ensemble, ClassifyConfig(pixel_size_um=0.1)), events.append
+    )
     _check_found(cells, wbc, image.shape)
     probs = cells[[f"p_{c}" for c in ensemble.classes]].to_numpy()
     np.testing.assert_allclose(probs.sum(axis=1), 1, atol=1e-5)
@@ -66,7 +76,10 @@ def test_blocks_do_not_change_the_result(sample, ensemble):
     small = ClassifyConfig(pixel_size_um=0.1, block=400)
     tiled = run(iter_classify_smear(da.from_array(image, chunks=(300, 500, 3)), ensemble, small))
     key = ["y", "x"]
-    whole, tiled = whole.sort_values(key).reset_index(drop=True), tiled.sort_values(key).reset_index(drop=True)
+    whole, tiled = (
+        whole.sort_values(key).reset_index(drop=True),
+        tiled.sort_values(key).reset_index(drop=True),
+    )
     assert len(whole) == len(tiled)
     np.testing.assert_allclose(tiled[key], whole[key], atol=1.0)
     assert (tiled["class"] == whole["class"]).mean() >= 0.9
@@ -84,7 +97,9 @@ def test_scale_is_estimated_when_unknown(sample, ensemble):
 def test_user_points_are_classified_as_given(sample, ensemble):
     image, _ = sample
     points = np.array([[100.0, 200.0], [700.0, 900.5], [5000.0, 5.0]])  # last one is outside
-    cells = run(iter_classify_smear(image, ensemble, ClassifyConfig(pixel_size_um=0.1), points=points))
+    cells = run(
+        iter_classify_smear(image, ensemble, ClassifyConfig(pixel_size_um=0.1), points=points)
+    )
     assert len(cells) == 2
     np.testing.assert_allclose(cells[["y", "x"]].to_numpy(), points[:2])
 
@@ -94,21 +109,33 @@ def test_label_image_cells(sample, ensemble):
     labels = np.zeros(image.shape[:2], np.int32)
     labels[100:140, 200:260] = 1
     labels[800:820, 1500:1530] = 7
-    cells = run(iter_classify_smear(image, ensemble, ClassifyConfig(pixel_size_um=0.1), labels=labels))
+    cells = run(
+        iter_classify_smear(image, ensemble, ClassifyConfig(pixel_size_um=0.1), labels=labels)
+    )
     assert sorted(np.round(cells.y).tolist()) == [120.0, 810.0]
     with pytest.raises(WBCError, match="same size"):
-        run(iter_classify_smear(image, ensemble, ClassifyConfig(pixel_size_um=0.1), labels=labels[:10]))
+        run(
+            iter_classify_smear(
+                image, ensemble, ClassifyConfig(pixel_size_um=0.1), labels=labels[:10]
+            )
+        )
 
 
 def test_blank_image_gives_an_empty_table(ensemble):
     blank = np.full((600, 800, 3), 250, np.uint8)
-    cells = run(iter_classify_smear(blank, ensemble, ClassifyConfig(pixel_size_um=0.1, stain_normalize=False)))
+    cells = run(
+        iter_classify_smear(
+            blank, ensemble, ClassifyConfig(pixel_size_um=0.1, stain_normalize=False)
+        )
+    )
     assert len(cells) == 0
     assert {"x", "y", "class", "confidence"} <= set(cells.columns)
 
 
 def test_differential_count():
-    cells = pd.DataFrame({"class": ["a", "b", "a", "a"], "needs_review": [True, False, False, True]})
+    cells = pd.DataFrame(
+        {"class": ["a", "b", "a", "a"], "needs_review": [True, False, False, True]}
+    )
     table = differential_count(cells, ["a", "b", "c"])
     assert table["count"].tolist() == [3, 1, 0, 4]
     np.testing.assert_allclose(table["percent"], [75, 25, 0, 100])
@@ -118,7 +145,7 @@ def test_differential_count():
 class NucleusBlobs(Detector):
     """A stand-in for a learned detector: connected blobs of nuclear stain, nothing shared."""
 
-    returned: list[int] = []  # rows returned per window, over all instances
+    returned: ClassVar[list[int]] = []  # rows returned per window, over all instances
 
     def __init__(self, rbc_diameter_px: float | None = None):
         self.rbc = rbc_diameter_px
@@ -166,7 +193,9 @@ def test_a_new_detector_runs_tiled_with_ownership_like_on_the_whole_image(sample
     assert sum(NucleusBlobs.returned) == len(whole) > 10
     assert [e.stage for e in events].count("prepare") == 1
     NucleusBlobs.returned = []
-    lazy = da.from_array(image, chunks=((300, 77, image.shape[0] - 377), (640, 3, image.shape[1] - 643), 3))
+    lazy = da.from_array(
+        image, chunks=((300, 77, image.shape[0] - 377), (640, 3, image.shape[1] - 643), 3)
+    )
     tiled = run(
         iter_classify_smear(
             lazy, ensemble, ClassifyConfig(pixel_size_um=0.1, block=300), detector=NucleusBlobs()
@@ -190,11 +219,15 @@ def test_user_pixel_size_wins_over_the_file_and_is_recorded(sample, ensemble):
     image, _ = sample
     points = np.array([[300.0, 400.0]])
     config = ClassifyConfig(pixel_size_um=0.1)
-    cells = run(iter_classify_smear(image, ensemble, config, points=points, file_pixel_size_um=0.5))
+    cells = run(
+        iter_classify_smear(image, ensemble, config, points=points, file_pixel_size_um=0.5)
+    )
     assert cells.attrs["pixel_size_um"] == 0.1 and cells.attrs["scale_source"] == "user"
     assert cells.attrs["rbc_diameter_px"] == pytest.approx(75.0)
     from_file = run(
-        iter_classify_smear(image, ensemble, ClassifyConfig(), points=points, file_pixel_size_um=0.125)
+        iter_classify_smear(
+            image, ensemble, ClassifyConfig(), points=points, file_pixel_size_um=0.125
+        )
     )
     assert from_file.attrs["pixel_size_um"] == 0.125 and from_file.attrs["scale_source"] == "file"
     assert from_file.attrs["rbc_diameter_px"] == pytest.approx(60.0)

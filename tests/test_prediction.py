@@ -8,14 +8,14 @@ from PIL import Image
 
 pytest.importorskip("torch")
 
-from napari_wbc.errors import DataError, WBCError  # noqa: E402
-from napari_wbc.images import list_image_files  # noqa: E402
-from napari_wbc.inference import load_any  # noqa: E402
-from napari_wbc.prediction import list_crop_files  # noqa: E402
-from napari_wbc.preprocess import Preprocessor, crop_side  # noqa: E402
-from napari_wbc.progress import run  # noqa: E402
-from napari_wbc.stain import default_reference  # noqa: E402
-from napari_wbc.synthetic import make_sample_smear  # noqa: E402
+from napari_wbc.errors import DataError, WBCError
+from napari_wbc.images import list_image_files
+from napari_wbc.inference import load_any
+from napari_wbc.prediction import list_crop_files
+from napari_wbc.preprocess import Preprocessor, crop_side
+from napari_wbc.progress import run
+from napari_wbc.stain import default_reference
+from napari_wbc.synthetic import make_sample_smear
 
 
 @pytest.fixture

@@ -11,14 +11,20 @@ from napari_wbc.pixels import read_window
 from napari_wbc.tiling import tile_grid
 
 
-@pytest.mark.parametrize("block, halo, align", [(100, 0, 1), (64, 17, 1), (90, 30, 4), (1000, 5, 3)])
+@pytest.mark.parametrize(
+    "block, halo, align", [(100, 0, 1), (64, 17, 1), (90, 30, 4), (1000, 5, 3)]
+)
 def test_every_point_is_owned_by_exactly_one_tile(block, halo, align):
     shape = (250, 333)
     tiles = tile_grid(shape, block, halo, align)
     rng = np.random.default_rng(0)
     # Random points, points on every half-pixel boundary, and points just outside the image.
-    ys = np.concatenate([rng.uniform(-0.49, 249.49, 500), np.arange(-0.5, 250, 0.5), [-0.4, 249.9]])
-    xs = np.concatenate([rng.uniform(-0.49, 332.49, 500), np.arange(-0.5, 250, 0.5), [332.9, -0.5]])
+    ys = np.concatenate(
+        [rng.uniform(-0.49, 249.49, 500), np.arange(-0.5, 250, 0.5), [-0.4, 249.9]]
+    )
+    xs = np.concatenate(
+        [rng.uniform(-0.49, 332.49, 500), np.arange(-0.5, 250, 0.5), [332.9, -0.5]]
+    )
     owners = np.stack([tile.owns(ys, xs) for tile in tiles])
     assert (owners.sum(axis=0) == 1).all()
     # The owner is the tile whose block holds the pixel of the centre.
@@ -58,7 +64,9 @@ def test_grid_does_not_depend_on_chunks_and_windows_read_the_same_pixels():
 
 def test_select_keeps_the_owned_rows():
     tiles = tile_grid((100, 100), 50, 10)
-    table = pd.DataFrame({"y": [10.0, 49.4, 49.5, 99.9], "x": [10.0, 10.0, 10.0, 60.0], "id": range(4)})
+    table = pd.DataFrame(
+        {"y": [10.0, 49.4, 49.5, 99.9], "x": [10.0, 10.0, 10.0, 60.0], "id": range(4)}
+    )
     assert tiles[0].select(table)["id"].tolist() == [0, 1]
     assert tiles[2].select(table)["id"].tolist() == [2]
     assert tiles[3].select(table)["id"].tolist() == [3]

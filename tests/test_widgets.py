@@ -31,7 +31,11 @@ def test_plugin_widget_and_sample_are_listed(make_napari_viewer):
 
     pm = PluginManager.instance()
     widgets = {w.display_name for w in pm.iter_widgets() if w.plugin_name == "napari-wbc"}
-    assert {"Stain normalization", "Classify white cells", "Train classifier from annotations"} <= widgets
+    assert {
+        "Stain normalization",
+        "Classify white cells",
+        "Train classifier from annotations",
+    } <= widgets
     assert any(
         plugin == "napari-wbc" and sample.key == "smear"
         for plugin, samples in pm.iter_sample_data()
@@ -111,7 +115,10 @@ def test_multiscale_in_multiscale_out_with_reference_in_view(viewer_with_sample,
 
     viewer = viewer_with_sample
     base = viewer.layers[0].data
-    pyramid = [da.from_array(base, chunks=(256, 256, 3)), da.from_array(base[::2, ::2], chunks=(256, 256, 3))]
+    pyramid = [
+        da.from_array(base, chunks=(256, 256, 3)),
+        da.from_array(base[::2, ::2], chunks=(256, 256, 3)),
+    ]
     layer = viewer.add_image(pyramid, rgb=True, multiscale=True, name="pyramid")
     widget = StainNormalizeWidget(viewer)
     widget.image.value = layer
@@ -123,3 +130,22 @@ def test_multiscale_in_multiscale_out_with_reference_in_view(viewer_with_sample,
     assert out.multiscale
     assert [lvl.shape for lvl in out.data] == [lvl.shape for lvl in pyramid]
     assert all(isinstance(lvl, da.Array) for lvl in out.data)
+
+
+def test_png_opens_in_memory_and_is_not_called_lazy(make_napari_viewer, qtbot, tmp_path):
+    from PIL import Image
+
+    from napari_wbc._napari import make_sample_data
+
+    image = make_sample_data()[0][0][:512, :768]
+    Image.fromarray(image).save(tmp_path / "field.png")
+    viewer = make_napari_viewer()
+    (layer,) = viewer.open(tmp_path / "field.png", plugin="napari-wbc")
+    assert isinstance(layer.data, np.ndarray)  # decoded whole: no lazy wrapper
+    _dock, widget = viewer.window.add_plugin_dock_widget("napari-wbc", "Stain normalization")
+    widget.image.value = viewer.layers["field"]
+    widget.method.value = "reinhard"
+    widget.run()
+    _wait(qtbot, widget)
+    assert "field (reinhard)" in viewer.layers, widget.status.value
+    assert "ready" in widget.status.value and "lazily" not in widget.status.value

@@ -117,18 +117,14 @@ def list_image_files(
             out += sorted(
                 p
                 for p in found
-                if p.is_file()
-                and p.name.lower().endswith(suffixes)
-                and not p.name.startswith(".")
+                if p.is_file() and p.name.lower().endswith(suffixes) and not p.name.startswith(".")
             )
         elif item.is_file():
             out.append(item)
         else:
             raise DataError(f"{item} does not exist")
     if not out:
-        raise DataError(
-            f"no images ({', '.join(suffixes)}) found in {', '.join(map(str, items))}"
-        )
+        raise DataError(f"no images ({', '.join(suffixes)}) found in {', '.join(map(str, items))}")
     return out
 
 
@@ -218,7 +214,9 @@ def _read_tiff(path: Path, chunk: int) -> Smear:
         ) from exc
     try:
         if not tif.series:
-            raise ImageReadError(f"{path.name}: the TIFF file holds no readable image; it may be corrupt")
+            raise ImageReadError(
+                f"{path.name}: the TIFF file holds no readable image; it may be corrupt"
+            )
         series = tif.series[0]
         axes = series.axes
         store = series.aszarr()
@@ -247,7 +245,8 @@ def _read_tiff(path: Path, chunk: int) -> Smear:
     except Exception as exc:
         tif.close()
         raise ImageReadError(
-            f"{path.name}: the image data cannot be decoded; the file is truncated or corrupt ({exc})"
+            f"{path.name}: the image data cannot be decoded; the file is truncated or "
+            f"corrupt ({exc})"
         ) from exc
     return Smear(levels, pixel_size, path, _dedupe(conversions), [tif])
 
@@ -409,7 +408,9 @@ def _to_rgb8(levels: list[da.Array], name: str, conversions: list[str]) -> list[
     for level in levels:
         level = level.rechunk({2: -1})
         if scale is not None:
-            level = level.map_blocks(_scale_block, scale, dtype=np.uint8, meta=np.empty((0, 0, 0), np.uint8))
+            level = level.map_blocks(
+                _scale_block, scale, dtype=np.uint8, meta=np.empty((0, 0, 0), np.uint8)
+            )
         if channels == 4:
             level = level.map_blocks(
                 _composite_on_white,

@@ -170,7 +170,8 @@ def iter_write_pyramid_tiff(
                     small = _downsample2(strip)
                     nxt[y0 // 2 : y0 // 2 + small.shape[0]] = small
                 done += 1
-                yield Progress("write", done, total, f"level {level}: rows {y0}–{y0 + len(strip)}")
+                rows = f"level {level}: rows {y0}–{y0 + len(strip)}"
+                yield Progress("write", done, total, rows)
             source = da.from_zarr(nxt) if nxt is not None else None
         thread.join()
         if failure:

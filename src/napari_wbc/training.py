@@ -186,7 +186,9 @@ class TrainConfig:
             out.append(f"val_fraction must be between 0 and 1, got {self.val_fraction}")
         methods = [m for m in stain_methods() if m != "none"]
         if self.stain_method not in methods:
-            out.append(f"stain_method must be one of {', '.join(methods)}, got {self.stain_method!r}")
+            out.append(
+                f"stain_method must be one of {', '.join(methods)}, got {self.stain_method!r}"
+            )
         if self.input_size is not None and self.input_size < 8:
             out.append("input_size must be at least 8 px")
         if self.cache_size is not None and self.cache_size < 8:
