@@ -1,14 +1,17 @@
-"""Which review signals catch a model's mistakes on other labs? (issue #13)
+"""Do the review flags catch a model's mistakes on other labs? (issue #13)
 
-    python scripts/trust_study.py [--model M] [--per-class 60] [-o outputs/trust]
+    python scripts/fit_trust.py          # once: the trust statistics, from PBC only
+    python scripts/trust_study.py [--model M] [-o outputs/trust]
 
-Fits the trust statistics (temperature, feature centres, thresholds) on PBC
-cells only (the model's own lab: training cells for the feature centres, its
-validation split for temperature and thresholds), then scores the cells of
-the other labs (LISC crops, BCCD cells cut around their boxes) and prints,
-per lab and per signal, the AUROC for telling wrong from right predictions
-and the share of wrong and of right predictions flagged. Nothing from LISC
-or BCCD is used to set anything.
+Classifies cells as ``napari-wbc classify`` does (the ensemble's TTA,
+calibrated confidence, feature distance to the training cells, member
+disagreement, the default review thresholds) and prints, per lab: accuracy,
+calibration error before and after temperature scaling, the AUROC for
+telling wrong from right predictions of the review score and of the raw
+confidence alone, the share of cells that look unlike the training cells, and
+the share of wrong and of right predictions flagged for review. The
+statistics come from PBC alone (scripts/fit_trust.py); nothing from LISC or
+BCCD is used to set anything.
 """
 
 from __future__ import annotations
@@ -19,25 +22,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from fit_trust import pbc_samples  # scripts/ is on the path when run as a script
 
-from napari_wbc.datasets import (
-    balanced_subset,
-    load_lab_table,
-    load_labelled_crops,
-    read_lab_crops,
-)
-from napari_wbc.features import member_outputs
-from napari_wbc.inference import load_any
+from napari_wbc.datasets import load_lab_table, read_lab_crops
+from napari_wbc.inference import disagreement, load_any, predict_crops
 from napari_wbc.models.files import default_model_path
-from napari_wbc.settings import data_root
-from napari_wbc.training import TrainConfig, validation_split
-from napari_wbc.trust import (
-    auroc,
-    ensemble_probs,
-    expected_calibration_error,
-    fit_trust_stats,
-    review_flags,
-)
+from napari_wbc.pipeline import ClassifyConfig
+from napari_wbc.trust import auroc, ensemble_probs, expected_calibration_error, image_warning
 
 
 def lab_crops(ens, lab: str, table=None):
@@ -46,84 +37,89 @@ def lab_crops(ens, lab: str, table=None):
     return crops, table["label"].to_numpy()
 
 
+def review_score(confidence, disagreement, ood_score, min_confidence):
+    """One number per cell: above 1 (or any disagreement) is flagged by classify.
+
+    The larger of the low-confidence ratio ``(1 - confidence) / (1 - min_confidence)``
+    and the feature-distance ratio ``ood_score``, plus the members' disagreement.
+    """
+    low = (1.0 - np.asarray(confidence)) / (1.0 - min_confidence)
+    return np.maximum(low, np.asarray(ood_score)) + np.asarray(disagreement)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=default_model_path())
     parser.add_argument("--per-class", type=int, default=60)
+    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("-o", "--output", type=Path, default=Path("outputs/trust"))
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     ens = load_any(args.model)
+    if ens.trust is None:
+        raise SystemExit(f"{args.model} has no trust statistics: run scripts/fit_trust.py")
+    stats = ens.trust
     classes = list(ens.classes)
     index = {c: i for i, c in enumerate(classes)}
+    config = ClassifyConfig()
 
-    # PBC: the model's training subset and validation split (scripts/train_default_model.sh).
-    table = load_labelled_crops(data_root() / "pbc")
-    used = balanced_subset(table, per_class=1000, seed=0)
-    train, val = validation_split(used, TrainConfig(seed=0, val_fraction=0.2))
-    train = balanced_subset(train, per_class=args.per_class, seed=1)
-    val = balanced_subset(val, per_class=args.per_class, seed=2)
-
-    def pbc(rows):
-        t = rows.assign(lab="pbc", cy=np.nan, cx=np.nan, rbc_px=75.0)
-        return lab_crops(ens, "pbc", t)
+    # PBC's validation sample as scripts/fit_trust.py drew it (its feature
+    # centres and temperature came from there: an in-lab check, not a test).
+    _, val = pbc_samples(args.per_class)
+    val = val.assign(lab="pbc", cy=np.nan, cx=np.nan, rbc_px=75.0)
 
     def prepared(crops):
         normalizer = ens.preprocessor.crop_normalizer(lambda i: crops[i], len(crops), "auto")
         return crops if normalizer is None else np.stack([normalizer(c) for c in crops])
 
-    fit_crops, fit_labels = pbc(train)
-    val_crops, val_labels = pbc(val)
-    fit_out = member_outputs(ens, prepared(fit_crops))
-    val_crops = prepared(val_crops)
-    val_out = member_outputs(ens, val_crops)
-    fit_y = np.array([index[v] for v in fit_labels])
-    val_y = np.array([index[v] for v in val_labels])
-    stats = fit_trust_stats(
-        fit_out["logits"],
-        fit_out["features"],
-        fit_y,
-        val_out["logits"],
-        val_out["features"],
-        val_y,
-        ens.weights,
-    )
-    print(json.dumps({k: v for k, v in stats.to_dict().items() if k != "features"}, indent=1))
-
     rows = []
     for lab in ("pbc-val", "lisc", "bccd"):
-        if lab == "pbc-val":
-            out, labels = val_out, val_labels
-        else:
-            crops, labels = lab_crops(ens, lab)
-            out = member_outputs(ens, prepared(crops))
-        raw = ensemble_probs(out["logits"], ens.weights)
-        cal = ensemble_probs(out["logits"], ens.weights, stats.temperature)
+        crops, labels = lab_crops(ens, "pbc", val) if lab == "pbc-val" else lab_crops(ens, lab)
+        # As napari-wbc classify does: the ensemble's TTA, calibrated, with distances.
+        out = predict_crops(ens, prepared(crops))
         y = np.array([index[v] for v in labels])
-        pred = raw.argmax(1)
+        raw = ensemble_probs(out["member_logits"], ens.weights)
+        cal = out["probs"]
+        pred = cal.argmax(1)
         wrong = pred != y
-        dist = stats.ood_distance(out["features"])
-        member_pred = out["logits"].argmax(2)
-        dis = (member_pred != pred[None]).mean(0)
-        flags = review_flags(cal.max(1), dis, dist, stats)
+        dis = disagreement(out["member_probs"], cal)
+        ood_score = out["ood_distance"] / stats.ood_threshold
+        low = cal.max(1) < config.review_confidence
+        disagree = dis > config.review_disagreement
+        ood = ood_score > 1.0
+        flagged = low | disagree | ood
+        score = review_score(cal.max(1), dis, ood_score, config.review_confidence)
         row = {
             "lab": lab,
             "n": len(y),
             "accuracy": float(1 - wrong.mean()),
             "ece_raw": expected_calibration_error(raw, y),
-            "ece_cal": expected_calibration_error(cal, y),
-            "auroc_conf": auroc(-raw.max(1), wrong),
-            "auroc_cal_conf": auroc(-cal.max(1), wrong),
-            "auroc_dist": auroc(dist, wrong),
-            "auroc_dis": auroc(dis, wrong),
-            "ood_share": float(flags["out_of_distribution"].mean()),
-            "flag_wrong": float(flags["needs_review"][wrong].mean()) if wrong.any() else None,
-            "flag_right": float(flags["needs_review"][~wrong].mean()) if (~wrong).any() else None,
+            "ece_calibrated": expected_calibration_error(cal, y),
+            "auroc_confidence": auroc(-raw.max(1), wrong),
+            "auroc_review_score": auroc(score, wrong),
+            "auroc_ood": auroc(ood_score, wrong),
+            "out_of_distribution_share": float(ood.mean()),
+            "image_warning": image_warning(ood) is not None,
+            "wrong_flagged": float(flagged[wrong].mean()) if wrong.any() else None,
+            "right_flagged": float(flagged[~wrong].mean()) if (~wrong).any() else None,
+            "wrong_flagged_by_confidence_alone": float(low[wrong].mean()) if wrong.any() else None,
         }
         rows.append(row)
         print(json.dumps(row))
     args.output.mkdir(parents=True, exist_ok=True)
     (args.output / "trust_study.json").write_text(json.dumps(rows, indent=1))
+    print(
+        "| cells | n | accuracy | ECE raw → calibrated | AUROC confidence | AUROC review score "
+        "| unlike training | wrong flagged | right flagged |"
+    )
+    print("|---|---:|---:|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(
+            f"| {r['lab']} | {r['n']} | {r['accuracy']:.3f} | {r['ece_raw']:.3f} → "
+            f"{r['ece_calibrated']:.3f} | {r['auroc_confidence']:.3f} | "
+            f"{r['auroc_review_score']:.3f} | {r['out_of_distribution_share']:.0%} | "
+            f"{r['wrong_flagged']:.0%} | {r['right_flagged']:.0%} |"
+        )
 
 
 if __name__ == "__main__":

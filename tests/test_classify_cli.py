@@ -23,7 +23,16 @@ def smear_dir(tmp_path_factory):
         truth = smear_truth(SHAPE, seed=seed, wbc_per_mpx=6)
         for t in truth[truth.kind == "wbc"].itertuples():
             r = t.diameter / 2
-            rows.append({"path": path.name, "label": t.label, "x": t.x - r, "y": t.y - r, "w": 2 * r, "h": 2 * r})
+            rows.append(
+                {
+                    "path": path.name,
+                    "label": t.label,
+                    "x": t.x - r,
+                    "y": t.y - r,
+                    "w": 2 * r,
+                    "h": 2 * r,
+                }
+            )
     (folder / "notes.txt").write_text("not an image")
     boxes = folder / "boxes.csv"
     pd.DataFrame(rows).to_csv(boxes, index=False)
@@ -38,9 +47,23 @@ def _valid_qupath_geojson(doc):
         assert isinstance(feat["properties"]["classification"]["name"], str)
 
 
-def test_classify_folder_writes_per_image_results_and_summary(smear_dir, tiny_model_path, tmp_path, capsys):
+def test_classify_folder_writes_per_image_results_and_summary(
+    smear_dir, tiny_model_path, tmp_path, capsys
+):
     out = tmp_path / "results"
-    code = main(["classify", str(smear_dir), "--model", str(tiny_model_path), "-o", str(out), "--pixel-size", "0.1", "-q"])
+    code = main(
+        [
+            "classify",
+            str(smear_dir),
+            "--model",
+            str(tiny_model_path),
+            "-o",
+            str(out),
+            "--pixel-size",
+            "0.1",
+            "-q",
+        ]
+    )
     assert code == 0
     names = sorted(p.name for p in out.iterdir())
     assert names == ["field3.csv", "field3.geojson", "field4.csv", "field4.geojson", "summary.csv"]
@@ -63,24 +86,73 @@ def test_classify_on_a_dask_cluster_matches_local(smear_dir, tiny_model_path, tm
     from dask.distributed import LocalCluster
 
     local = tmp_path / "local"
-    args = ["--model", str(tiny_model_path), "--pixel-size", "0.1", "--format", "csv", "--block", "512", "-q"]
+    args = [
+        "--model",
+        str(tiny_model_path),
+        "--pixel-size",
+        "0.1",
+        "--format",
+        "csv",
+        "--block",
+        "512",
+        "-q",
+    ]
     assert main(["classify", str(smear_dir / "field3.png"), "-o", str(local), *args]) == 0
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+    with LocalCluster(
+        n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None
+    ) as cluster:
         remote = tmp_path / "remote"
-        assert main(["classify", str(smear_dir / "field3.png"), "-o", str(remote), "--scheduler", cluster.scheduler_address, *args]) == 0
+        assert (
+            main(
+                [
+                    "classify",
+                    str(smear_dir / "field3.png"),
+                    "-o",
+                    str(remote),
+                    "--scheduler",
+                    cluster.scheduler_address,
+                    *args,
+                ]
+            )
+            == 0
+        )
     a = pd.read_csv(local / "field3.csv").sort_values(["y", "x"]).reset_index(drop=True)
     b = pd.read_csv(remote / "field3.csv").sort_values(["y", "x"]).reset_index(drop=True)
     pd.testing.assert_frame_equal(a, b, check_exact=False, atol=1e-5)
 
 
 def test_bad_scheduler_address_is_one_clear_line(smear_dir, tiny_model_path, tmp_path, capsys):
-    code = main(["classify", str(smear_dir / "field3.png"), "--model", str(tiny_model_path), "-o", str(tmp_path), "--scheduler", "tcp://127.0.0.1:9", "-q"])
+    code = main(
+        [
+            "classify",
+            str(smear_dir / "field3.png"),
+            "--model",
+            str(tiny_model_path),
+            "-o",
+            str(tmp_path),
+            "--scheduler",
+            "tcp://127.0.0.1:9",
+            "-q",
+        ]
+    )
     assert code == 2
     assert "cannot reach the dask scheduler" in capsys.readouterr().err
 
 
 def test_evaluate_smears_reports_detection_and_classification(smear_dir, tiny_model_path, capsys):
-    code = main(["evaluate", str(smear_dir / "boxes.csv"), "--model", str(tiny_model_path), "--json", "--pixel-size", "0.1", "--tta", "none"])
+    code = main(
+        [
+            "evaluate",
+            str(smear_dir / "boxes.csv"),
+            "--model",
+            str(tiny_model_path),
+            "--json",
+            "--pixel-size",
+            "0.1",
+            "--tta",
+            "none",
+        ]
+    )
     assert code == 0
     result = json.loads(capsys.readouterr().out)
     det = result["detection"]
@@ -90,7 +162,13 @@ def test_evaluate_smears_reports_detection_and_classification(smear_dir, tiny_mo
     assert result["n"] == det["tp"]
     for key in ("accuracy", "macro_f1", "balanced_accuracy", "per_class", "confusion", "classes"):
         assert key in result
-    assert set(result["classes"]) <= {"neutrophil", "lymphocyte", "monocyte", "eosinophil", "basophil"}
+    assert set(result["classes"]) <= {
+        "neutrophil",
+        "lymphocyte",
+        "monocyte",
+        "eosinophil",
+        "basophil",
+    }
 
 
 def test_user_pixel_size_wins_over_the_files_in_every_column(tiny_model_path, tmp_path):
@@ -111,3 +189,51 @@ def test_user_pixel_size_wins_over_the_files_in_every_column(tiny_model_path, tm
     np.testing.assert_allclose(cells["y_um"], cells["y"] * 0.1)
     summary = pd.read_csv(out / "summary.csv")
     assert summary.iloc[0]["rbc_diameter_px"] == pytest.approx(75.0)
+
+
+def test_classify_batch_goes_past_bad_files_and_uses_the_batch_scale(
+    tiny_model_path, tmp_path, capsys
+):
+    folder = tmp_path / "batch"
+    folder.mkdir()
+    for seed in (3, 4):
+        Image.fromarray(make_smear(SHAPE, seed=seed, wbc_per_mpx=6)).save(folder / f"f{seed}.png")
+    # Bare glass, no red cells to measure: classified at the scale of the other fields.
+    glass = np.zeros((*SHAPE, 3), np.uint8) + np.array([236, 226, 230], np.uint8)
+    Image.fromarray(glass).save(folder / "f5-no-red-cells.png")
+    (folder / "f6-broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 100)
+    out = tmp_path / "out"
+    code = main(["classify", str(folder), "--model", str(tiny_model_path), "-o", str(out), "-q"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "f6-broken.png" in err and "1 of 4 images failed" in err
+    summary = pd.read_csv(out / "summary.csv")
+    assert summary["image"].tolist() == [
+        "f3.png",
+        "f4.png",
+        "f5-no-red-cells.png",
+        "all images",
+    ]
+    measured = summary.loc[:1, "rbc_diameter_px"]
+    batch_row = summary.iloc[2]
+    assert batch_row["scale"].startswith("batch scale")
+    assert batch_row["rbc_diameter_px"] == pytest.approx(np.median(measured), abs=0.1)
+    failures = pd.read_csv(out / "failures.csv")
+    assert failures["image"].tolist() == ["f6-broken.png"]
+    assert failures["reason"].str.len().min() > 10
+    assert (out / "f5-no-red-cells.csv").exists()
+
+
+def test_classify_checks_its_inputs_before_loading_a_model(tmp_path, capsys):
+    code = main(["classify", str(tmp_path / "missing"), "-o", str(tmp_path / "out")])
+    assert code == 2
+    assert "missing" in capsys.readouterr().err
+
+
+def test_rbc_diameter_px_gives_the_scale(smear_dir, tiny_model_path, tmp_path):
+    out = tmp_path / "results"
+    args = ["classify", str(smear_dir / "field3.png"), "--model", str(tiny_model_path)]
+    assert main([*args, "-o", str(out), "--rbc-diameter-px", "75", "-q", "--threads", "1"]) == 0
+    summary = pd.read_csv(out / "summary.csv")
+    assert summary.loc[0, "rbc_diameter_px"] == 75.0
+    assert "x_um" not in pd.read_csv(out / "field3.csv").columns  # no pixel size: no µm

@@ -212,3 +212,25 @@ def test_export_path_without_extension_gets_one(widget, qtbot, tmp_path):
 def test_trained_models_are_offered_at_once(widget, tiny_model_path):
     register_session_model(tiny_model_path)
     assert str(tiny_model_path) in widget.model.choices
+
+
+def test_a_smear_unlike_the_training_data_is_called_out(widget, qtbot, tiny_model_path):
+    from napari_wbc.models.files import load_model, save_ensemble
+    from napari_wbc.trust import FeatureStats, TrustStats
+
+    model, config = load_model(tiny_model_path)
+    width = model.num_features
+    # Statistics under which every cell is far from the training cells.
+    stats = TrustStats(
+        ood_threshold=1e-9,
+        features=[FeatureStats(np.zeros((len(config.classes), width)), np.ones(width))],
+    )
+    strict = tiny_model_path.parent / "strict-trust.json"
+    save_ensemble(strict, [tiny_model_path], tta="none", trust=stats.to_dict())
+    widget.model_file.value = strict
+    widget.run()
+    _wait(qtbot, widget)
+    layer = widget.viewer.layers["synthetic smear cells"]
+    assert layer.features["out_of_distribution"].all()
+    assert layer.features["needs_review"].all()
+    assert "unlike the model's training data" in widget.status.value

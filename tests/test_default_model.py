@@ -41,8 +41,20 @@ def test_default_model_classifies_the_sample_offline(tmp_path):
         "cells = run(iter_classify_smear(make_sample_smear(), ens, ClassifyConfig(pixel_size_um=0.1, tta='none')))\n"
         "print(len(cells), sorted(set(cells['class'])))\n"
     )
-    env = {"HF_HUB_OFFLINE": "1", "NO_PROXY": "*", "HTTPS_PROXY": "http://127.0.0.1:9", "PATH": "/usr/bin:/bin"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    env = {
+        "HF_HUB_OFFLINE": "1",
+        "NO_PROXY": "*",
+        "HTTPS_PROXY": "http://127.0.0.1:9",
+        "PATH": "/usr/bin:/bin",
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     n = int(out.stdout.split()[0])
     assert n >= 13
@@ -63,5 +75,7 @@ def test_default_model_on_pbc_validation_crops(data_dir):
     metrics = evaluate(load_any(DEFAULT), sample, tta="none", stain_source="training")
     assert metrics["n"] == 120
     assert metrics["absent_classes"] == []
-    assert metrics["macro_f1"] >= 0.9
+    # Measured 0.959 (no TTA); a change to the stain transform the models
+    # were trained with once dropped it to about 0.89.
+    assert metrics["macro_f1"] >= 0.94
     assert np.isfinite(metrics["balanced_accuracy"])

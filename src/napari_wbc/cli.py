@@ -15,7 +15,14 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .cli_models import add_model_commands, drive, smear_setup
+from .cli_models import (
+    add_model_commands,
+    add_smear_options,
+    add_threads_option,
+    add_tta_option,
+    drive,
+    smear_setup,
+)
 from .errors import WBCError
 from .progress import run
 from .stain import DEFAULT_METHOD, stain_methods
@@ -89,6 +96,7 @@ def cmd_reference(args) -> int:
 
 
 def cmd_classify(args) -> int:
+    from .images import list_image_files
     from .models.files import default_model_path
     from .smears import iter_classify_files
 
@@ -97,6 +105,8 @@ def cmd_classify(args) -> int:
     bad = sorted(set(formats) - {"csv", "geojson"})
     if bad:
         raise WBCError(f"unknown format(s) {', '.join(bad)}; choose from csv, geojson")
+    # Check the inputs before loading the model (and torch): a typo fails at once.
+    n_images = len(list_image_files(args.inputs))
     ensemble, config = smear_setup(args, model, block=args.block)
     client = None
     if args.scheduler:
@@ -120,6 +130,21 @@ def cmd_classify(args) -> int:
             client.close()
     print(summary.to_string(index=False))
     print(f"results in {args.output}")
+    for image, warning in summary.attrs.get("warnings", {}).items():
+        print(f"napari-wbc classify: warning: {image}: {warning}", file=sys.stderr)
+    failures = summary.attrs.get("failures", [])
+    for failure in failures:
+        print(
+            f"napari-wbc classify: failed: {failure['image']}: {failure['reason']}",
+            file=sys.stderr,
+        )
+    if failures:
+        print(
+            f"napari-wbc classify: {len(failures)} of {n_images} images failed "
+            f"(listed in {args.output / 'failures.csv'})",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 
@@ -217,11 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", type=Path, help="model or ensemble; default: the built-in one")
     p.add_argument("-o", "--output", type=Path, default=Path("wbc-results"), help="output folder")
     p.add_argument("--format", default="csv,geojson", help="comma-separated: csv, geojson")
-    p.add_argument(
-        "--pixel-size", type=float, help="µm per pixel (default: file metadata, else estimated)"
-    )
-    p.add_argument("--no-stain-normalization", dest="stain_normalization", action="store_false")
-    p.add_argument("--tta", choices=("none", "flips", "d4"), help="default: the model's")
+    add_smear_options(p)
+    add_tta_option(p)
+    add_threads_option(p)
     p.add_argument("--block", type=int, default=2048, help="processing block edge in pixels")
     p.add_argument("--device", default="auto")
     p.add_argument(
@@ -263,6 +286,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 1
     try:
+        if hasattr(args, "threads"):
+            from .threads import configure_threads
+
+            configure_threads(args.threads)
         return int(args.func(args) or 0)
     except WBCError as exc:
         print(f"napari-wbc {args.command}: error: {exc}", file=sys.stderr)

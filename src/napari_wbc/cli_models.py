@@ -22,6 +22,9 @@ from .progress import Progress, TerminalBar, run
 
 __all__ = [
     "add_model_commands",
+    "add_smear_options",
+    "add_threads_option",
+    "add_tta_option",
     "cmd_evaluate",
     "cmd_predict",
     "cmd_train",
@@ -79,6 +82,7 @@ def smear_setup(args, model, **options):
     ensemble = load_any(model, device="cpu" if args.device == "auto" else args.device)
     config = ClassifyConfig(
         pixel_size_um=args.pixel_size,
+        rbc_diameter_px=args.rbc_diameter_px,
         stain_normalize=args.stain_normalization,
         tta=args.tta,
         device=args.device,
@@ -87,12 +91,49 @@ def smear_setup(args, model, **options):
     return ensemble, config
 
 
+def add_smear_options(p, scope: str = "") -> None:
+    """Options of the commands that classify whole smears (classify, evaluate on boxes)."""
+    p.add_argument(
+        "--pixel-size",
+        type=float,
+        help=f"{scope}µm per pixel (default: the file's, else measured on the red cells)",
+    )
+    p.add_argument(
+        "--rbc-diameter-px",
+        type=float,
+        help=f"{scope}red-cell diameter in pixels, instead of a pixel size",
+    )
+    p.add_argument(
+        "--no-stain-normalization",
+        dest="stain_normalization",
+        action="store_false",
+        help=f"{scope}classify without stain normalization",
+    )
+
+
+def add_tta_option(p) -> None:
+    """The ``--tta`` option (default: the model's own set)."""
+    from .models.files import TTA_NAMES
+
+    p.add_argument("--tta", choices=TTA_NAMES, help="default: the model's")
+
+
+def add_threads_option(p) -> None:
+    """``--threads``: one thread count for torch, dask and BLAS (see napari_wbc.threads)."""
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="CPU threads (default: the cores not busy with other work, at least 1)",
+    )
+
+
 def _add_crop_model_options(p) -> None:
     """Options shared by the commands that classify crops (evaluate, predict)."""
     from .preprocess import STAIN_MIN_CROPS, STAIN_SOURCES
 
     p.add_argument("--model", type=Path, help="model (.safetensors) or ensemble (.json)")
-    p.add_argument("--tta", choices=("none", "flips", "d4"), help="default: the model's")
+    add_tta_option(p)
+    add_threads_option(p)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto")
     p.add_argument(
@@ -372,7 +413,7 @@ def add_model_commands(subparsers) -> None:
         help="use the 'subtype' column as the label (e.g. PBC's ig subtypes)",
     )
     p.add_argument("--input-size", type=int, help="override the network input size (px)")
-    p.add_argument("--threads", type=int, help="CPU threads for torch")
+    add_threads_option(p)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
@@ -394,17 +435,7 @@ def add_model_commands(subparsers) -> None:
     _add_crop_model_options(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--confusion", type=Path, help="also save the confusion matrix as a PNG")
-    p.add_argument(
-        "--pixel-size",
-        type=float,
-        help="smears only: µm per pixel (default: estimated from the red cells)",
-    )
-    p.add_argument(
-        "--no-stain-normalization",
-        dest="stain_normalization",
-        action="store_false",
-        help="smears only: classify without stain normalization",
-    )
+    add_smear_options(p, "smears only: ")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_evaluate)
 

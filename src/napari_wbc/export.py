@@ -63,7 +63,8 @@ def cells_to_csv(
     cells: pd.DataFrame, path: str | Path, pixel_size_um: float | None = None
 ) -> Path:
     """Write a cell table as CSV: x, y in pixels (and µm when the pixel size is known), class,
-    confidence, needs_review and per-class probabilities.
+    confidence, needs_review, out_of_distribution and ood_score (with a model's trust
+    statistics), diameter and per-class probabilities.
     """
     _check_table(cells)
     table = pd.DataFrame({"x": cells["x"].astype(float), "y": cells["y"].astype(float)})
@@ -71,7 +72,7 @@ def cells_to_csv(
         table["x_um"] = table["x"] * pixel_size_um
         table["y_um"] = table["y"] * pixel_size_um
     table["class"] = cells["class"].astype(str)
-    for col in ("confidence", "needs_review", "diameter"):
+    for col in ("confidence", "needs_review", "out_of_distribution", "ood_score", "diameter"):
         if col in cells.columns:
             table[col] = cells[col].to_numpy()
     for col in probability_columns(cells):

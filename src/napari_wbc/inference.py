@@ -33,6 +33,7 @@ from napari_wbc.models.files import (
 )
 from napari_wbc.preprocess import Preprocessor
 from napari_wbc.progress import Progress, ProgressGen, run
+from napari_wbc.trust import TrustStats, softmax
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +118,9 @@ class Ensemble:
     metrics: dict[str, Any] = field(default_factory=dict)
     notes: str = ""
     path: Path | None = None
+    #: How far to trust predictions (calibration, feature statistics); None
+    #: leaves needs_review to the confidence and disagreement thresholds.
+    trust: TrustStats | None = None
 
     def __post_init__(self):
         self.members = [EnsembleMember(*m) for m in self.members]
@@ -225,7 +229,13 @@ def load_ensemble(path: str | os.PathLike, device: str | torch.device = "cpu") -
         members.append(EnsembleMember(model, config, ref.weight))
     check_members_agree([m.path for m in ens.members], [m.config for m in members])
     return Ensemble(
-        members, tta=ens.tta, name=ens.name, metrics=ens.metrics, notes=ens.notes, path=path
+        members,
+        tta=ens.tta,
+        name=ens.name,
+        metrics=ens.metrics,
+        notes=ens.notes,
+        path=path,
+        trust=TrustStats.from_dict(ens.trust) if ens.trust else None,
     )
 
 
@@ -302,7 +312,12 @@ def iter_predict_crops(
         ``probs`` (N, C) float32 ensemble probabilities; ``member_probs``
         (M, N, C) float32 per member (each averaged over TTA); ``classes``
         tuple of names; ``pred`` (N,) int64 argmax of ``probs``;
-        ``confidence`` (N,) float32 max of ``probs``.
+        ``confidence`` (N,) float32 max of ``probs``. With trust statistics
+        (``ensemble.trust``) the probabilities are calibrated (each member's
+        view-averaged logits divided by the fitted temperature), and the dict
+        also holds ``member_logits`` (M, N, C) and, when the statistics have
+        feature centres, ``ood_distance`` (N,): the distance of each crop's
+        features to the training cells (:class:`napari_wbc.trust.TrustStats`).
     """
     crops = _check_crops(crops)
     if not isinstance(batch_size, int) or batch_size < 1:
@@ -326,7 +341,13 @@ def iter_predict_crops(
         std = torch.tensor(spec.std, device=device).view(1, 3, 1, 1)
         prepared.append((model, spec.input_size, mean, std))
 
+    # With trust statistics, each view's penultimate features are kept too
+    # (one pass: features -> pooled pre-logits -> classifier), for the
+    # distance to the training cells, and the logits for calibration.
+    trust = ensemble.trust
     member_probs = np.zeros((m, n, c), dtype=np.float32)
+    member_logits = np.zeros((m, n, c), dtype=np.float32) if trust is not None else None
+    features: list[np.ndarray | None] = [None] * m
     total = n * m
     done = 0
     with torch.inference_mode():
@@ -339,10 +360,17 @@ def iter_predict_crops(
                     resized[size] = _to_input(batch, size, device)
                 x = ((resized[size] - mean) / std).contiguous(memory_format=torch.channels_last)
                 acc = torch.zeros((stop - start, c), dtype=torch.float32, device=device)
+                logit_sum, feature_sum = 0.0, 0.0
                 for transform in transforms:
                     # rot90 returns a strided view; convolutions want a dense layout
                     view = transform(x).contiguous(memory_format=torch.channels_last)
-                    logits = model(view)
+                    if trust is None:
+                        logits = model(view)
+                    else:
+                        pre = model.forward_head(model.forward_features(view), pre_logits=True)
+                        logits = model.get_classifier()(pre)
+                        logit_sum = logit_sum + logits.float()
+                        feature_sum = feature_sum + pre.float()
                     if logits.shape[-1] != c:
                         raise ModelFileError(
                             f"member {j} outputs {logits.shape[-1]} scores but its config "
@@ -350,6 +378,12 @@ def iter_predict_crops(
                         )
                     acc += logits.float().softmax(dim=-1)
                 member_probs[j, start:stop] = (acc / len(transforms)).cpu().numpy()
+                if trust is not None:
+                    member_logits[j, start:stop] = (logit_sum / len(transforms)).cpu().numpy()
+                    f = (feature_sum / len(transforms)).cpu().numpy()
+                    if features[j] is None:
+                        features[j] = np.zeros((n, f.shape[1]), np.float32)
+                    features[j][start:stop] = f
                 done += stop - start
                 yield Progress(
                     "classify",
@@ -358,15 +392,29 @@ def iter_predict_crops(
                     f"classified {stop}/{n} crops (model {j + 1}/{m}, TTA {tta})",
                 )
 
+    ood_distance = None
+    if trust is not None:
+        # Calibrated: each member's view-averaged logits over the temperature
+        # fitted on validation cells (napari_wbc.trust.fit_temperature).
+        for j in range(m):
+            member_probs[j] = softmax(member_logits[j], trust.temperature) if n else 0
+        if trust.features and n:
+            ood_distance = trust.ood_distance([f for f in features if f is not None])
     weights = ensemble.weights.astype(np.float32)
     probs = np.tensordot(weights, member_probs, axes=1).astype(np.float32)
-    return {
+    out = {
         "probs": probs,
         "member_probs": member_probs,
         "classes": tuple(ensemble.classes),
         "pred": probs.argmax(axis=1).astype(np.int64),
         "confidence": (probs.max(axis=1) if n else np.zeros(0)).astype(np.float32),
     }
+    if trust is not None:
+        out["member_logits"] = member_logits
+        out["calibrated"] = True
+        if ood_distance is not None:
+            out["ood_distance"] = ood_distance.astype(np.float32)
+    return out
 
 
 def _check_crops(crops) -> np.ndarray | list[np.ndarray]:

@@ -181,7 +181,9 @@ def iter_classify_smear(
     if client is None:
         results = local_results()
     else:
-        results = _iter_remote(client, source_path, ensemble, model_input, config, jobs(), detector)
+        results = _iter_remote(
+            client, source_path, ensemble, model_input, config, jobs(), detector
+        )
     for i, table in enumerate(results):
         if table is not None and len(table):
             tables.append(table)
@@ -197,6 +199,13 @@ def iter_classify_smear(
         if tables
         else pd.DataFrame({c: [] for c in columns + [f"p_{n}" for n in classes]})
     )
+    if "out_of_distribution" in cells and len(cells):
+        from .trust import image_warning
+
+        warning = image_warning(cells["out_of_distribution"].to_numpy(bool))
+        if warning:
+            cells.attrs["warning"] = warning
+            log.warning("%s", warning)
     cells.attrs.update(
         rbc_diameter_px=rbc_px,
         pixel_size_um=scale.pixel_size_um,
@@ -252,6 +261,12 @@ def classify_tile(
     table["needs_review"] = (table["confidence"] < config.review_confidence) | (
         table["disagreement"] > config.review_disagreement
     )
+    if "ood_distance" in result:
+        # Distance to the training cells in units of the model's threshold
+        # (the 99th percentile on its validation cells): above 1, unlike them.
+        table["ood_score"] = result["ood_distance"].astype(float) / ensemble.trust.ood_threshold
+        table["out_of_distribution"] = table["ood_score"] > 1.0
+        table["needs_review"] |= table["out_of_distribution"]
     for k, name in enumerate(classes):
         table[f"p_{name}"] = result["probs"][:, k].astype(float)
     return table

@@ -172,7 +172,7 @@ class Preprocessor:
         side = self.crop_side(rbc_diameter_px)
         if not stain_normalize or self.stain_target is None:
             return SmearInput(side)
-        from .stain import StainReference, iter_prepare_normalizer
+        from .stain import BlankImageError, StainReference, iter_prepare_normalizer
 
         try:
             normalizer = yield from iter_prepare_normalizer(
@@ -180,6 +180,11 @@ class Preprocessor:
                 stain_method or self.stain_method,
                 StainReference.from_dict(self.stain_target),
             )
+        except BlankImageError as exc:
+            # Bare glass (an empty field of a batch): nothing to normalize and
+            # no cell to find; its colours are left as they are.
+            logger.warning("stain normalization skipped: %s", exc)
+            return SmearInput(side)
         except WBCError as exc:
             raise WBCError(f"{exc}; or classify without stain normalization") from exc
         return SmearInput(side, normalizer)
@@ -231,7 +236,11 @@ class Preprocessor:
             pixels = np.concatenate([read(int(i)).reshape(-1, 3) for i in pick])
             try:
                 source = fit_stain_reference(pixels, description=f"{len(pick)} crops to classify")
+                if self.stain_method not in source.stats:
+                    reason = source.refused.get(self.stain_method, "no statistics fitted")
+                    raise StainError(f"{self.stain_method} refused: {reason}")
             except StainError as exc:
+                source = None
                 if how == "fit" or trained_on is None:
                     raise StainError(f"cannot normalise these crops: {exc}") from exc
                 logger.warning("%s; using the training set's stain statistics instead", exc)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -29,65 +30,149 @@ def iter_classify_files(
 ) -> ProgressGen[pd.DataFrame]:
     """Classify every image, writing ``<stem>.csv`` / ``<stem>.geojson`` and ``summary.csv``.
 
-    Returns the summary: one row per image with the count per class, the
-    total and the scale used, plus a final row summing all images.
+    A bad image does not stop the batch: its failure (file and reason) is
+    recorded and the run goes on. Fields from one microscope share a scale, so
+    an image whose red cells cannot be measured is classified at the batch's
+    scale (the median red-cell diameter measured on the other images), which
+    its ``scale`` column says. Failures are listed in ``failures.csv`` and in
+    ``summary.attrs["failures"]`` (dicts with ``image``, ``path``, ``reason``).
+    Images whose cells largely look unlike the model's training cells are in
+    ``summary.attrs["warnings"]`` (image name → message); the ``unlike_training``
+    column counts those cells.
+
+    Returns the summary: one row per classified image with the count per
+    class, the total and the scale used, plus a final row summing all images.
     """
-    from .export import cells_to_csv, cells_to_geojson
+    from .scale import ScaleError
 
     config = config or ClassifyConfig()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = list_image_files(inputs)
     classes = list(ensemble.classes)
-    rows = []
+    rows, failures, unmeasured, measured = [], [], [], []
+    warnings: dict[str, str] = {}  # image -> "unlike the training data" warning
+
+    def fail(path: Path, exc: BaseException) -> None:
+        reason = str(exc) if isinstance(exc, WBCError) else f"{type(exc).__name__}: {exc}"
+        log.warning("%s: %s", path, reason)
+        failures.append({"image": path.name, "path": str(path), "reason": reason})
+
     for i, path in enumerate(paths):
-        smear = read_smear(path)
         try:
-            gen = iter_classify_smear(
-                smear.levels[0],
-                ensemble,
-                config,
-                client=client,
-                source_path=path,
-                file_pixel_size_um=smear.pixel_size_um,
+            cells = yield from _iter_classify_file(
+                path, ensemble, config, client, out_dir, formats, (i, len(paths))
             )
-            while True:
-                try:
-                    event = next(gen)
-                except StopIteration as stop:
-                    cells = stop.value
-                    break
-                yield Progress(
-                    "images", i, len(paths), f"{path.name}: {event.stage} {event.done}/{event.total}"
-                )
-        finally:
-            smear.close()
-        table = cells
-        if "csv" in formats:
-            # The pixel size the cells were found with (the user's over the file's).
-            pixel_size = cells.attrs.get("pixel_size_um")
-            cells_to_csv(table, out_dir / f"{path.stem}.csv", pixel_size)
-        if "geojson" in formats:
-            cells_to_geojson(table, out_dir / f"{path.stem}.geojson")
-        counts = table["class"].value_counts().reindex(classes, fill_value=0)
-        rows.append(
-            {
-                "image": path.name,
-                **counts.to_dict(),
-                "total": int(counts.sum()),
-                "needs_review": int(table["needs_review"].sum()) if len(table) else 0,
-                "rbc_diameter_px": round(float(cells.attrs.get("rbc_diameter_px", np.nan)), 1),
-                "scale": cells.attrs.get("scale", ""),
-            }
+        except ScaleError as exc:
+            unmeasured.append((path, exc))
+            continue
+        except Exception as exc:  # one bad file must not end a batch; recorded
+            fail(path, exc)
+            continue
+        if cells.attrs.get("scale_source") == "measured":
+            measured.append(cells.attrs["rbc_diameter_px"])
+        rows.append(_summary_row(path, cells, classes))
+        if cells.attrs.get("warning"):
+            warnings[path.name] = cells.attrs["warning"]
+        yield Progress("images", i + 1, len(paths), f"{path.name}: {len(cells)} cells")
+    for path, exc in unmeasured:
+        if not measured:
+            fail(path, WBCError(f"{exc}; give --pixel-size or --rbc-diameter-px"))
+            continue
+        batch_px = float(np.median(measured))
+        batch = replace(config, rbc_diameter_px=batch_px, pixel_size_um=None)
+        try:
+            cells = yield from _iter_classify_file(
+                path, ensemble, batch, client, out_dir, formats, (len(rows), len(paths))
+            )
+        except Exception as exc:  # recorded, as above
+            fail(path, exc)
+            continue
+        row = _summary_row(path, cells, classes)
+        if cells.attrs.get("warning"):
+            warnings[path.name] = cells.attrs["warning"]
+        row["scale"] = (
+            f"batch scale: red cell {batch_px:.0f} px, the median of {len(measured)} "
+            f"measured images ({exc})"
         )
-        yield Progress("images", i + 1, len(paths), f"{path.name}: {len(table)} cells")
-    summary = pd.DataFrame(rows)
-    total = {"image": "all images", **{c: int(summary[c].sum()) for c in [*classes, "total", "needs_review"]}}
+        rows.append(row)
+    summary = pd.DataFrame(
+        rows,
+        columns=[
+            "image",
+            *classes,
+            "total",
+            "needs_review",
+            "unlike_training",
+            "rbc_diameter_px",
+            "scale",
+        ],
+    )
+    counted = [*classes, "total", "needs_review", "unlike_training"]
+    total = {"image": "all images", **{c: int(summary[c].sum()) for c in counted}}
     summary = pd.concat([summary, pd.DataFrame([total])], ignore_index=True)
+    summary.attrs["failures"] = failures
+    summary.attrs["warnings"] = warnings
     from .atomic import atomic_write_stream
 
     atomic_write_stream(out_dir / "summary.csv", lambda fh: summary.to_csv(fh, index=False))
+    failures_csv = out_dir / "failures.csv"
+    if failures:
+        table = pd.DataFrame(failures, columns=["image", "path", "reason"])
+        atomic_write_stream(failures_csv, lambda fh: table.to_csv(fh, index=False))
+    elif failures_csv.exists():
+        failures_csv.unlink()  # from an earlier run into the same folder
     return summary
+
+
+def _iter_classify_file(path, ensemble, config, client, out_dir, formats, position):
+    """Classify one image and write its tables; returns the cells."""
+    from .export import cells_to_csv, cells_to_geojson
+
+    i, n = position
+    smear = read_smear(path)
+    try:
+        gen = iter_classify_smear(
+            smear.levels[0],
+            ensemble,
+            config,
+            client=client,
+            source_path=path,
+            file_pixel_size_um=smear.pixel_size_um,
+        )
+        while True:
+            try:
+                event = next(gen)
+            except StopIteration as stop:
+                cells = stop.value
+                break
+            yield Progress(
+                "images", i, n, f"{path.name}: {event.stage} {event.done}/{event.total}"
+            )
+    finally:
+        smear.close()
+    if "csv" in formats:
+        # The pixel size the cells were found with (the user's over the file's).
+        cells_to_csv(cells, out_dir / f"{path.stem}.csv", cells.attrs.get("pixel_size_um"))
+    if "geojson" in formats:
+        cells_to_geojson(cells, out_dir / f"{path.stem}.geojson")
+    return cells
+
+
+def _summary_row(path: Path, cells: pd.DataFrame, classes) -> dict:
+    counts = cells["class"].value_counts().reindex(classes, fill_value=0)
+    return {
+        "image": path.name,
+        **counts.to_dict(),
+        "total": int(counts.sum()),
+        "needs_review": int(cells["needs_review"].sum()) if len(cells) else 0,
+        # Cells unlike the model's training cells (0 for a model without trust statistics).
+        "unlike_training": (
+            int(cells["out_of_distribution"].sum()) if "out_of_distribution" in cells else 0
+        ),
+        "rbc_diameter_px": round(float(cells.attrs.get("rbc_diameter_px", np.nan)), 1),
+        "scale": cells.attrs.get("scale", ""),
+    }
 
 
 def load_boxes(source: str | Path) -> pd.DataFrame:

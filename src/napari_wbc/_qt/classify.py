@@ -17,7 +17,7 @@ from magicgui.widgets import (
     PushButton,
 )
 from napari.layers import Labels, Points
-from napari.utils.notifications import show_info
+from napari.utils.notifications import show_info, show_warning
 from qtpy.QtGui import QColor
 from qtpy.QtWidgets import QAbstractItemView, QHeaderView, QTableWidget, QTableWidgetItem
 
@@ -407,6 +407,11 @@ class ClassifyWidget(DockPage):
             f"{len(cells)} cells, {review} to review (squares); red cell ≈ "
             f"{attrs.get('rbc_diameter_px', 0):.0f} px ({attrs.get('scale', '')})"
         )
+        if attrs.get("warning"):
+            # Most cells look unlike the model's training cells: say it where
+            # the count is read, and once as a notification.
+            self.status.value = f"⚠ {attrs['warning']}\n{self.status.value}"
+            show_warning(f"{image_layer.name}: {attrs['warning']}")
 
     # -- navigation ---------------------------------------------------------
     def _centre_on(self, index: int) -> None:

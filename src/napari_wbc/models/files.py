@@ -534,6 +534,9 @@ class EnsembleConfig:
     metrics: dict[str, Any] = field(default_factory=dict)
     notes: str = ""
     format_version: int = ENSEMBLE_FORMAT_VERSION
+    #: How far to trust the ensemble's predictions (napari_wbc.trust.TrustStats
+    #: as a dict: temperature, feature statistics, thresholds); None without.
+    trust: dict[str, Any] | None = None
 
 
 def class_difference(a: Sequence[str], b: Sequence[str]) -> str:
@@ -562,6 +565,7 @@ def save_ensemble(
     name: str = "",
     metrics: dict[str, Any] | None = None,
     notes: str = "",
+    trust: dict[str, Any] | None = None,
 ) -> Path:
     """Write an ensemble file (JSON) listing member model files, atomically.
 
@@ -578,6 +582,10 @@ def save_ensemble(
         Test-time augmentation set.
     name, metrics, notes
         Description stored in the file.
+    trust : dict, optional
+        Trust statistics of the ensemble as a whole
+        (:meth:`napari_wbc.trust.TrustStats.to_dict`), fitted for these
+        members in this order.
 
     Raises
     ------
@@ -614,6 +622,9 @@ def save_ensemble(
         "metrics": metrics or {},
         "notes": notes,
     }
+    if trust is not None:
+        _check_trust(trust, len(members), path)
+        data["trust"] = trust
     text = json.dumps(data, indent=2, default=_json_default)
 
     def write(tmp: str) -> None:
@@ -629,6 +640,18 @@ def _check_weights(weights: Sequence[float], where: Path) -> None:
     bad = [w for w in weights if not (isinstance(w, (int, float)) and math.isfinite(w) and w > 0)]
     if bad:
         raise ModelFileError(f"{where}: member weights must be positive numbers, got {bad}")
+
+
+def _check_trust(trust: Any, n_members: int, where: Path) -> None:
+    """Trust statistics must be an object describing every member (or none)."""
+    if not isinstance(trust, dict):
+        raise ModelFileError(f'{where}: "trust" must be an object')
+    features = trust.get("features") or []
+    if features and len(features) != n_members:
+        raise ModelFileError(
+            f"{where}: the trust statistics describe {len(features)} members, the ensemble "
+            f"has {n_members}; refit them (scripts/fit_trust.py)"
+        )
 
 
 def check_tta(tta: Any, where: Path) -> None:
@@ -702,6 +725,9 @@ def read_ensemble(path: str | os.PathLike) -> EnsembleConfig:
     metrics = data.get("metrics") or {}
     if not isinstance(metrics, dict):
         raise ModelFileError(f'{path}: "metrics" must be an object')
+    trust = data.get("trust")
+    if trust is not None:
+        _check_trust(trust, len(members), path)
     return EnsembleConfig(
         members=members,
         tta=tta,
@@ -709,6 +735,7 @@ def read_ensemble(path: str | os.PathLike) -> EnsembleConfig:
         metrics=metrics,
         notes=str(data.get("notes") or ""),
         format_version=version,
+        trust=trust,
     )
 
 

@@ -1,0 +1,104 @@
+"""Fit an ensemble's trust statistics on its own lab and store them in its file.
+
+    python scripts/fit_trust.py [--model ENSEMBLE.json] [--per-class 60] [--tta d4]
+
+The statistics (napari_wbc.trust.TrustStats) judge each prediction at
+classify time: the temperature that calibrates the confidence, the class
+centres and spread of every member's penultimate features, and the feature
+distance above which a cell looks unlike the training cells (the 99th
+percentile on validation cells). They are fitted on PBC only, the lab the
+built-in model learned from: feature centres on a seeded sample of its
+training crops, temperature and threshold on a seeded sample of its
+validation split (the split of scripts/train_default_model.sh). No other
+lab's cell is read. Features and logits are averaged over the ensemble's own
+test-time augmentation set, as at classify time.
+
+The ensemble file is rewritten atomically with a ``trust`` entry; members,
+weights and descriptions are kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from napari_wbc.datasets import balanced_subset, load_labelled_crops, read_lab_crops
+from napari_wbc.features import member_outputs
+from napari_wbc.inference import load_any
+from napari_wbc.models.files import default_model_path, read_ensemble, save_ensemble
+from napari_wbc.settings import data_root
+from napari_wbc.training import TrainConfig, validation_split
+from napari_wbc.trust import fit_trust_stats
+
+
+def pbc_samples(per_class: int):
+    """Seeded training and validation samples of PBC, as the default model split it."""
+    table = load_labelled_crops(data_root() / "pbc")
+    used = balanced_subset(table, per_class=1000, seed=0)
+    train, val = validation_split(used, TrainConfig(seed=0, val_fraction=0.2))
+    train = balanced_subset(train, per_class=per_class, seed=1)
+    val = balanced_subset(val, per_class=per_class, seed=2)
+    return train, val
+
+
+def model_crops(ens, rows) -> np.ndarray:
+    """Crops at the model's field of view, stain-normalised as classify does for crops."""
+    table = rows.assign(lab="pbc", cy=np.nan, cx=np.nan, rbc_px=75.0)
+    crops = read_lab_crops(table, ens.fov_px, fov_rbc=ens.fov_rbc)
+    normalizer = ens.preprocessor.crop_normalizer(lambda i: crops[i], len(crops), "auto")
+    return crops if normalizer is None else np.stack([normalizer(c) for c in crops])
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=default_model_path())
+    parser.add_argument("--per-class", type=int, default=60)
+    parser.add_argument("--tta", default=None, help="default: the ensemble's own set")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    t0 = time.time()
+    ens = load_any(args.model)
+    tta = args.tta or ens.tta
+    index = {c: i for i, c in enumerate(ens.classes)}
+    train, val = pbc_samples(args.per_class)
+    fit = member_outputs(ens, model_crops(ens, train), tta=tta)
+    check = member_outputs(ens, model_crops(ens, val), tta=tta)
+    stats = fit_trust_stats(
+        fit["logits"],
+        fit["features"],
+        np.array([index[v] for v in train["label"]]),
+        check["logits"],
+        check["features"],
+        np.array([index[v] for v in val["label"]]),
+        ens.weights,
+    )
+    stats.extra = {
+        "fitted_on": f"PBC: {len(train)} training and {len(val)} validation crops "
+        f"(seeds 1 and 2), TTA {tta}",
+        "script": "scripts/fit_trust.py",
+    }
+    config = read_ensemble(args.model)
+    save_ensemble(
+        args.model,
+        [m.path for m in config.members],
+        [m.weight for m in config.members],
+        config.tta,
+        name=config.name,
+        metrics=config.metrics,
+        notes=config.notes,
+        trust=stats.to_dict(),
+    )
+    summary = {k: v for k, v in stats.to_dict().items() if k != "features"}
+    print(json.dumps(summary, indent=1))
+    print(f"wrote {args.model} in {time.time() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,66 @@
+"""How many CPU threads to compute with, without oversubscribing the machine.
+
+torch, dask and the BLAS under numpy each start a thread per core by default.
+Together, or beside another job, they fight over the cores: OpenMP threads
+spin while they wait for each other, and a classification that takes 11 s
+with one thread took 28–44 s with torch's default on a 2-core machine with
+another job running (issue #13). So napari-wbc chooses one number for all of
+them: the cores this process may use, less those that other work keeps busy
+(the 1-minute load average, read before we start), at least one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+log = logging.getLogger(__name__)
+
+_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+def available_cores() -> int:
+    """Cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def default_threads() -> int:
+    """Available cores less the ones other work keeps busy, at least 1."""
+    cores = available_cores()
+    try:
+        busy = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        busy = 0.0
+    return max(1, min(cores, round(cores - busy)))
+
+
+def configure_threads(threads: int | None = None) -> int:
+    """Use ``threads`` (default :func:`default_threads`) for torch, dask and BLAS.
+
+    Safe to call before torch is imported (it then sets the environment that
+    torch reads when it starts, and keeps OpenMP from spinning) and after.
+    Returns the number chosen.
+    """
+    from .errors import WBCError
+
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        raise WBCError(f"--threads must be a positive whole number, got {threads!r}")
+    n = threads or default_threads()
+    for name in _ENV:
+        os.environ[name] = str(n)
+    # Idle OpenMP threads sleep instead of spinning: spinning threads steal
+    # the cores from dask's readers and from other jobs.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if "torch" in sys.modules:
+        import torch
+
+        torch.set_num_threads(n)
+    import dask
+
+    dask.config.set(num_workers=n)
+    log.info("computing with %d thread(s)", n)
+    return n
