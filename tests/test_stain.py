@@ -283,8 +283,12 @@ def test_implausible_stain_statistics_are_refused():
         regions.validate({**good, "nucleus_od": [2 * v for v in good["rbc_od"]]})
     with pytest.raises(StainFitError, match="darker"):
         regions.validate({**good, "nucleus_od": [0.1, 0.2, 0.02]})
-    with pytest.raises(StainFitError, match="blue-violet"):
-        regions.validate({**good, "nucleus_od": [0.2, 1.2, 1.5]})  # a yellow-green "nucleus"
+    with pytest.raises(StainFitError, match="purple"):
+        regions.validate({**good, "nucleus_od": [0.2, 1.2, 1.5]})  # a yellow "nucleus"
+    with pytest.raises(StainFitError, match="purple"):
+        regions.validate({**good, "nucleus_od": [1.4, 0.5, 1.2]})  # a green "nucleus"
+    with pytest.raises(StainFitError, match="grey or black"):
+        regions.validate({**good, "nucleus_od": [3.0, 3.3, 2.9]})  # black padding
     with pytest.raises(StainFitError, match="collinear"):
         get_stain_method("macenko").validate(
             {"stain_matrix": [[0.6, 0.61], [0.7, 0.7], [0.3, 0.3]], "max_concentrations": [1, 1]}

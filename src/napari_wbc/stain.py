@@ -74,6 +74,13 @@ SAMPLE_PER_REGION = 30_000
 NUCLEUS_RESIDUAL = 0.2
 NUCLEUS_DENSITY = 1.2
 RBC_RESIDUAL = 0.15
+#: Pixels whose channels' optical densities differ by less than this fraction
+#: of their sum are grey or black (padding bars, dust, clipped pixels): no stain.
+NEUTRAL_SPREAD = 0.12
+#: Fewest nucleus pixels Macenko's two-stain fit accepts (a small nucleus at
+#: PBC's scale holds several hundred): without the nuclear stain its second
+#: vector is noise.
+MACENKO_MIN_NUCLEUS_PIXELS = 100
 #: Smallest angle (degrees) between two stain vectors a fit accepts.
 MIN_STAIN_ANGLE = 8.0
 #: Version of :meth:`StainReference.to_dict`'s layout.
@@ -81,6 +88,10 @@ FORMAT_VERSION = 2
 #: Descriptions of built-in references saved before format 2 (model files of
 #: that time embed them); they are read as the current built-in reference.
 LEGACY_BUILTIN_DESCRIPTIONS = ("PBC (Acevedo et al. 2020), 320 crops, 40 per class, seed 0",)
+
+
+class BlankImageError(StainError):
+    """Too few stained pixels to fit stains on: the image or region is (nearly) bare glass."""
 
 
 class StainFitError(StainError):
@@ -189,7 +200,8 @@ def segment_pixels(pixels: np.ndarray, background=None, beta: float = BETA) -> P
     direction (they absorb red light relatively more than red cells in every
     lab seen, or take a different hue) and are denser than a typical stained
     pixel; overlapping red cells are denser too but keep the red-cell
-    direction. Glass has almost no optical density.
+    direction. Grey and black pixels (padding bars, dust) are neither. Glass
+    has almost no optical density.
 
     Parameters
     ----------
@@ -218,11 +230,14 @@ def segment_pixels(pixels: np.ndarray, background=None, beta: float = BETA) -> P
         direction /= np.linalg.norm(direction)
         residual = np.linalg.norm(od_s - (od_s @ direction)[:, None] * direction, axis=1)
         density = od_s.sum(axis=1)
-        is_nucleus = (residual >= NUCLEUS_RESIDUAL) & (
-            density >= NUCLEUS_DENSITY * np.median(density)
+        coloured = od_s.max(axis=1) - od_s.min(axis=1) >= NEUTRAL_SPREAD * density
+        is_nucleus = (
+            (residual >= NUCLEUS_RESIDUAL)
+            & (density >= NUCLEUS_DENSITY * np.median(density))
+            & coloured
         )
         nucleus[stained] = is_nucleus
-        rbc[stained] = (residual < RBC_RESIDUAL) & ~is_nucleus
+        rbc[stained] = (residual < RBC_RESIDUAL) & ~is_nucleus & coloured
     return PixelRegions(pixels, background, od, glass, stained, rbc, nucleus)
 
 
@@ -414,10 +429,13 @@ def _check_romanowsky(nucleus: np.ndarray, rbc: np.ndarray, what: str) -> None:
         )
     if nucleus.sum() < NUCLEUS_DENSITY * rbc.sum():
         raise StainFitError(f"{what}: the 'nuclear' colour is not darker than the red cells")
-    # Purple, violet and blue nuclei (the azure dye) pass blue light best; a
-    # "nucleus" that absorbs blue most is yellow, brown or green, not a nucleus.
-    if nucleus[2] >= min(nucleus[0], nucleus[1]):
-        raise StainFitError(f"{what}: the 'nuclear' colour is not blue-violet")
+    if nucleus.max() - nucleus.min() < NEUTRAL_SPREAD * nucleus.sum():
+        raise StainFitError(f"{what}: the 'nuclear' colour is grey or black, not a stain")
+    # Purple, violet, magenta and blue nuclei (the azure dye) absorb red or
+    # green light most; a "nucleus" that absorbs blue most is yellow or brown,
+    # one that absorbs green least is green.
+    if nucleus[2] >= max(nucleus[0], nucleus[1]) or nucleus[1] <= min(nucleus[0], nucleus[2]):
+        raise StainFitError(f"{what}: the 'nuclear' colour is not purple, violet or blue")
 
 
 @register_stain_method
@@ -441,6 +459,14 @@ class Macenko(StainMethod):
         pixels = pixels[regions.stained[balanced]]
         if len(pixels) < MIN_STAINED_PIXELS:
             raise StainFitError(f"only {len(pixels)} stained pixels to fit stain vectors on")
+        n_nuc = int(regions.nucleus.sum())
+        if n_nuc < MACENKO_MIN_NUCLEUS_PIXELS:
+            # Two stain vectors need both stains: on red cells alone the second
+            # vector is noise, and nuclei elsewhere would take a false colour.
+            raise StainFitError(
+                f"only {n_nuc} white-cell nucleus pixels found (need "
+                f"{MACENKO_MIN_NUCLEUS_PIXELS}); Macenko's two-stain fit needs the nuclear stain"
+            )
         macenko = torchstain.normalizers.MacenkoNormalizer(backend="numpy")
         try:
             with np.errstate(all="ignore"):
@@ -462,18 +488,17 @@ class Macenko(StainMethod):
         if he[0, 0] / he[1, 0] < he[0, 1] / he[1, 1]:
             he, max_c = he[:, ::-1], max_c[::-1]
         stats = self.validate({"stain_matrix": he.tolist(), "max_concentrations": max_c.tolist()})
-        if regions.nucleus.sum() >= MIN_NUCLEUS_PIXELS:
-            # The two-stain plane must explain the nuclei; on a whole field it
-            # can lie through red cells and glass only.
-            nucleus = regions.od[regions.nucleus].mean(axis=0)
-            conc, *_ = np.linalg.lstsq(he, nucleus, rcond=None)
-            missed = np.linalg.norm(nucleus - he @ conc) / np.linalg.norm(nucleus)
-            if missed > 0.25:
-                raise StainFitError(
-                    f"the Macenko stain plane misses {missed:.0%} of the nuclear colour"
-                )
-            if conc[0] <= 0:
-                raise StainFitError("the Macenko 'nuclear' vector does not stain the nuclei")
+        # The two-stain plane must explain the nuclei; on a whole field it
+        # can lie through red cells and glass only.
+        nucleus = regions.od[regions.nucleus].mean(axis=0)
+        conc, *_ = np.linalg.lstsq(he, nucleus, rcond=None)
+        missed = np.linalg.norm(nucleus - he @ conc) / np.linalg.norm(nucleus)
+        if missed > 0.25:
+            raise StainFitError(
+                f"the Macenko stain plane misses {missed:.0%} of the nuclear colour"
+            )
+        if conc[0] <= 0:
+            raise StainFitError("the Macenko 'nuclear' vector does not stain the nuclei")
         return stats
 
     def validate(self, stats):
@@ -493,6 +518,8 @@ class Macenko(StainMethod):
         # Concentrations by least squares (pseudo-inverse), rescaled so the
         # source's 99th percentile lands on the target's, then re-mixed with
         # the target's stain vectors: one 3×3 map in optical-density space.
+        # (The part of a colour off the source's two-stain plane is dropped,
+        # as in Macenko et al.; the built-in models were trained this way.)
         pinv = np.linalg.pinv(np.asarray(src["stain_matrix"]))  # 2×3
         scale = np.asarray(tgt["max_concentrations"]) / np.asarray(src["max_concentrations"])
         od_map = (np.asarray(tgt["stain_matrix"]) @ (scale[:, None] * pinv)).T.astype(np.float32)
@@ -657,7 +684,7 @@ class StainReference:
 
 @lru_cache(maxsize=1)
 def default_reference() -> StainReference:
-    """The built-in reference, measured on the PBC data set (see scripts/fit_default_reference.py)."""
+    """The built-in reference, measured on PBC (see scripts/fit_default_reference.py)."""
     text = resources.files("napari_wbc").joinpath("resources/pbc_stain_reference.json").read_text()
     return StainReference.from_dict(json.loads(text))
 
@@ -727,7 +754,7 @@ def fit_stain_reference(
     regions = segment_pixels(pixels, background, beta)
     n_stained = int(regions.stained.sum())
     if n_stained < MIN_STAINED_PIXELS:
-        raise StainError(
+        raise BlankImageError(
             f"only {n_stained} stained pixels found (need {MIN_STAINED_PIXELS}); the image or "
             "region looks blank. Choose a reference region that contains cells."
         )
@@ -966,7 +993,7 @@ def iter_prepare_normalizer(
                 fit_level, description="source image", max_pixels=max_pixels, seed=seed
             )
         except StainError as exc:
-            raise StainError(f"cannot normalize this image: {exc}") from exc
+            raise type(exc)(f"cannot normalize this image: {exc}") from exc
     return StainNormalizer(method, source, target)
 
 
