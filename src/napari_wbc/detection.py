@@ -1,12 +1,17 @@
 """Finding white cells in smears of any size by their nuclear stain.
 
-White cells are the only cells in blood with a nucleus, and May-Grünwald-
-Giemsa stains nuclei blue-violet while red cells, platelets' halos and glass
-stay pink to grey. Detection therefore thresholds a nuclear-stain signal
-(:func:`napari_wbc.scale.nuclear_signal`), groups the pieces of one nucleus
-(the lobes of a segmented neutrophil lie within about 0.6 red-cell diameters
-of each other), and keeps groups with at least a small nucleus' worth of
-stain. Platelets, which also take up some blue stain, are far smaller.
+White cells are the only cells in blood with a nucleus, and every
+Romanowsky-type stain (May-Grünwald-Giemsa, Wright, Leishman) leaves nuclei
+absorbing green light far more than blue, whether they look blue-violet or
+magenta, while red cells (pink, brownish or bluish grey, depending on the lab)
+and glass absorb the two about evenly. Detection therefore thresholds that
+nuclear density (:func:`napari_wbc.pixels.nuclear_density`) at a level set
+from the image's own statistics (:func:`napari_wbc.pixels.nuclear_threshold`:
+Otsu's threshold above the red cells' level, never within their spread), so
+no lab's tint is built in. It then groups the pieces of one nucleus (the lobes
+of a segmented neutrophil lie within about 0.6 red-cell diameters of each
+other), and keeps groups with at least a small nucleus' worth of stain.
+Platelets, which also take up some stain, are far smaller.
 
 Every size is a multiple of the red-cell diameter, measured from the image
 (:mod:`napari_wbc.scale`) when the pixel size is unknown, and the work is done
@@ -41,11 +46,14 @@ from scipy import ndimage as ndi
 
 from .errors import WBCError
 from .pixels import (
+    STAINED_DENSITY,
     as_rgb_image,
     background_of,
     downsample,
     grid_windows,
-    nuclear_signal,
+    nuclear_density,
+    nuclear_threshold,
+    optical_density,
     read_window,
 )
 from .progress import Progress, ProgressGen, run
@@ -87,17 +95,20 @@ _SPLIT_DIAMETER = 2.4  # a footprint wider than this may hold two cells
 _SPLIT_DISTANCE = 1.2  # ... when its nucleus halves lie this far apart (a lymphocyte)
 _HALO_CELLS = 1.6  # halo around each block, in largest-cell diameters
 _SPECK_AREA = 0.01  # nuclear specks smaller than this (d²) are noise
+_LARGEST_PIECE = 0.1  # a nucleus holds one piece at least this large (d²)
 _PLATELET_DIAMETER = (0.1, 0.5)  # range of a platelet's stained part
-_PLATELET_THRESHOLD = 0.08  # nuclear signal of a platelet's purple granules
+# A platelet's granules stain paler than a nucleus: this far from the red
+# cells' level towards the nuclear threshold.
+_PLATELET_LEVEL = 0.4
 _WORKING_RBC_PX = 24.0  # a red cell spans about this many pixels when working
 _SMOOTHING = 0.04  # Gaussian sigma, against JPEG blocks and camera noise
 
-#: Default bounds of the nuclear threshold: Otsu's choice between weakly and
-#: strongly blue pixels is kept within them, so that an image without white
-#: cells does not get a threshold in its noise.
-THRESHOLD_BOUNDS = (0.15, 0.3)
-#: Default smallest nucleus (or group of lobes) of a white cell, in d².
-MIN_NUCLEUS_AREA = 0.12
+#: Default bounds of the automatic nuclear threshold (nuclear density, green
+#: minus blue optical density); the image's own statistics choose within them.
+THRESHOLD_BOUNDS = (0.2, 1.5)
+#: Default smallest nucleus (or group of lobes) of a white cell, in d²: above
+#: the stained part of the largest platelet (half a red cell across, 0.2 d²).
+MIN_NUCLEUS_AREA = 0.2
 
 
 class DetectionError(WBCError, ValueError):
@@ -131,22 +142,9 @@ def _working_factor(rbc_diameter: float) -> int:
 
 
 def _signal(rgb_work: np.ndarray, background, d_work: float) -> np.ndarray:
-    """Smoothed nuclear signal at the working scale."""
+    """Smoothed nuclear density at the working scale."""
     sigma = max(_SMOOTHING * d_work, 0.5)
-    return ndi.gaussian_filter(nuclear_signal(rgb_work, background), sigma, mode="nearest")
-
-
-def _otsu_threshold(values: np.ndarray, bounds: tuple[float, float]) -> float:
-    """Otsu's threshold among the bluish pixels, kept within ``bounds``."""
-    from skimage.filters import threshold_otsu
-
-    lo, hi = bounds
-    # Only pixels above the floor: the rest (glass, red cells) would put the
-    # threshold between glass and everything stained.
-    candidates = values[values > lo]
-    if candidates.size < 50 or np.ptp(candidates) <= 0:
-        return float(lo)
-    return float(np.clip(threshold_otsu(candidates), lo, hi))
+    return ndi.gaussian_filter(nuclear_density(rgb_work, background), sigma, mode="nearest")
 
 
 def _iter_setup(
@@ -173,9 +171,15 @@ def _iter_setup(
         samples.append(downsample(pixels, factor))
         yield Progress("setup", i + 1, len(boxes), "measuring glass colour and nuclear stain")
     background = np.median(np.stack(backgrounds), axis=0)
+    values = np.concatenate([_signal(work, background, d / factor).ravel() for work in samples])
+    stained = np.concatenate(
+        [(optical_density(w, background).sum(axis=-1) > STAINED_DENSITY).ravel() for w in samples]
+    )
+    # Most stained pixels belong to red cells: their level.
+    rbc_level = float(np.median(values[stained])) if stained.sum() > 50 else 0.0
     if threshold is None:
-        values = [_signal(work, background, d / factor).ravel() for work in samples]
-        threshold = _otsu_threshold(np.concatenate(values), (lo, hi))
+        threshold = float(np.clip(nuclear_threshold(values, stained), lo, hi))
+    platelet_threshold = rbc_level + _PLATELET_LEVEL * (float(threshold) - rbc_level)
     setup = _Setup(
         rbc_diameter=d,
         factor=factor,
@@ -183,7 +187,7 @@ def _iter_setup(
         threshold=float(threshold),
         min_nucleus_area=float(min_nucleus_area),
         include_platelets=bool(include_platelets),
-        platelet_threshold=_PLATELET_THRESHOLD,
+        platelet_threshold=float(platelet_threshold),
     )
     log.info(
         "detection: red cell %.1f px, working at 1/%d, nuclear threshold %.3f",
@@ -281,6 +285,10 @@ def _detect_block(rgb: np.ndarray, origin: tuple[int, int], setup: _Setup) -> pd
         nuc = in_group & mask[box]
         n_nuc = int(nuc.sum())
         if n_nuc * f * f < min_nucleus:
+            continue
+        # A clump of platelets is many small pieces; a nucleus holds at least
+        # one piece larger than any platelet's stained part.
+        if piece_area[pieces[box][nuc]].max() * f * f < _LARGEST_PIECE * setup.rbc_diameter**2:
             continue
         wbc_groups.append(label)
         # Global working-grid coordinates: integers, so sums are exact and
@@ -496,7 +504,9 @@ def iter_detect(
         found = tile.select(detector.detect(read_window(rgb, tile.window), tile.origin))
         if len(found):
             tables.append(found)
-        yield Progress("detect", tile.index + 1, len(tiles), f"{sum(map(len, tables))} cells found")
+        yield Progress(
+            "detect", tile.index + 1, len(tiles), f"{sum(map(len, tables))} cells found"
+        )
     if not tables:
         return _empty()
     table = pd.concat(tables, ignore_index=True)
@@ -575,8 +585,10 @@ def detect_cells(
         (a red cell is 7.5 µm). With neither, the red-cell size is measured
         from the image (:func:`napari_wbc.scale.estimate_rbc_diameter`).
     threshold : float, optional
-        Fixed nuclear-signal threshold (``B/B0 - R/R0``); by default Otsu's
-        threshold between weakly and strongly blue pixels of the image.
+        Fixed threshold of the nuclear density (green minus blue optical
+        density, :func:`napari_wbc.pixels.nuclear_density`); by default set
+        from the image's own statistics
+        (:func:`napari_wbc.pixels.nuclear_threshold`).
     threshold_bounds : (float, float)
         Range the automatic threshold is kept in.
     min_nucleus_area : float
@@ -598,8 +610,8 @@ def detect_cells(
         ``area`` (of the cell's footprint: its nucleus grown by 0.3 red-cell
         diameters, px and px²), ``nucleus_area`` (px²), ``bbox_y0``,
         ``bbox_x0``, ``bbox_y1``, ``bbox_x1`` (footprint bounds, end
-        exclusive), ``score`` (mean nuclear signal of the nucleus, higher is
-        bluer) and ``kind`` ("wbc", or "platelet").
+        exclusive), ``score`` (mean nuclear density of the nucleus, higher is
+        more strongly stained) and ``kind`` ("wbc", or "platelet").
 
     Raises
     ------

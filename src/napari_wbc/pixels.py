@@ -21,7 +21,10 @@ __all__ = [
     "background_of",
     "downsample",
     "grid_windows",
+    "nuclear_density",
     "nuclear_signal",
+    "nuclear_threshold",
+    "optical_density",
     "read_window",
 ]
 
@@ -115,8 +118,63 @@ def nuclear_signal(rgb: np.ndarray, background) -> np.ndarray:
     return rgb[..., 2] / bg[2] - rgb[..., 0] / bg[0]
 
 
+#: Total optical density (summed over R, G, B) above which a pixel is stained
+#: (a cell), not glass.
+STAINED_DENSITY = 0.25
+
+
+def optical_density(rgb: np.ndarray, background) -> np.ndarray:
+    """Optical density ``log(I0 / I)`` per channel against the glass (float32, 0 on glass)."""
+    rgb = np.asarray(rgb, dtype=np.float32)
+    bg = np.asarray(background, dtype=np.float32)
+    return np.log((bg + 1.0) / (rgb + 1.0))
+
+
+def nuclear_density(rgb: np.ndarray, background) -> np.ndarray:
+    """Nuclear stain of any hue: optical density in green minus that in blue (float32).
+
+    Nuclei, whether they stain blue-violet (May-Grünwald-Giemsa, Wright) or
+    magenta, absorb green light far more than blue; red cells absorb them
+    much more evenly, whether they look pink or bluish grey, and glass
+    absorbs neither. Unlike :func:`nuclear_signal`, which needs nuclei bluer
+    than red cells, this holds on smears whose red cells are the bluer of
+    the two. Its level differs from lab to lab: threshold it with
+    :func:`nuclear_threshold`, from the image's own statistics.
+    """
+    od = optical_density(rgb, background)
+    return od[..., 1] - od[..., 2]
+
+
+def nuclear_threshold(
+    signal: np.ndarray, stained: np.ndarray | None = None, floor_spreads: float = 2.5
+) -> float:
+    """Threshold between nuclei and everything else, from one image's own statistics.
+
+    Among the stained pixels (``stained``, a mask like ``signal``; all when
+    None), red cells are the majority: their median ``m`` and its distance
+    to their 10th percentile (the spread) describe them. Otsu's threshold
+    among the pixels above ``m`` then falls between red cells' strongest
+    pixels and nuclei. It is kept at least ``floor_spreads`` spreads above
+    ``m``, so that an image without white cells does not get a threshold
+    inside its red cells.
+    """
+    from skimage.filters import threshold_otsu
+
+    values = np.asarray(signal, dtype=np.float32)
+    if stained is not None and np.count_nonzero(stained) > 50:
+        values = values[np.asarray(stained, bool)]
+    values = values.ravel()
+    middle = float(np.median(values))
+    spread = max(middle - float(np.percentile(values, 10)), 0.02)
+    floor = middle + floor_spreads * spread
+    upper = values[values > middle]
+    if upper.size < 50 or np.ptp(upper) <= 0:
+        return floor
+    return max(float(threshold_otsu(upper)), floor)
+
+
 def downsample(rgb: np.ndarray, factor: int) -> np.ndarray:
-    """Mean over ``factor`` × ``factor`` blocks (float32); a partial last block repeats its edge."""
+    """Mean over ``factor`` × ``factor`` blocks (float32); a partial block repeats its edge."""
     rgb = np.asarray(rgb, dtype=np.float32)
     if factor == 1:
         return rgb

@@ -5,18 +5,20 @@ patient, so their size in pixels tells the magnification when the file does
 not. Everything size-dependent in detection is expressed in red-cell diameters
 and converted with this estimate.
 
-Method: red-stained regions (eosin absorbs green more than red, so the
-difference of green and red optical densities is high on red cells and near
-zero on glass and on blue nuclei) are thresholded with Otsu's method and their
-holes (the pale centres) filled; nuclei are cut out so that white cells leave
-only thin rings. In the distance transform of that mask every red cell, even
-one overlapping its neighbours, holds a regional maximum, because the union of
-cells contains each whole cell. A watershed from those maxima splits touching
-cells along their necks, and each region's area gives an equivalent diameter
-(unlike the inscribed circle, it does not shrink for oval cells). Regions cut
-by the window's edge are left out. The estimate is the median of those
-diameters weighted by area, which discounts the small regions of noise and of
-crescent-shaped pieces. Large cells are measured on a downsampled copy (a
+Method: stained regions (the optical density in green, which red cells absorb
+whether they stain pink, brownish or bluish grey, and glass does not) are
+thresholded with Otsu's method and their holes (the pale centres) filled;
+nuclei (:func:`napari_wbc.pixels.nuclear_density` above the window's own
+:func:`napari_wbc.pixels.nuclear_threshold`) are cut out so that white cells
+leave only thin rings. In the distance transform of that mask every red cell,
+even one overlapping its neighbours, holds a regional maximum, because the
+union of cells contains each whole cell. A watershed from those maxima splits
+touching cells along their necks, and each region's bounding box gives its
+diameter (the mean of its sides: like a person drawing a box around the cell,
+it neither shrinks for oval cells nor for the cut a neighbour's overlap makes).
+Regions cut by the window's edge are left out. The estimate is the median of
+those diameters weighted by area, which discounts the small regions of noise
+and of crescent-shaped pieces. Large cells are measured on a downsampled copy (a
 first coarse look picks the resolution), keeping them at least 64 px across.
 
 The estimate reads at most ``max_windows`` windows of a fixed grid on the
@@ -35,11 +37,14 @@ from scipy import ndimage as ndi
 
 from .errors import ScaleError
 from .pixels import (
+    STAINED_DENSITY,
     as_rgb_image,
     background_of,
     downsample,
     grid_windows,
-    nuclear_signal,
+    nuclear_density,
+    nuclear_threshold,
+    optical_density,
     read_window,
 )
 from .progress import Progress, ProgressGen, run
@@ -60,9 +65,6 @@ __all__ = [
 #: Diameter of a normal red cell (µm), the ruler.
 RBC_DIAMETER_UM = 7.5
 
-#: Nuclear signal above which a region counts as (part of) a white cell when
-#: measuring red cells; below the lowest threshold detection uses.
-_NUCLEAR_EXCLUDE = 0.15
 #: Smallest regional maximum of the distance transform (px) taken as a cell.
 _MIN_RADIUS_PX = 3.0
 #: Regional maxima must stand this many pixels above their surroundings.
@@ -100,16 +102,6 @@ class ScaleEstimate:
 # ----------------------------------------------------------------- helpers
 
 
-def red_signal(rgb: np.ndarray, background) -> np.ndarray:
-    """Red-cell (eosin) stain: optical density in green minus red (float32).
-
-    A ratio of intensities, so uneven illumination cancels out.
-    """
-    rgb = np.asarray(rgb, dtype=np.float32)
-    bg = np.asarray(background, dtype=np.float32)
-    return np.log((rgb[..., 0] + 1) / (bg[0] + 1)) - np.log((rgb[..., 1] + 1) / (bg[1] + 1))
-
-
 def _weighted_median(values: np.ndarray, weights: np.ndarray) -> float:
     """Median of ``values`` under non-negative ``weights``."""
     order = np.argsort(values, kind="stable")
@@ -127,7 +119,8 @@ def _window_radii(rgb: np.ndarray, factor: int = 1) -> np.ndarray:
         return np.zeros(0)
     rgb = downsample(rgb, factor)
     bg = background_of(rgb)
-    red = ndi.gaussian_filter(red_signal(rgb, bg), 1.0)
+    density = optical_density(rgb, bg)
+    red = ndi.gaussian_filter(density[..., 1], 1.0)
     sample = red[::2, ::2].ravel()
     lo, hi = np.percentile(sample, [10, 90])
     if hi - lo < _MIN_CONTRAST:
@@ -136,24 +129,29 @@ def _window_radii(rgb: np.ndarray, factor: int = 1) -> np.ndarray:
     # (eosinophil granules) from pulling the threshold above the red cells.
     threshold = threshold_otsu(np.clip(sample, None, hi))
     mask = ndi.binary_fill_holes(red > threshold)
-    # White cells have pink cytoplasm too: their nuclei become holes, so what
-    # is left of them are thin rings with small distance maxima.
-    nuclear = ndi.gaussian_filter(nuclear_signal(rgb, bg), 1.0) > _NUCLEAR_EXCLUDE
+    # White cells' cytoplasm is stained too: their nuclei become holes, so
+    # what is left of them are thin rings with small distance maxima.
+    nuclei = ndi.gaussian_filter(nuclear_density(rgb, bg), 1.0)
+    nuclear = nuclei > nuclear_threshold(nuclei, density.sum(axis=-1) > STAINED_DENSITY)
     mask = ndi.binary_opening(mask & ~nuclear, iterations=2)
     dist = ndi.distance_transform_edt(mask)
     peaks, n_peaks = ndi.label(h_maxima(dist, _PEAK_HEIGHT_PX))
     if n_peaks == 0:
         return np.zeros(0)
     # Split touching cells along the necks between their distance maxima and
-    # measure each by its area, which (unlike the inscribed circle) does not
-    # shrink for the oval cells of a thick or badly dried smear.
+    # measure each by its bounding box, which (unlike the inscribed circle or
+    # the area) shrinks neither for the oval cells of a thick or badly dried
+    # smear nor for the part the watershed gives to an overlapping neighbour.
     regions = watershed(-dist, peaks, mask=mask)
-    area = np.bincount(regions.ravel(), minlength=n_peaks + 1)[1:]
+    boxes = ndi.find_objects(regions, n_peaks)
+    sides = np.array(
+        [(b[0].stop - b[0].start + b[1].stop - b[1].start) / 2 if b else 0 for b in boxes]
+    )
     # A region on the window's edge belongs to a cell cut by it.
     cut = np.unique(np.concatenate([regions[[0, -1], :].ravel(), regions[:, [0, -1]].ravel()]))
-    keep = np.ones(n_peaks, bool)
+    keep = sides > 0
     keep[cut[cut > 0] - 1] = False
-    radii = np.sqrt(area[keep] / np.pi) * factor
+    radii = sides[keep] / 2 * factor
     return radii[radii >= _MIN_RADIUS_PX * factor]
 
 
@@ -347,7 +345,8 @@ def iter_resolve_scale(
         return Scale(RBC_DIAMETER_UM / size, size, "user", f"pixel size {size:g} µm")
     if file_pixel_size_um is not None:
         size = _pixel_size(file_pixel_size_um, "the pixel size in the file")
-        return Scale(RBC_DIAMETER_UM / size, size, "file", f"pixel size {size:g} µm from the file")
+        note = f"pixel size {size:g} µm from the file"
+        return Scale(RBC_DIAMETER_UM / size, size, "file", note)
     if image is None:
         raise ScaleError("give the pixel size (µm/px) or an image to measure red cells in")
     estimate = yield from iter_estimate_rbc_diameter(image, max_windows=max_windows)
