@@ -31,15 +31,21 @@ from napari_wbc.progress import Progress, ProgressGen
 
 __all__ = [
     "IMAGE_SUFFIXES",
+    "LABS",
+    "LAB_RBC_DIAMETER_PX",
+    "SHARED_CLASSES",
     "Augmentation",
     "CropCache",
     "CropDataset",
     "balanced_subset",
+    "cached_lab_crops",
     "class_counts",
     "decode_image",
+    "load_lab_table",
     "load_labelled_crops",
     "long_tailed_subset",
     "perturb_stain",
+    "read_lab_crops",
     "stratified_split",
 ]
 
@@ -102,7 +108,8 @@ def _crops_from_csv(csv: Path) -> pd.DataFrame:
     missing = [c for c in ("path", "label") if c not in df.columns]
     if missing:
         raise DataError(
-            f"{csv} lacks the column(s) {', '.join(missing)}; it has {', '.join(map(str, df.columns))}"
+            f"{csv} lacks the column(s) {', '.join(missing)}; "
+            f"it has {', '.join(map(str, df.columns))}"
         )
     if df.empty:
         raise DataError(f"{csv} has a header but no rows")
@@ -756,3 +763,138 @@ class CropDataset(torch.utils.data.Dataset):
 def class_counts(labels: Iterable[int], num_classes: int) -> list[int]:
     """Items per class index ``0 .. num_classes - 1`` (for the class-balanced loss)."""
     return np.bincount(np.asarray(list(labels), dtype=np.int64), minlength=num_classes).tolist()
+
+
+# ---------------------------------------------------------------- labelled labs
+
+#: The white-cell classes every labelled lab of the shared data has.
+SHARED_CLASSES: tuple[str, ...] = (
+    "basophil",
+    "eosinophil",
+    "lymphocyte",
+    "monocyte",
+    "neutrophil",
+)
+#: Labelled labs of the shared data folder (see its README).
+LABS: tuple[str, ...] = ("pbc", "lisc", "bccd")
+#: Red-cell diameter in pixels of each lab, as documented in the data's README
+#: (PBC ~70-80 px, LISC ~40-50 px, BCCD ~100-110 px): the scale "given".
+LAB_RBC_DIAMETER_PX: dict[str, float] = {"pbc": 75.0, "lisc": 45.0, "bccd": 104.0}
+
+
+def load_lab_table(
+    lab: str, root: str | os.PathLike | None = None, classes: Sequence[str] = SHARED_CLASSES
+) -> pd.DataFrame:
+    """The labelled white cells of one lab of the shared data, one row per cell.
+
+    Parameters
+    ----------
+    lab : {"pbc", "lisc", "bccd"}
+        PBC and LISC are crops centred on the cell; BCCD is whole fields, with
+        the cell's box.
+    root : path, optional
+        The shared data folder; default :func:`napari_wbc.settings.data_root`.
+    classes : sequence of str
+        Labels kept (BCCD's "ambiguous"/"unlabeled" boxes and PBC's other
+        classes are dropped by the default).
+
+    Returns
+    -------
+    pandas.DataFrame
+        ``path`` (absolute), ``label``, ``lab``, ``cy``, ``cx`` (the cell's
+        centre in the image, NaN for the image centre) and ``rbc_px`` (red-cell
+        diameter of the lab, :data:`LAB_RBC_DIAMETER_PX`).
+
+    Raises
+    ------
+    DataError
+        For an unknown lab or when its files are missing.
+    """
+    from napari_wbc.settings import data_root
+
+    if lab not in LABS:
+        raise DataError(f"unknown lab {lab!r}; choose one of {', '.join(LABS)}")
+    folder = Path(root if root is not None else data_root()) / lab
+    if lab == "bccd":
+        df = _crops_from_csv(folder / "wbc.csv")
+        df["cy"] = df["y"].astype(float) + df["h"].astype(float) / 2
+        df["cx"] = df["x"].astype(float) + df["w"].astype(float) / 2
+    else:
+        df = load_labelled_crops(folder)
+        df["cy"] = df["cx"] = np.nan
+    df = df[df["label"].isin(list(classes))].reset_index(drop=True)
+    if df.empty:
+        raise DataError(f"{folder} holds no cell of the classes {', '.join(classes)}")
+    df["lab"] = lab
+    df["rbc_px"] = LAB_RBC_DIAMETER_PX[lab]
+    return df[["path", "label", "lab", "cy", "cx", "rbc_px"]]
+
+
+def read_lab_crops(
+    table: pd.DataFrame, size: int, fov_rbc: float = 4.8, rbc_px: float | None = None
+) -> np.ndarray:
+    """Cut every cell of a lab table at one field of view, as ``(N, size, size, 3)`` uint8.
+
+    Each crop is a square of ``fov_rbc`` red-cell diameters centred on the
+    cell (``cy``, ``cx``; the image centre when NaN), resized (antialiased) to
+    ``size`` px. Parts past the image's border take the colour of its glass
+    (see :func:`napari_wbc.stain.estimate_background`), not white, so a
+    field's edge does not look like a different lab's padding.
+
+    Parameters
+    ----------
+    table : pandas.DataFrame
+        From :func:`load_lab_table`.
+    size : int
+        Side of the returned crops.
+    fov_rbc : float
+        Field of view in red-cell diameters (the model's ``fov_px /
+        rbc_diameter_px``; 4.8 for the built-in models).
+    rbc_px : float, optional
+        Red-cell diameter in px; default the table's ``rbc_px`` column.
+    """
+    from PIL import Image
+
+    from napari_wbc.stain import estimate_background
+
+    out = np.empty((len(table), size, size, 3), np.uint8)
+    for i, row in enumerate(table.itertuples(index=False)):
+        image = decode_image(row.path)
+        h, w = image.shape[:2]
+        diameter = float(rbc_px if rbc_px is not None else row.rbc_px)
+        side = max(round(fov_rbc * diameter), 8)
+        cy = h / 2 if math.isnan(row.cy) else row.cy
+        cx = w / 2 if math.isnan(row.cx) else row.cx
+        half = side // 2
+        y0, x0 = round(cy) - half, round(cx) - half
+        crop = np.empty((side, side, 3), np.uint8)
+        crop[:] = np.round(estimate_background(image[::4, ::4])).astype(np.uint8)
+        ys0, xs0, ys1, xs1 = max(y0, 0), max(x0, 0), min(y0 + side, h), min(x0 + side, w)
+        if ys1 > ys0 and xs1 > xs0:
+            crop[ys0 - y0 : ys1 - y0, xs0 - x0 : xs1 - x0] = image[ys0:ys1, xs0:xs1]
+        out[i] = np.asarray(
+            Image.fromarray(crop).resize(
+                (size, size), Image.Resampling.BILINEAR, reducing_gap=None
+            )
+        )
+    return out
+
+
+def cached_lab_crops(
+    lab: str, cache_dir: str | os.PathLike, size: int = 128, fov_rbc: float = 4.8
+) -> tuple[pd.DataFrame, np.ndarray]:
+    """:func:`load_lab_table` and :func:`read_lab_crops`, the crops kept in ``cache_dir``.
+
+    The cache file (``<lab>-<size>-<fov_rbc>.npz``) is used only when it lists
+    exactly the table's paths, in order.
+    """
+    table = load_lab_table(lab)
+    file = Path(cache_dir) / f"{lab}-{size}-{fov_rbc}.npz"
+    if file.is_file():
+        saved = np.load(file, allow_pickle=False)
+        if list(saved["paths"]) == list(table["path"]):
+            return table, saved["crops"]
+    crops = read_lab_crops(table, size, fov_rbc)
+    Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    np.savez(file, crops=crops, paths=np.asarray(table["path"], dtype=str))
+    return table, crops

@@ -1,0 +1,108 @@
+"""Label-free test-time adaptation (napari_wbc.adapt)."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import torch
+
+from napari_wbc.adapt import MIN_CELLS, AdaptationError, adapt_batchnorm, save_adapted_model
+from napari_wbc.models.build import build_model
+from napari_wbc.models.files import ModelConfig, load_model, save_model
+from napari_wbc.models.registry import get_spec
+
+
+def _bn_means(model) -> list[torch.Tensor]:
+    return [
+        m.running_mean.clone()
+        for m in model.modules()
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+    ]
+
+
+@pytest.fixture
+def base_file(tmp_path):
+    torch.manual_seed(0)
+    spec = get_spec("tiny-resnet")
+    model, _ = build_model(spec, pretrained=False)
+    model.eval()
+    return save_model(tmp_path / "base.safetensors", model, ModelConfig(spec=spec, name="base"))
+
+
+def _cells(n: int, shift: float = 1.5, seed: int = 0) -> torch.Tensor:
+    """A "new lab": inputs whose colour statistics are far from the training ones."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, 32, 32, generator=g) * 0.5 + shift
+
+
+def test_adapted_statistics_differ_and_base_file_untouched(base_file, tmp_path):
+    digest = hashlib.sha256(base_file.read_bytes()).hexdigest()
+    base, config = load_model(base_file, cache=False)
+    before = _bn_means(base)
+    adapted = adapt_batchnorm(base, _cells(64))
+    # The adapted copy learned the new cells' statistics ...
+    after = _bn_means(adapted)
+    assert any(not torch.allclose(a, b) for a, b in zip(before, after, strict=True))
+    # ... and neither the model given nor its file changed.
+    assert all(torch.equal(a, b) for a, b in zip(before, _bn_means(base), strict=True))
+    out = save_adapted_model(tmp_path / "adapted.safetensors", adapted, config, "test cells", 64)
+    assert hashlib.sha256(base_file.read_bytes()).hexdigest() == digest
+    reloaded, reloaded_config = load_model(out, cache=False)
+    assert all(torch.allclose(a, b) for a, b in zip(after, _bn_means(reloaded), strict=True))
+    assert reloaded_config.training["adapted"]["cells"] == 64
+
+
+def test_adaptation_is_deterministic(base_file):
+    base, _ = load_model(base_file, cache=False)
+    x = _cells(80)
+    a = _bn_means(adapt_batchnorm(base, x))
+    b = _bn_means(adapt_batchnorm(base, x))
+    assert all(torch.equal(u, v) for u, v in zip(a, b, strict=True))
+
+
+def test_too_few_cells_refused(base_file):
+    base, _ = load_model(base_file, cache=False)
+    with pytest.raises(AdaptationError, match=f"at least {MIN_CELLS} cells"):
+        adapt_batchnorm(base, _cells(MIN_CELLS - 1))
+
+
+def test_never_overwrites_a_model_file(base_file):
+    base, config = load_model(base_file, cache=False)
+    adapted = adapt_batchnorm(base, _cells(40))
+    digest = hashlib.sha256(base_file.read_bytes()).hexdigest()
+    with pytest.raises(AdaptationError, match="exists"):
+        save_adapted_model(base_file, adapted, config, "test cells", 40)
+    assert hashlib.sha256(base_file.read_bytes()).hexdigest() == digest
+
+
+def test_model_without_batchnorm_refused():
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 2))
+    with pytest.raises(AdaptationError, match="no batch-norm"):
+        adapt_batchnorm(model, _cells(40))
+
+
+class _TwoGroups(torch.nn.Module):
+    """Batch norm on the mean colour; class = which side of 0 the red channel is."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = torch.nn.BatchNorm1d(3)
+
+    def forward(self, x):
+        f = self.bn(x.mean(dim=(2, 3)))
+        return torch.stack([-f[:, 0], f[:, 0]], 1)
+
+
+def test_balance_guards_against_the_class_mix():
+    # 90 cells of one kind (red channel 0), 10 of another (red channel 4):
+    # plain re-estimation puts the mean near the majority (0.4); balancing the
+    # predicted classes puts it halfway (2.0), as for an even mix.
+    x = torch.zeros(100, 3, 4, 4)
+    x[90:, 0] = 4.0
+    model = _TwoGroups().eval()
+    raw = adapt_batchnorm(model, x, balance=False, min_cells=10)
+    balanced = adapt_batchnorm(model, x, balance=True, min_cells=10)
+    assert raw.bn.running_mean[0] == pytest.approx(0.4, abs=0.05)
+    assert balanced.bn.running_mean[0] == pytest.approx(2.0, abs=0.2)
+    assert model.bn.running_mean[0] == 0.0  # the model given is untouched

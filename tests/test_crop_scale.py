@@ -1,0 +1,112 @@
+"""Scale of crop sets (napari_wbc.crop_scale): red cells, the white-cell fallback, field of view."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from napari_wbc.crop_scale import (
+    CropScaleError,
+    measure_crop_scale,
+    measure_nucleus_diameter,
+    to_field_of_view,
+)
+from napari_wbc.images import cut_square
+from napari_wbc.synthetic import make_smear, smear_truth
+
+
+def _wbc_crops(rbc: float, fov_rbc: float, n: int = 6, seed: int = 3) -> list[np.ndarray]:
+    """Crops of ``fov_rbc`` red-cell diameters around the white cells of a synthetic smear."""
+    shape = (int(rbc * 24), int(rbc * 24))
+    smear = make_smear(shape, seed=seed, rbc_diameter=rbc)
+    truth = smear_truth(shape, seed=seed, rbc_diameter=rbc)
+    side = round(fov_rbc * rbc)
+    wbc = truth[~truth["label"].isin(["rbc", "platelet"])]
+    wbc = wbc[
+        (wbc["y"] > side / 2)
+        & (wbc["x"] > side / 2)
+        & (wbc["y"] < shape[0] - side / 2)
+        & (wbc["x"] < shape[1] - side / 2)
+    ]
+    crops = [cut_square(smear, row.y, row.x, side) for row in wbc.itertuples()]
+    assert len(crops) >= 3, (
+        "the synthetic smear should hold a few white cells away from its border"
+    )
+    return crops[:n]
+
+
+def _rescale(crops, factor: float) -> list[np.ndarray]:
+    return [
+        np.asarray(
+            Image.fromarray(c).resize(
+                (round(c.shape[1] * factor), round(c.shape[0] * factor)), Image.Resampling.BILINEAR
+            )
+        )
+        for c in crops
+    ]
+
+
+def test_to_field_of_view_resizes_and_pads_with_glass():
+    # A grey disc of 40 px (one "red cell") on cream glass, in a tight 100 px crop.
+    yy, xx = np.mgrid[:100, :100]
+    crop = np.full((100, 100, 3), (240, 230, 210), np.uint8)
+    crop[(yy - 50) ** 2 + (xx - 50) ** 2 < 20**2] = (120, 60, 140)
+    out = to_field_of_view(crop, rbc_diameter_px=40.0, fov_rbc=4.0, out_size=80)
+    assert out.shape == (80, 80, 3)
+    # 4 red cells across 80 px: the 40 px disc becomes 20 px, the crop 50 px,
+    # and the rest is padded with the crop's glass colour.
+    dark = (out.astype(int).sum(-1) < 500).sum()
+    assert abs(2 * np.sqrt(dark / np.pi) - 20) < 2
+    assert tuple(out[0, 0]) == (240, 230, 210)
+    with pytest.raises(CropScaleError):
+        to_field_of_view(crop, 0.0, 4.0, 80)
+
+
+def test_nucleus_found_at_the_centre():
+    crops = _wbc_crops(60.0, 4.8)
+    diameters = [measure_nucleus_diameter(c) for c in crops]
+    assert all(d is not None and 20 < d < 150 for d in diameters)
+    # Twice the pixels, twice the size.
+    doubled = [measure_nucleus_diameter(c) for c in _rescale(crops, 2.0)]
+    ratio = np.median(doubled) / np.median(diameters)
+    assert 1.8 < ratio < 2.2
+
+
+def test_blank_crops_refused():
+    blank = [np.full((120, 120, 3), 235, np.uint8)] * 6
+    with pytest.raises(CropScaleError, match="pixel size"):
+        measure_crop_scale(blank)
+    with pytest.raises(CropScaleError):
+        measure_crop_scale([])
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+def test_pbc_crop_set_rescaled_twice_is_measured_within_10_percent(data_dir):
+    from napari_wbc.datasets import balanced_subset, decode_image, load_lab_table
+
+    table = balanced_subset(load_lab_table("pbc", data_dir), per_class=3, seed=0)
+    crops = [decode_image(p) for p in table["path"]]
+    one = measure_crop_scale(crops, max_crops=15)
+    two = measure_crop_scale(_rescale(crops, 2.0), max_crops=15)
+    assert one.method == two.method == "red-cells"
+    assert abs(one.rbc_diameter_px / 75.0 - 1) < 0.10  # PBC: ~75 px
+    assert abs(two.rbc_diameter_px / one.rbc_diameter_px / 2.0 - 1) < 0.10
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+def test_tight_pbc_crops_fall_back_to_white_cells(data_dir):
+    from napari_wbc.datasets import balanced_subset, decode_image, load_lab_table
+
+    table = balanced_subset(load_lab_table("pbc", data_dir), per_class=3, seed=1)
+    # The central half of each crop, brought back to 360 px: red cell 150 px,
+    # only fragments of red cells left in view.
+    crops = [
+        np.asarray(Image.fromarray(decode_image(p)[90:270, 90:270]).resize((360, 360)))
+        for p in table["path"]
+    ]
+    scale = measure_crop_scale(crops, max_crops=15)
+    assert scale.method == "white-cells"
+    assert abs(scale.rbc_diameter_px / 150.0 - 1) < 0.15
