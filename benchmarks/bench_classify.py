@@ -44,7 +44,9 @@ def _make_models(preset: str, folder: Path) -> list[Path]:
     paths = []
     for spec in get_preset(preset):
         model, _ = build_model(spec, pretrained=False)
-        config = ModelConfig(spec=spec, stain=default_reference().to_dict(), training={"stain_method": "macenko"})
+        config = ModelConfig(
+            spec=spec, stain=default_reference().to_dict(), training={"stain_method": "macenko"}
+        )
         paths.append(save_model(folder / f"{spec.name}.safetensors", model, config))
     save_ensemble(folder / "ensemble.json", paths, tta="d4")
     return paths
@@ -64,7 +66,11 @@ def case_end_to_end(size: int, preset: str, tta: str) -> dict:
         ensemble = load_any(Path(tmp) / "ensemble.json")
         image = lazy_smear((size, size), seed=0, chunks=2048)
         t = time.perf_counter()
-        cells = run(iter_classify_smear(image, ensemble, ClassifyConfig(pixel_size_um=0.1, tta=tta, device="cpu")))
+        cells = run(
+            iter_classify_smear(
+                image, ensemble, ClassifyConfig(pixel_size_um=0.1, tta=tta, device="cpu")
+            )
+        )
         seconds = time.perf_counter() - t
     return {"seconds": seconds, "cells": len(cells)}
 
@@ -81,7 +87,9 @@ def case_crops(preset: str, n: int, member: str | None, tta: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         paths = _make_models(preset, Path(tmp))
         target = (
-            Path(tmp) / "ensemble.json" if member is None else next(p for p in paths if p.stem == member)
+            Path(tmp) / "ensemble.json"
+            if member is None
+            else next(p for p in paths if p.stem == member)
         )
         ensemble = load_any(target, tta=tta)
         predict_crops(ensemble, crops[:8], tta=tta, device="cpu")  # warm-up
@@ -123,19 +131,26 @@ def main() -> None:
         from napari_wbc.models.registry import get_preset
 
         members = [s.name for s in get_preset(args.preset)]
-    print(f"Classification speed, {args.crops} crops of 360 px, preset {args.preset!r}, CPU, 2 threads\n")
+    print(
+        f"Classification speed, {args.crops} crops of 360 px, preset {args.preset!r}, CPU, 2 threads\n"
+    )
     print("| model | TTA | cells/s | peak RSS (MB) |\n|---|---|---:|---:|")
     for member in [*members, None]:
         for tta in ("none", "d4"):
             extra = ["--case", "crops", "--tta", tta] + (["--member", member] if member else [])
             r = child(*extra)
-            print(f"| {member or 'ensemble'} | {tta} | {r['cells'] / r['seconds']:.1f} | {r['peak_mb']:.0f} |", flush=True)
+            print(
+                f"| {member or 'ensemble'} | {tta} | {r['cells'] / r['seconds']:.1f} | {r['peak_mb']:.0f} |",
+                flush=True,
+            )
     r = child("--case", "end_to_end", "--tta", "d4")
     mpx = args.size * args.size / 1e6
     print(f"\nEnd to end on a {args.size} × {args.size} synthetic smear ({mpx:.0f} Mpx, generated lazily), "
           f"ensemble with D4 TTA:\n")  # fmt: skip
     print("| cells | seconds | Mpx/s | cells/s | peak RSS (MB) |\n|---:|---:|---:|---:|---:|")
-    print(f"| {r['cells']} | {r['seconds']:.0f} | {mpx / r['seconds']:.2f} | {r['cells'] / r['seconds']:.1f} | {r['peak_mb']:.0f} |")
+    print(
+        f"| {r['cells']} | {r['seconds']:.0f} | {mpx / r['seconds']:.2f} | {r['cells'] / r['seconds']:.1f} | {r['peak_mb']:.0f} |"
+    )
 
 
 if __name__ == "__main__":

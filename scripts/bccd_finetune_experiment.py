@@ -38,7 +38,9 @@ def classify(model, cells: pd.DataFrame, stain: bool) -> list[str]:
     for path, rows in cells.groupby("path", sort=False):
         centres = np.stack([rows.y + rows.h / 2, rows.x + rows.w / 2], axis=1)
         config = ClassifyConfig(rbc_diameter_px=RBC_PX, stain_normalize=stain, tta="d4")
-        out = run(iter_classify_smear(read_smear(path).levels[0], ensemble, config, points=centres))
+        out = run(
+            iter_classify_smear(read_smear(path).levels[0], ensemble, config, points=centres)
+        )
         preds.append(pd.Series(out["class"].to_numpy(), index=rows.index))
     return pd.concat(preds).reindex(cells.index).tolist()
 
@@ -69,10 +71,16 @@ def main() -> None:
     side = round(ensemble.fov_rbc * RBC_PX)
     crops = []
     for path, rows in train.groupby("path"):
-        table = pd.DataFrame({"x": rows.x + rows.w / 2, "y": rows.y + rows.h / 2, "class": rows.label})
+        table = pd.DataFrame(
+            {"x": rows.x + rows.w / 2, "y": rows.y + rows.h / 2, "class": rows.label}
+        )
         image = read_smear(path).levels[0].compute()
         folder = out / "crops"
-        written = run(iter_write_training_crops(image, table.rename(columns={"class": "label"}), folder, side))
+        written = run(
+            iter_write_training_crops(
+                image, table.rename(columns={"class": "label"}), folder, side
+            )
+        )
         crops.append(written)
     crops = pd.concat(crops, ignore_index=True)
     tuned = out / "bccd-tuned.safetensors"
@@ -90,7 +98,11 @@ def main() -> None:
         run(iter_finetune_crops(crops, base, tuned, config))
 
     y = test["label"].tolist()
-    results = {"n_train": len(train), "train_counts": train["label"].value_counts().to_dict(), "n_test": len(test)}
+    results = {
+        "n_train": len(train),
+        "train_counts": train["label"].value_counts().to_dict(),
+        "n_test": len(test),
+    }
     classes = list(ensemble.classes)
     for name, model, stain in (
         ("default ensemble, Macenko", base, True),
@@ -105,7 +117,9 @@ def main() -> None:
     print("\n| model | accuracy | macro-F1 | balanced acc. |\n|---|---:|---:|---:|")
     for name in list(results)[3:]:
         r = results[name]
-        print(f"| {name} | {r['accuracy']:.3f} | {r['macro_f1']:.3f} | {r['balanced_accuracy']:.3f} |")
+        print(
+            f"| {name} | {r['accuracy']:.3f} | {r['macro_f1']:.3f} | {r['balanced_accuracy']:.3f} |"
+        )
 
 
 if __name__ == "__main__":

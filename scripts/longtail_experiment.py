@@ -107,9 +107,16 @@ def main() -> None:
     rows.append({"model": "ensemble", "setting": "(d) ensemble of (c)", "macro_f1": d["macro_f1"],
                  "balanced_accuracy": d["balanced_accuracy"], "accuracy": d["accuracy"]})  # fmt: skip
     (out / "results.json").write_text(
-        json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows,
-                    "timings": timings, "train_counts": counts.to_dict(),
-                    "ensemble_metrics": d}, indent=2)
+        json.dumps(
+            {
+                "args": {k: str(v) for k, v in vars(args).items()},
+                "rows": rows,
+                "timings": timings,
+                "train_counts": counts.to_dict(),
+                "ensemble_metrics": d,
+            },
+            indent=2,
+        )
     )
     print("\n| model | setting | macro-F1 | balanced acc. | accuracy |")
     print("|---|---|---:|---:|---:|")

@@ -42,15 +42,22 @@ def main() -> None:
             t = time.perf_counter()
             out = train(
                 df,
-                TrainConfig(spec=f"screen-{arch}", epochs_stage1=args.epochs, stages="stage1",
-                            input_size=args.input_size, num_threads=2),
+                TrainConfig(
+                    spec=f"screen-{arch}",
+                    epochs_stage1=args.epochs,
+                    stages="stage1",
+                    input_size=args.input_size,
+                    num_threads=2,
+                ),
                 Path(tmp) / f"{arch}.safetensors",
             )
             seconds = time.perf_counter() - t
             f1 = read_model_config(out).metrics["macro_f1"]
             rows.append((arch, f1, seconds))
             print(f"{arch}: val macro-F1 {f1:.3f} in {seconds:.0f} s", flush=True)
-    print(f"\n{len(df)} crops ({args.per_class}/class), {args.epochs} epochs, {args.input_size} px\n")
+    print(
+        f"\n{len(df)} crops ({args.per_class}/class), {args.epochs} epochs, {args.input_size} px\n"
+    )
     print("| backbone | val macro-F1 | seconds |\n|---|---:|---:|")
     for arch, f1, seconds in sorted(rows, key=lambda r: -r[1]):
         print(f"| {arch} | {f1:.3f} | {seconds:.0f} |")

@@ -40,8 +40,18 @@ def test_package_manifest_is_the_top_level_file():
 def wheel(tmp_path_factory):
     folder = tmp_path_factory.mktemp("wheel")
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation",
-         "-w", str(folder), "-q"],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            str(ROOT),
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(folder),
+            "-q",
+        ],
         check=True,
     )
     (path,) = folder.glob("napari_wbc-*.whl")
@@ -101,7 +111,11 @@ def test_installed_wheel_classifies_offline_with_only_its_own_files(wheel, tmp_p
         "HOME": str(tmp_path),
     }
     out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path,
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
         timeout=300,
     )
     assert out.returncode == 0, out.stderr[-2000:]

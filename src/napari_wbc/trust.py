@@ -151,7 +151,7 @@ class FeatureStats:
         return cls(centres, scale)
 
     def distance(self, features: np.ndarray) -> np.ndarray:
-        """Mean squared standardised distance to the nearest class centre (≈ 1 in distribution)."""
+        """Mean squared standardised distance to the nearest class centre (≈ 1 inside)."""
         z = (np.asarray(features, np.float64)[:, None, :] - self.centres[None]) / self.scale
         return (z**2).mean(axis=2).min(axis=1)
 
