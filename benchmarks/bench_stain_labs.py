@@ -284,12 +284,13 @@ def write_grid(labs, outputs, methods, path: Path, per_row: int = 2, tile: int =
 def classify_sample(methods) -> None:
     """How many of the sample's white cells the default model gets right, per method."""
     from napari_wbc.inference import load_any
+    from napari_wbc.models.files import default_model_path
     from napari_wbc.pipeline import ClassifyConfig, iter_classify_smear
     from napari_wbc.progress import run
 
     image, truth = make_sample_smear(), sample_smear_truth()
     wbc = truth[truth.kind == "wbc"].reset_index(drop=True)
-    model = load_any("wbc-lite")
+    model = load_any(default_model_path())
     print(f"\nBuilt-in sample, default model, {len(wbc)} white cells:\n")
     print("| stain normalization | cells found | true class |")
     print("|---|---:|---:|")
