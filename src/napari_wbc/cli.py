@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -151,7 +152,28 @@ def cmd_classify(args) -> int:
 # ----------------------------------------------------------------------- view
 
 
+def _display_problem() -> str | None:
+    """Why napari cannot open a window here (None when it can, as far as we can tell)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    if os.environ.get("QT_QPA_PLATFORM", "").split(":")[0] in ("offscreen", "minimal"):
+        return None  # the user chose a platform without a screen on purpose
+    if os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"):
+        return None
+    return (
+        "napari-wbc view needs a display, and none is set (no DISPLAY or WAYLAND_DISPLAY). "
+        "Run it on a desktop, over ssh -X, or under a virtual display: "
+        "xvfb-run -a napari-wbc view (Debian/Ubuntu: apt-get install xvfb libgl1-mesa-dri "
+        "libxkbcommon-x11-0 libxcb-cursor0; see the README). For work without a window, use "
+        "napari-wbc classify / normalize."
+    )
+
+
 def cmd_view(args) -> int:
+    problem = _display_problem()
+    if problem:
+        print(f"napari-wbc view: {problem}", file=sys.stderr)
+        return 2
     import napari
 
     viewer = napari.Viewer()
@@ -226,6 +248,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "reference",
         help="print the stain reference of an image (or the built-in one) as JSON",
+        description="Fit the stain statistics of an image (glass colour; nucleus and "
+        "red-cell colours for the regions method; stain vectors for Macenko; colour "
+        "moments for Reinhard) and print them as JSON, or print the built-in PBC "
+        "reference. Pass the file to 'normalize --reference' to map other images onto "
+        "this one's stains.",
     )
     p.add_argument("image", nargs="?", help="image to fit on; default: the built-in reference")
     p.add_argument("-o", "--output", help="write the JSON here instead of printing it")

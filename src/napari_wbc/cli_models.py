@@ -157,8 +157,15 @@ def cmd_train(args) -> int:
     from .models.files import read_model_config, save_ensemble
     from .models.registry import get_preset
     from .prediction import evaluate
+    from .smears import is_box_table
     from .training import TrainConfig, iter_train, validation_split
 
+    if args.data.suffix.lower() == ".csv" and is_box_table(args.data):
+        raise DataError(
+            f"{args.data} lists white-cell boxes on whole smears; train learns from crops "
+            "with one cell each. Cut them first (Classify widget: Export crops), or train "
+            "from a Points layer of the smear in the Train widget"
+        )
     df = load_labelled_crops(args.data)
     if args.subtypes:
         if "subtype" not in df.columns:
@@ -359,9 +366,8 @@ def add_model_commands(subparsers) -> None:
     p.add_argument(
         "data",
         type=Path,
-        help="CSV with path,label columns, or a class-per-folder tree of crops; or a CSV "
-        "with path,label,x,y,w,h white-cell boxes on whole smears (x,y top-left), "
-        "which runs detection and classification and adds a 'detection' object",
+        help="CSV with path,label columns, or a class-per-folder tree of cell crops "
+        "(one cell centred per image)",
     )
     p.add_argument("--preset", default="lite", choices=sorted(list_presets()), help="default lite")
     p.add_argument("--member", action="append", help="train only this member (repeatable)")

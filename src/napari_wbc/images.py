@@ -169,7 +169,9 @@ def read_smear(path: str | Path, chunk: int = 1024) -> Smear:
     if len(smear.levels) == 1 and max(smear.shape[:2]) > PYRAMID_THRESHOLD:
         smear.levels = build_pyramid(smear.levels[0])
     for note in smear.conversions:
-        log.info("%s: %s", path.name, note)
+        # Shown at the default verbosity: a converted image (16-bit, grey,
+        # RGBA, palette) should not change colour without a word.
+        log.warning("%s: %s", path.name, note)
     return smear
 
 
