@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 INTERVAL_MS = 10
+IDLE_S = 10.0
 LIMIT_MS = 100
 
 
@@ -75,6 +76,7 @@ def main(argv=None) -> int:
     import napari
     import numpy as np
     import pandas as pd
+    from qtpy.QtCore import QTimer
     from qtpy.QtWidgets import QApplication
 
     viewer = napari.Viewer()
@@ -82,19 +84,32 @@ def main(argv=None) -> int:
     viewer.open_sample("napari-wbc", "smear")
     app = QApplication.instance()
     wait(app, lambda: True, 0, settle=1.0)
-    _d, classify = viewer.window.add_plugin_dock_widget("napari-wbc", "Classify white cells")
-    _d, train = viewer.window.add_plugin_dock_widget(
-        "napari-wbc", "Train classifier from annotations"
-    )
-    import torch  # the widgets' worker threads share torch's pool
+    # Threads through the environment torch reads when the worker imports
+    # it: importing torch here would hide the import's cost from the meter.
+    from napari_wbc.threads import configure_threads
 
-    torch.set_num_threads(args.threads)
+    configure_threads(args.threads)
     meter = StallMeter()
     rows = []
+    docked = {}
+
+    def dock(name):
+        docked[name] = viewer.window.add_plugin_dock_widget("napari-wbc", name)[1]
+
+    meter.start()
+    QTimer.singleShot(50, lambda: dock("Classify white cells"))
+    QTimer.singleShot(100, lambda: dock("Train classifier from annotations"))
+    # A user then chooses the image and settings: the widgets load torch meanwhile.
+    took = wait(app, lambda: False, 0, settle=IDLE_S)
+    rows.append((f"docking the widgets, then {IDLE_S:.0f} s idle", took, *meter.stop()))
+    classify, train = docked["Classify white cells"], docked["Train classifier from annotations"]
 
     for label in ("classify, first run (loads the model)", "classify, second run"):
         meter.start()
-        classify.run_button.native.click()
+        # Clicked from inside the event loop, as a user's click is: work done
+        # in the click handler itself is then measured as a stall too.
+        QTimer.singleShot(50, classify.run_button.native.click)
+        wait(app, lambda: classify.runner.running, 60, settle=0)
         took = wait(app, lambda: not classify.runner.running, 900)
         rows.append((label, took, *meter.stop()))
         if "synthetic smear cells" not in viewer.layers:
@@ -125,7 +140,8 @@ def main(argv=None) -> int:
             device="cpu",
         )
         meter.start()
-        train.run(config)
+        QTimer.singleShot(50, lambda: train.run(config))
+        wait(app, lambda: train.runner.running, 60, settle=0)
         took = wait(app, lambda: not train.runner.running, 1800)
         rows.append((f"training, {args.epochs}+{args.epochs} epochs", took, *meter.stop()))
         if not (Path(folder) / "tuned.safetensors").is_file():

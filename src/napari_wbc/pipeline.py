@@ -47,8 +47,9 @@ class ClassifyConfig:
     stain_normalize : bool
         Map the image's stains onto the model's reference before classifying.
     stain_method : str or None
-        A stain method of :mod:`napari_wbc.stain`; None uses the one the model
-        was trained with.
+        A stain method of :mod:`napari_wbc.stain`; None uses the default for
+        smears (:data:`napari_wbc.stain.DEFAULT_METHOD`, fitted on the image's
+        nuclei and red cells), whatever method normalised the training crops.
     tta : str or None
         Test-time augmentation ("none", "flips", "d4"); None uses the model's.
     block : int

@@ -162,7 +162,13 @@ class Preprocessor:
         stain_normalize : bool
             False leaves colours as they are.
         stain_method : str, optional
-            Override the method the model was trained with.
+            The method that maps the smear's stains onto the model's
+            reference; default :data:`napari_wbc.stain.DEFAULT_METHOD`
+            (``regions``), not the method the crops were normalised with in
+            training: a whole field is mostly red cells and glass, and a
+            two-stain fit on it (Macenko) turns nuclei and red cells to false
+            colours (docs/results.md: the built-in sample, 1/13 cells right
+            with Macenko, 8/13 with ``regions`` and without normalization).
 
         Raises
         ------
@@ -172,12 +178,12 @@ class Preprocessor:
         side = self.crop_side(rbc_diameter_px)
         if not stain_normalize or self.stain_target is None:
             return SmearInput(side)
-        from .stain import BlankImageError, StainReference, iter_prepare_normalizer
+        from .stain import DEFAULT_METHOD, BlankImageError, StainReference, iter_prepare_normalizer
 
         try:
             normalizer = yield from iter_prepare_normalizer(
                 list(levels),
-                stain_method or self.stain_method,
+                stain_method or DEFAULT_METHOD,
                 StainReference.from_dict(self.stain_target),
             )
         except BlankImageError as exc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections.abc import Callable, Generator
 
@@ -76,6 +77,33 @@ CANCELLED = object()
 #: Progress bar and status updates at most this often (seconds), to keep the
 #: main thread free; the last event of a stage is always shown.
 _UI_INTERVAL = 0.1
+
+
+_WARMING = []
+
+
+def warm_up_models() -> None:
+    """Import torch, timm and the inference code in a background thread, once.
+
+    Importing them takes seconds and, in its C parts, holds the interpreter's
+    lock: done when Run is first pressed it froze napari for 0.4 s (and for
+    2 s when done on the main thread). Started when a widget opens, it runs
+    while the user chooses the image and settings.
+    """
+    import threading
+
+    if _WARMING or "napari_wbc.inference" in sys.modules:
+        return
+
+    def load():
+        try:
+            import napari_wbc.inference  # noqa: F401
+        except Exception:  # reported properly when Run imports it again
+            log.debug("warm-up import failed", exc_info=True)
+
+    thread = threading.Thread(target=load, name="napari-wbc warm-up", daemon=True)
+    _WARMING.append(thread)
+    thread.start()
 
 
 def same_layer(a, b) -> bool:

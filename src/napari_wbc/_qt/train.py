@@ -30,6 +30,7 @@ from ._common import (
     image_levels,
     rgb_image_layers,
     same_layer,
+    warm_up_models,
     wrapping_label,
 )
 from .classify import SESSION_MODELS, camera, class_rgba, register_session_model
@@ -136,6 +137,7 @@ class TrainWidget(DockPage):
 
     def __init__(self, napari_viewer: napari.viewer.Viewer):
         super().__init__()
+        warm_up_models()  # torch loads while the user picks the settings
         self.viewer = napari_viewer
         self.image = ComboBox(label="image", choices=self._image_choices)
         self.source = ComboBox(
