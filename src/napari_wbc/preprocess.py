@@ -75,6 +75,11 @@ class SmearInput:
 
     side: int
     normalizer: StainNormalizer | None = None
+    #: Applied after ``normalizer``: the fixed transform the training crops
+    #: went through (their lab's stains onto the reference, with the model's
+    #: method), so that crops mapped onto the reference's colours look as the
+    #: training crops did.
+    then: StainNormalizer | None = None
 
     def crops(self, window: np.ndarray, origin: tuple[int, int], ys, xs) -> np.ndarray:
         """Crops (N, side, side, 3) uint8 centred on (``ys``, ``xs``), normalised.
@@ -87,7 +92,11 @@ class SmearInput:
             cut_square(window, cy - oy, cx - ox, self.side) for cy, cx in zip(ys, xs, strict=True)
         ]
         out = np.stack(crops) if crops else np.zeros((0, self.side, self.side, 3), np.uint8)
-        return self.normalizer(out) if self.normalizer is not None and len(out) else out
+        if self.normalizer is not None and len(out):
+            out = self.normalizer(out)
+        if self.then is not None and len(out):
+            out = self.then(out)
+        return out
 
 
 @dataclass(frozen=True)
@@ -193,7 +202,12 @@ class Preprocessor:
             return SmearInput(side)
         except WBCError as exc:
             raise WBCError(f"{exc}; or classify without stain normalization") from exc
-        return SmearInput(side, normalizer)
+        then = None
+        if stain_method is None and normalizer.method != self.stain_method:
+            # The smear's colours now match the reference's (PBC's own); the
+            # training crops, also PBC's, then went through the model's method.
+            then = self.training_normalizer()
+        return SmearInput(side, normalizer, then)
 
     # -- crop files
 
