@@ -320,8 +320,10 @@ class WorkerRunner:
         if pbar is not None:
             if pbar.total != event.total:
                 pbar.total = event.total
+            # The stage is shown in the widget; napari's activity bar keeps its
+            # first description: setting a new one re-lays out the activity
+            # panel, up to 0.1 s on the main thread each time.
             pbar.n = event.done
-            pbar.set_description(f"{self.description}: {event.stage}")
 
     def _on_returned(self, value, on_done) -> None:
         if value is CANCELLED:
