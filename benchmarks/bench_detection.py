@@ -194,6 +194,8 @@ def _measure_scales(source: Source, images: dict) -> dict:
 
 def score_source(source: Source, detector: str | None = None) -> dict:
     """Detection and scale figures of one source; also keeps per-field errors for pictures."""
+    from napari_wbc.detection import detection_scores
+
     images = {str(p): _load(source, p) for p in source.paths}
     given = float(box_diameter(source.rbc).median())
     t = time.perf_counter()
@@ -239,16 +241,8 @@ def score_source(source: Source, detector: str | None = None) -> dict:
             if mode == "measured" and (m["fp"] or m["fn"]):
                 errors.append((p, img, det, boxes, m["pairs"], d))
         seconds = time.perf_counter() - t
-        precision = tp / (tp + fp) if tp + fp else 1.0
-        recall = tp / (tp + fn) if tp + fn else 1.0
-        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
         result[mode] = {
-            "tp": tp,
-            "fp": fp,
-            "fn": fn,
-            "precision": precision,
-            "recall": recall,
-            "f1": f1,
+            **detection_scores(tp, fp, fn),
             "seconds_per_field": seconds / len(images),
         }
     result["errors"] = errors

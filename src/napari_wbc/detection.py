@@ -68,6 +68,7 @@ __all__ = [
     "DetectionError",
     "Detector",
     "detect_cells",
+    "detection_scores",
     "iter_detect",
     "iter_detect_cells",
     "match_detections",
@@ -700,17 +701,12 @@ def match_detections(detections: pd.DataFrame, boxes, by: str = "distance") -> d
         used_b.add(j)
         pairs.append((i, j))
     tp = len(pairs)
-    fp = len(det) - tp
-    fn = len(b) - tp
+    return {**detection_scores(tp, len(det) - tp, len(b) - tp), "pairs": sorted(pairs)}
+
+
+def detection_scores(tp: int, fp: int, fn: int) -> dict:
+    """``tp``, ``fp``, ``fn`` with precision, recall and F1 (1.0 when nothing to find/found)."""
     precision = tp / (tp + fp) if tp + fp else 1.0
     recall = tp / (tp + fn) if tp + fn else 1.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return {
-        "tp": tp,
-        "fp": fp,
-        "fn": fn,
-        "precision": precision,
-        "recall": recall,
-        "f1": f1,
-        "pairs": sorted(pairs),
-    }
+    return {"tp": tp, "fp": fp, "fn": fn, "precision": precision, "recall": recall, "f1": f1}
