@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 import time
 from collections.abc import Callable, Generator
 
@@ -80,6 +81,12 @@ _UI_INTERVAL = 0.1
 
 
 _WARMING = []
+_LOADED = threading.Event()
+
+
+def models_loaded() -> bool:
+    """Whether torch and the inference code are imported (so using them cannot block)."""
+    return _LOADED.is_set()
 
 
 def warm_up_models() -> None:
@@ -90,9 +97,9 @@ def warm_up_models() -> None:
     2 s when done on the main thread). Started when a widget opens, it runs
     while the user chooses the image and settings.
     """
-    import threading
-
-    if _WARMING or "napari_wbc.inference" in sys.modules:
+    if "napari_wbc.inference" in sys.modules and not _WARMING:
+        _LOADED.set()  # imported before any widget opened
+    if _WARMING or _LOADED.is_set():
         return
 
     def load():
@@ -101,6 +108,7 @@ def warm_up_models() -> None:
         except Exception:  # reported properly when Run imports it again
             log.debug("warm-up import failed", exc_info=True)
             return
+        _LOADED.set()
         import gc
 
         # torch, timm and napari leave a million long-lived objects; moved out

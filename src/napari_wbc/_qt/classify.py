@@ -26,6 +26,7 @@ from ._common import (
     DockPage,
     WorkerRunner,
     image_levels,
+    models_loaded,
     rgb_image_layers,
     same_layer,
     warm_up_models,
@@ -211,7 +212,7 @@ class ClassifyWidget(DockPage):
         self.cells_layer = ComboBox(
             label="cells layer", choices=self._cells_choices, visible=False
         )
-        self.device = ComboBox(label="device", choices=self._device_choices())
+        self.device = ComboBox(label="device", choices=self._device_choices)
         self.stain = CheckBox(text="stain normalization", value=True)
         self.pixel_size = FloatSpinBox(
             label="µm per pixel",
@@ -286,8 +287,13 @@ class ClassifyWidget(DockPage):
         return [MODEL_DEFAULT, *[str(p) for p in SESSION_MODELS], MODEL_FILE]
 
     @staticmethod
-    def _device_choices():
+    def _device_choices(_w=None):
         choices = ["auto", "cpu"]
+        if not models_loaded():
+            # Importing torch here would block napari for seconds (it loads in
+            # the background); "auto" finds a GPU anyway, and the list fills
+            # in at the next refresh.
+            return choices
         try:
             import torch
 
