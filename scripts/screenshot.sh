@@ -27,22 +27,23 @@ for name in ("Stain normalization", "Classify white cells", "Train classifier fr
 window = viewer.window._qt_window
 window.resize(1280, 800)
 app = QApplication.instance()
+
+
+def run_on_image(widget):
+    """Run a widget on the gallery image and wait (at most 10 min) until it is done."""
+    widget.image.value = image
+    widget.run()
+    deadline = time.monotonic() + 600
+    while widget.runner.running and time.monotonic() < deadline:
+        app.processEvents()
+        time.sleep(0.05)
+
+
 # The gallery normalized onto the built-in reference (a PBC-like image stays
 # as it is), shown under the result; then classify the original.
-normalize = widgets["Stain normalization"]
-normalize.image.value = image
-normalize.run()
-deadline = time.monotonic() + 600
-while normalize.runner.running and time.monotonic() < deadline:
-    app.processEvents()
-    time.sleep(0.05)
+run_on_image(widgets["Stain normalization"])
 classify = widgets["Classify white cells"]
-classify.image.value = image
-classify.run()
-deadline = time.monotonic() + 600
-while classify.runner.running and time.monotonic() < deadline:
-    app.processEvents()
-    time.sleep(0.05)
+run_on_image(classify)
 if f"{image.name} cells" not in viewer.layers:
     sys.exit(f"classification did not finish: {classify.status.value}")
 train = widgets["Train classifier from annotations"]
