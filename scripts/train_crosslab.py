@@ -39,9 +39,8 @@ from napari_wbc.augment import DomainRandomization, StainStats, measure_stain_po
 from napari_wbc.datasets import (
     LABS,
     SHARED_CLASSES,
+    cached_lab_crops,
     decode_image,
-    load_lab_table,
-    read_lab_crops,
     stratified_split,
 )
 from napari_wbc.losses import HybridLoss
@@ -52,7 +51,7 @@ from napari_wbc.models.build import (
     extract_features,
 )
 from napari_wbc.models.files import ModelConfig, save_model
-from napari_wbc.models.registry import ModelSpec
+from napari_wbc.models.registry import PBC_CLASSES, ModelSpec
 from napari_wbc.settings import data_root
 
 log = logging.getLogger("train_crosslab")
@@ -64,18 +63,11 @@ PBC_RBC_PX = 75.0
 MIN_CLASS_CELLS = 20
 
 
-def lab_crops(lab: str, cache_dir: Path) -> tuple[pd.DataFrame, np.ndarray]:
+def lab_crops(
+    lab: str, cache_dir: Path, classes: tuple[str, ...] = SHARED_CLASSES
+) -> tuple[pd.DataFrame, np.ndarray]:
     """Table and ``CACHE_SIZE`` crops of one lab, decoded once and kept in ``cache_dir``."""
-    table = load_lab_table(lab)
-    file = cache_dir / f"{lab}-{CACHE_SIZE}-{FOV_RBC}.npz"
-    if file.is_file():
-        saved = np.load(file, allow_pickle=False)
-        if list(saved["paths"]) == list(table["path"]):
-            return table, saved["crops"]
-    crops = read_lab_crops(table, CACHE_SIZE, FOV_RBC)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    np.savez(file, crops=crops, paths=np.asarray(table["path"], dtype=str))
-    return table, crops
+    return cached_lab_crops(lab, cache_dir, CACHE_SIZE, FOV_RBC, classes)
 
 
 def pbc_split(table: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
@@ -162,6 +154,12 @@ def main(argv=None) -> int:
     p.add_argument("--holdout", choices=[*LABS, "none"], required=True)
     p.add_argument("--aug", choices=["mild", "dr"], default="dr")
     p.add_argument("--no-stain-pool", action="store_true", help="dr without txl stain targets")
+    p.add_argument(
+        "--classes",
+        choices=["shared", "pbc"],
+        default="shared",
+        help="the 5 classes every lab has, or PBC's 8 (the built-in model's)",
+    )
     p.add_argument("--arch", default="resnet10t")
     p.add_argument("--input", type=int, default=64)
     p.add_argument("--epochs1", type=int, default=12)
@@ -186,8 +184,9 @@ def main(argv=None) -> int:
     # --- training data: every lab but the held-out one (which is never read).
     train_labs = [lab for lab in LABS if lab != args.holdout]
     crops, labels, labs = [], [], []
+    classes = SHARED_CLASSES if args.classes == "shared" else PBC_CLASSES
     for lab in train_labs:
-        table, c = lab_crops(lab, cache_dir)
+        table, c = lab_crops(lab, cache_dir, classes)
         if lab == "pbc":
             tr, _ = pbc_split(table)
             table, c = table.iloc[tr], c[tr]
@@ -200,7 +199,6 @@ def main(argv=None) -> int:
     crops = np.concatenate(crops)
     labels = np.asarray(labels)
     labs = np.asarray(labs)
-    classes = SHARED_CLASSES
     y = np.array([classes.index(v) for v in labels])
 
     strong = args.aug == "dr"
@@ -335,7 +333,7 @@ def main(argv=None) -> int:
     if "pbc" in train_labs:
         from napari_wbc.metrics import classification_metrics
 
-        table, c = lab_crops("pbc", cache_dir)
+        table, c = lab_crops("pbc", cache_dir, classes)
         _, va = pbc_split(table)
         prob = predict(model, c[va], args.input, spec.mean, spec.std)
         yv = np.array([classes.index(v) for v in table["label"].iloc[va]])
@@ -345,7 +343,7 @@ def main(argv=None) -> int:
 
     config = ModelConfig(
         spec=spec,
-        name=f"crosslab-{args.aug}-{args.holdout}",
+        name=f"crosslab-{args.aug}-{args.holdout}-{len(classes)}c-s{args.seed}",
         stain=None,
         training={
             **vars(args),

@@ -106,3 +106,74 @@ def test_balance_guards_against_the_class_mix():
     assert raw.bn.running_mean[0] == pytest.approx(0.4, abs=0.05)
     assert balanced.bn.running_mean[0] == pytest.approx(2.0, abs=0.2)
     assert model.bn.running_mean[0] == 0.0  # the model given is untouched
+
+
+# -- ensembles, the smear pipeline and the command line -------------------------
+
+
+def test_adapted_ensemble_is_a_new_object_and_saves_as_new_files(tiny_model_path, tmp_path):
+    import numpy as np
+
+    from napari_wbc.adapt import adapt_ensemble, save_adapted_ensemble
+    from napari_wbc.inference import load_any
+
+    base = load_any(tiny_model_path)
+    digest = hashlib.sha256(tiny_model_path.read_bytes()).hexdigest()
+    before = _bn_means(base.members[0].model)
+    crops = np.random.default_rng(0).integers(0, 255, (40, 48, 48, 3), dtype=np.uint8)
+    adapted = adapt_ensemble(base, crops)
+    assert adapted is not base and adapted.path is None
+    assert adapted.metrics["adapted"]["cells"] == 40
+    assert any(
+        not torch.allclose(a, b)
+        for a, b in zip(before, _bn_means(adapted.members[0].model), strict=True)
+    )
+    assert all(
+        torch.equal(a, b) for a, b in zip(before, _bn_means(base.members[0].model), strict=True)
+    )
+    out = save_adapted_ensemble(tmp_path / "adapted", adapted, "random crops")
+    assert out.suffix == ".safetensors" and out.is_file()
+    with pytest.raises(AdaptationError, match="exists"):
+        save_adapted_ensemble(out, adapted, "random crops")
+    assert hashlib.sha256(tiny_model_path.read_bytes()).hexdigest() == digest
+    with pytest.raises(AdaptationError, match=f"at least {MIN_CELLS}"):
+        adapt_ensemble(base, crops[: MIN_CELLS - 1])
+
+
+def test_smear_adaptation_changes_the_answers_and_needs_enough_cells(tiny_model_path):
+    import numpy as np
+
+    from napari_wbc.inference import load_any
+    from napari_wbc.pipeline import ClassifyConfig, iter_classify_smear
+    from napari_wbc.progress import run
+    from napari_wbc.synthetic import make_sample_smear
+
+    smear = make_sample_smear()
+    ensemble = load_any(tiny_model_path)
+    config = dict(pixel_size_um=0.1, tta="none", stain_normalize=False)
+    rng = np.random.default_rng(0)
+    points = np.column_stack(
+        [rng.uniform(100, smear.shape[0] - 100, 48), rng.uniform(100, smear.shape[1] - 100, 48)]
+    )
+    plain = run(iter_classify_smear(smear, ensemble, ClassifyConfig(**config), points=points))
+    events = []
+    adapted = run(
+        iter_classify_smear(
+            smear, ensemble, ClassifyConfig(**config, adapt=True), points=points
+        ),
+        events.append,
+    )
+    assert plain.attrs["adapted_cells"] == 0
+    assert adapted.attrs["adapted_cells"] == 48
+    assert any(e.stage == "adapt" for e in events)
+    p = [c for c in plain.columns if c.startswith("p_")]
+    assert not np.allclose(plain[p].to_numpy(), adapted[p].to_numpy(), atol=1e-4)
+    # A few cells: classified as they are, and the result says why.
+    few = run(
+        iter_classify_smear(
+            smear, ensemble, ClassifyConfig(**config, adapt=True), points=points[:10]
+        )
+    )
+    assert few.attrs["adapted_cells"] == 0
+    assert "not adapted" in few.attrs["warning"]
+    assert len(few) == 10

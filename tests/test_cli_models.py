@@ -210,3 +210,41 @@ def test_predict_to_stdout(model_path, disc_dir, capsys):
 def test_predict_missing_input(model_path, tmp_path, capsys):
     assert cli(["predict", str(tmp_path / "nothing.png"), "--model", str(model_path)]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_predict_adapt_saves_a_new_model_and_keeps_the_base(model_path, disc_dir, tmp_path, capsys):
+    import hashlib
+
+    digest = hashlib.sha256(model_path.read_bytes()).hexdigest()
+    out = tmp_path / "adapted.safetensors"
+    argv = ["predict", str(disc_dir), "--model", str(model_path), "--tta", "none", "-q"]
+    plain = tmp_path / "plain.csv"
+    assert cli([*argv, "-o", str(plain)]) == 0
+    table = tmp_path / "adapted.csv"
+    assert cli([*argv, "--adapt", "--save-adapted", str(out), "-o", str(table)]) == 0
+    assert hashlib.sha256(model_path.read_bytes()).hexdigest() == digest
+    adapted = read_model_config(out)
+    assert adapted.training["adapted"]["cells"] == len(list(disc_dir.rglob("*.png")))
+    assert plain.read_text() != table.read_text()
+    capsys.readouterr()
+    # Never over an existing file, and only with --adapt.
+    assert cli([*argv, "--adapt", "--save-adapted", str(out)]) == 2
+    assert "exists" in capsys.readouterr().err
+    assert cli([*argv, "--save-adapted", str(tmp_path / "other.safetensors")]) == 2
+    assert "needs --adapt" in capsys.readouterr().err
+
+
+def test_predict_takes_the_crops_scale(model_path, disc_dir, tmp_path):
+    # The same crops said to be at half the model's magnification (red cell
+    # half its size) are enlarged 2x before classification: other answers.
+    folder = disc_dir / "big_pink"
+    as_is, halved = tmp_path / "as-is.csv", tmp_path / "halved.csv"
+    argv = ["predict", str(folder), "--model", str(model_path), "--tta", "none", "-q"]
+    assert cli([*argv, "--crop-scale", "as-is", "-o", str(as_is)]) == 0
+    from napari_wbc.models import read_model_config as config_of
+
+    spec = config_of(model_path).spec
+    rbc = spec.rbc_diameter_px * 40 / spec.fov_px / 2  # the 40 px crops seen at half scale
+    assert cli([*argv, "--rbc-diameter-px", str(rbc), "-o", str(halved)]) == 0
+    assert as_is.read_text() != halved.read_text()
+    assert cli([*argv, "--rbc-diameter-px", "-3"]) == 2

@@ -110,3 +110,30 @@ def test_tight_pbc_crops_fall_back_to_white_cells(data_dir):
     scale = measure_crop_scale(crops, max_crops=15)
     assert scale.method == "white-cells"
     assert abs(scale.rbc_diameter_px / 150.0 - 1) < 0.15
+
+
+def test_crop_files_are_brought_to_the_models_field_of_view(tmp_path):
+    # The product path (evaluate/predict): crop files at twice the model's
+    # magnification are measured, then cut back to the model's field of view.
+    from napari_wbc.preprocess import Preprocessor
+
+    pre = Preprocessor(fov_rbc=4.8, input_size=64, cache_size=80)
+    crops = _wbc_crops(60.0, 6.0, n=5, seed=1) + _wbc_crops(60.0, 6.0, n=3, seed=3)
+    paths = []
+    for i, crop in enumerate(crops):
+        Image.fromarray(crop).save(tmp_path / f"{i}.png")
+        paths.append(str(tmp_path / f"{i}.png"))
+    found = pre.resolve_crop_scale(paths, "measure")
+    assert abs(found.rbc_diameter_px / 60.0 - 1) < 0.10
+    assert pre.resolve_crop_scale(paths, "as-is") is None
+    assert pre.resolve_crop_scale(paths[:3], "auto") is None  # too few to measure
+    assert pre.resolve_crop_scale(paths, 42.0).method == "given"
+    from napari_wbc.progress import run
+
+    fitted = run(pre.iter_read_crop_files(paths, rbc_diameter_px=found.rbc_diameter_px))
+    plain = run(pre.iter_read_crop_files(paths))
+    assert fitted.shape == plain.shape == (8, 80, 80, 3)
+    # Cut to 4.8 red cells, the crops show less glass around the cell than the
+    # 6-red-cell originals squeezed into the same pixels.
+    dark = lambda a: (a.astype(int).sum(-1) < 450).mean()  # noqa: E731
+    assert dark(fitted) > dark(plain) * 1.2

@@ -33,13 +33,24 @@ from napari_wbc.errors import WBCError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MIN_CELLS", "AdaptationError", "adapt_batchnorm", "save_adapted_model"]
+__all__ = [
+    "MAX_CELLS",
+    "MIN_CELLS",
+    "AdaptationError",
+    "adapt_batchnorm",
+    "adapt_ensemble",
+    "save_adapted_ensemble",
+    "save_adapted_model",
+]
 
 #: Fewest cells accepted for adaptation. Batch-norm statistics of a few dozen
 #: cells of one or two classes describe those cells, not the lab; 32 is the
 #: smallest number at which the leave-one-lab-out benchmark (BCCD, LISC) was
 #: run on sub-samples without collapsing (see docs/results.md).
 MIN_CELLS = 32
+#: Most cells the statistics are estimated on (a seeded sample of larger
+#: sets): more adds time, not accuracy.
+MAX_CELLS = 2048
 
 
 class AdaptationError(WBCError, ValueError):
@@ -191,3 +202,94 @@ def save_adapted_model(
         f"Batch-norm statistics re-estimated (AdaBN) on {n_cells} cells of {source}."
     )
     return save_model(path, model, config)
+
+
+def adapt_ensemble(ensemble, crops, balance: bool = True, min_cells: int = MIN_CELLS):
+    """An ensemble whose members are adapted (AdaBN) to ``crops``; ``ensemble`` is unchanged.
+
+    Parameters
+    ----------
+    ensemble : napari_wbc.inference.Ensemble
+    crops : ndarray (N, H, W, 3) uint8 or sequence of (H, W, 3) uint8
+        The cells of one source as the ensemble classifies them (at its field
+        of view, stain handled by its preprocessor). At most :data:`MAX_CELLS`
+        of them (a seeded sample) are used.
+    balance, min_cells
+        See :func:`adapt_batchnorm`.
+
+    Returns
+    -------
+    napari_wbc.inference.Ensemble
+        New members (copies), the same weights, TTA and trust statistics;
+        ``adapted`` in its ``metrics`` records the number of cells. Its
+        ``path`` is None: it exists in memory until
+        :func:`save_adapted_ensemble` writes it.
+    """
+    import dataclasses
+
+    from napari_wbc.inference import EnsembleMember, _to_input
+
+    n = len(crops)
+    if n < min_cells:
+        raise AdaptationError(
+            f"adaptation needs at least {min_cells} cells of the same source; got {n}. "
+            "Classify without adaptation, or adapt on a larger smear or folder."
+        )
+    pick = np.arange(n)
+    if n > MAX_CELLS:
+        pick = np.sort(np.random.default_rng(0).choice(n, MAX_CELLS, replace=False))
+    chosen = crops[pick] if isinstance(crops, np.ndarray) else [crops[int(i)] for i in pick]
+    device = ensemble.device
+    members = []
+    for member in ensemble.members:
+        spec = member.config.spec
+        x = _to_input(chosen, spec.input_size, device)
+        mean = torch.tensor(spec.mean, device=device).view(1, 3, 1, 1)
+        std = torch.tensor(spec.std, device=device).view(1, 3, 1, 1)
+        model = adapt_batchnorm(member.model, (x - mean) / std, balance, min_cells=min_cells)
+        members.append(EnsembleMember(model, member.config, member.weight))
+    log.info("adapted %d member(s) to %d cells", len(members), len(pick))
+    return dataclasses.replace(
+        ensemble,
+        members=members,
+        name=f"{ensemble.name} (adapted)",
+        metrics={"adapted": {"method": "adabn", "cells": len(pick)}},
+        path=None,
+    )
+
+
+def save_adapted_ensemble(path: str | os.PathLike, ensemble, source: str) -> Path:
+    """Save an ensemble from :func:`adapt_ensemble` as new files; never overwrites any.
+
+    One member is saved as the model file ``path`` (``.safetensors``);
+    several as ``<stem>-<i>.safetensors`` beside the ensemble file ``path``
+    (``.json``). Raises :class:`AdaptationError` when any of them exists.
+    """
+    from napari_wbc.models.files import save_ensemble
+
+    path = Path(path)
+    cells = int(ensemble.metrics.get("adapted", {}).get("cells", 0))
+    if len(ensemble.members) == 1:
+        path = path if path.suffix else path.with_suffix(".safetensors")
+        member = ensemble.members[0]
+        return save_adapted_model(path, member.model, member.config, source, cells)
+    path = path.with_suffix(".json")
+    files = [path.with_name(f"{path.stem}-{i}.safetensors") for i in range(len(ensemble.members))]
+    taken = [f for f in [path, *files] if f.exists()]
+    if taken:
+        raise AdaptationError(
+            f"{taken[0]} exists; an adapted model is saved as new files, choose another name"
+        )
+    for file, member in zip(files, ensemble.members, strict=True):
+        save_adapted_model(file, member.model, member.config, source, cells)
+    return save_ensemble(
+        path,
+        files,
+        [m.weight for m in ensemble.members],
+        ensemble.tta,
+        name=path.stem,
+        metrics=dict(ensemble.metrics),
+        notes=f"{ensemble.name}: batch-norm statistics re-estimated (AdaBN) on {cells} "
+        f"cells of {source}",
+        trust=ensemble.trust.to_dict() if ensemble.trust is not None else None,
+    )

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from . import __version__
 from .cli_models import (
+    add_adapt_option,
     add_model_commands,
     add_smear_options,
     add_threads_option,
@@ -271,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="csv,geojson", help="comma-separated: csv, geojson")
     add_smear_options(p)
     add_tta_option(p)
+    add_adapt_option(p)
     add_threads_option(p)
     p.add_argument("--block", type=int, default=2048, help="processing block edge in pixels")
     p.add_argument("--device", default="auto")

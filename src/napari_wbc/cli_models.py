@@ -86,23 +86,57 @@ def smear_setup(args, model, **options):
         stain_normalize=args.stain_normalization,
         tta=args.tta,
         device=args.device,
+        adapt=getattr(args, "adapt", False),
         **options,
     )
     return ensemble, config
 
 
-def add_smear_options(p, scope: str = "") -> None:
-    """Options of the commands that classify whole smears (classify, evaluate on boxes)."""
+def add_scale_options(p) -> None:
+    """``--pixel-size`` and ``--rbc-diameter-px`` (smears and crops)."""
     p.add_argument(
         "--pixel-size",
         type=float,
-        help=f"{scope}µm per pixel (default: the file's, else measured on the red cells)",
+        help="µm per pixel (default: the file's, else measured on the red cells)",
     )
     p.add_argument(
         "--rbc-diameter-px",
         type=float,
-        help=f"{scope}red-cell diameter in pixels, instead of a pixel size",
+        help="red-cell diameter in pixels, instead of a pixel size",
     )
+
+
+def add_adapt_option(p) -> None:
+    """``--adapt``: label-free adaptation (AdaBN) to the cells at hand."""
+    from .adapt import MIN_CELLS
+
+    p.add_argument(
+        "--adapt",
+        action="store_true",
+        help="adapt the model to these cells without labels first (AdaBN; needs "
+        f"{MIN_CELLS} cells or more of one source; off by default: it helped on one "
+        "held-out lab and hurt on another, see MODEL_CARD.md)",
+    )
+
+
+def crop_scale_of(args) -> str | float:
+    """The ``scale`` of crop commands: a given red-cell size, or ``--crop-scale``."""
+    from .scale import RBC_DIAMETER_UM
+
+    for name in ("rbc_diameter_px", "pixel_size"):
+        value = getattr(args, name, None)
+        if value is not None and not value > 0:
+            raise DataError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if getattr(args, "rbc_diameter_px", None):
+        return float(args.rbc_diameter_px)
+    if getattr(args, "pixel_size", None):
+        return RBC_DIAMETER_UM / float(args.pixel_size)
+    return args.crop_scale
+
+
+def add_smear_options(p, scope: str = "") -> None:
+    """Options of the commands that classify whole smears (classify, evaluate on boxes)."""
+    add_scale_options(p)
     p.add_argument(
         "--no-stain-normalization",
         dest="stain_normalization",
@@ -129,7 +163,7 @@ def add_threads_option(p) -> None:
 
 def _add_crop_model_options(p) -> None:
     """Options shared by the commands that classify crops (evaluate, predict)."""
-    from .preprocess import STAIN_MIN_CROPS, STAIN_SOURCES
+    from .preprocess import CROP_SCALE_MIN_CROPS, CROP_SCALES, STAIN_MIN_CROPS, STAIN_SOURCES
 
     p.add_argument("--model", type=Path, help="model (.safetensors) or ensemble (.json)")
     add_tta_option(p)
@@ -143,6 +177,16 @@ def _add_crop_model_options(p) -> None:
         help="source stain statistics: fitted on these crops, the model's training "
         f"crops', or auto (fit when there are {STAIN_MIN_CROPS} crops or more)",
     )
+    p.add_argument(
+        "--crop-scale",
+        choices=CROP_SCALES,
+        default="auto",
+        help="how the crops' magnification is matched to the model's field of view: "
+        "measured on their red cells (else white-cell nuclei), taken as they are, or auto "
+        f"(measure {CROP_SCALE_MIN_CROPS} crops or more, else as they are); "
+        "--pixel-size or --rbc-diameter-px give it instead",
+    )
+    add_adapt_option(p)
 
 
 def _format_metrics(m: dict[str, Any]) -> str:
@@ -252,6 +296,8 @@ def cmd_evaluate(args) -> int:
             batch_size=args.batch_size,
             device=args.device,
             stain_source=args.stain_source,
+            scale=crop_scale_of(args),
+            adapt=args.adapt,
         ),
         args.quiet or args.json,
     )
@@ -263,6 +309,14 @@ def cmd_evaluate(args) -> int:
         print(json.dumps(metrics))
         return 0
     print(f"{metrics['model']} (TTA {metrics['tta']}): {_format_metrics(metrics)}")
+    found = metrics.get("crop_scale")
+    print(
+        "crop scale: taken as the model's field of view"
+        if found is None
+        else f"crop scale: red cell {found['rbc_diameter_px']:.1f} px ({found['method']})"
+    )
+    if metrics.get("adapted"):
+        print(f"adapted (AdaBN) to {metrics['adapted']} crops")
     print(f"{'class':<16}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>10}")
     for name, row in metrics["per_class"].items():
         print(
@@ -275,6 +329,17 @@ def cmd_evaluate(args) -> int:
             f"{', '.join(metrics['absent_classes'])}"
         )
     return 0
+
+
+def _save_adapted(args, adapted) -> None:
+    """Write the adapted ensemble of ``predict --adapt --save-adapted``."""
+    if args.save_adapted is None or adapted is None:
+        return
+    from .adapt import save_adapted_ensemble
+
+    source = ", ".join(str(c) for c in args.crops)
+    out = save_adapted_ensemble(args.save_adapted, adapted, source)
+    print(f"adapted model saved: {out}", file=sys.stderr)
 
 
 def _evaluate_smears(args, model) -> int:
@@ -311,13 +376,26 @@ def cmd_predict(args) -> int:
     from .prediction import iter_predict_crop_files, list_crop_files
 
     model = args.model or default_model_path()
+    if args.save_adapted is not None:
+        if not args.adapt:
+            raise DataError("--save-adapted needs --adapt")
+        if args.save_adapted.exists():
+            raise DataError(f"{args.save_adapted} exists; choose a new name for the adapted model")
     files = list_crop_files(args.crops)
     result = drive(
         iter_predict_crop_files(
-            model, files, args.tta, args.batch_size, args.device, args.stain_source
+            model,
+            files,
+            args.tta,
+            args.batch_size,
+            args.device,
+            args.stain_source,
+            scale=crop_scale_of(args),
+            adapt=args.adapt,
         ),
         args.quiet or args.output is None,
     )
+    _save_adapted(args, result.get("adapted"))
     classes = list(result["classes"])
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
@@ -441,7 +519,7 @@ def add_model_commands(subparsers) -> None:
     _add_crop_model_options(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--confusion", type=Path, help="also save the confusion matrix as a PNG")
-    add_smear_options(p, "smears only: ")
+    add_smear_options(p)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_evaluate)
 
@@ -453,6 +531,12 @@ def add_model_commands(subparsers) -> None:
     )
     p.add_argument("crops", nargs="+", type=Path, help="crop images or folders of them")
     _add_crop_model_options(p)
+    add_scale_options(p)
+    p.add_argument(
+        "--save-adapted",
+        type=Path,
+        help="with --adapt, also save the adapted model as new files (never overwrites)",
+    )
     p.add_argument("-o", "--output", type=Path, help="CSV to write; default: standard output")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_predict)

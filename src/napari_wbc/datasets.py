@@ -881,20 +881,32 @@ def read_lab_crops(
 
 
 def cached_lab_crops(
-    lab: str, cache_dir: str | os.PathLike, size: int = 128, fov_rbc: float = 4.8
+    lab: str,
+    cache_dir: str | os.PathLike,
+    size: int = 128,
+    fov_rbc: float = 4.8,
+    classes: Sequence[str] = SHARED_CLASSES,
 ) -> tuple[pd.DataFrame, np.ndarray]:
     """:func:`load_lab_table` and :func:`read_lab_crops`, the crops kept in ``cache_dir``.
 
-    The cache file (``<lab>-<size>-<fov_rbc>.npz``) is used only when it lists
-    exactly the table's paths, in order.
+    The cache file (``<lab>-<size>-<fov_rbc>.npz``, with ``-<n>c`` added for
+    classes other than :data:`SHARED_CLASSES`) is used only when it lists
+    exactly the table's paths, in order. It is written atomically, so two
+    processes filling the same cache never leave a torn file.
     """
-    table = load_lab_table(lab)
-    file = Path(cache_dir) / f"{lab}-{size}-{fov_rbc}.npz"
+    from napari_wbc.atomic import atomic_write_stream
+
+    classes = tuple(classes)
+    table = load_lab_table(lab, classes=classes)
+    tag = "" if classes == SHARED_CLASSES else f"-{len(classes)}c"
+    file = Path(cache_dir) / f"{lab}-{size}-{fov_rbc}{tag}.npz"
     if file.is_file():
         saved = np.load(file, allow_pickle=False)
         if list(saved["paths"]) == list(table["path"]):
             return table, saved["crops"]
     crops = read_lab_crops(table, size, fov_rbc)
     Path(cache_dir).mkdir(parents=True, exist_ok=True)
-    np.savez(file, crops=crops, paths=np.asarray(table["path"], dtype=str))
+    paths = np.asarray(table["path"], dtype=str)
+    atomic_write_stream(file, lambda fh: np.savez(fh, crops=crops, paths=paths), binary=True)
+    return table, crops
     return table, crops

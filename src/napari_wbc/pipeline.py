@@ -63,6 +63,12 @@ class ClassifyConfig:
         ensemble are flagged ``needs_review``.
     device : str
         "auto", "cpu", "cuda", "mps".
+    adapt : bool
+        Adapt the classifier to this smear's own cells first, without labels
+        (AdaBN, :func:`napari_wbc.adapt.adapt_ensemble`): the cells are found
+        and cut once for it, then classified by the adapted copy. With fewer
+        than :data:`napari_wbc.adapt.MIN_CELLS` cells the smear is classified
+        without adaptation, and a warning says so. Not available on a cluster.
     """
 
     pixel_size_um: float | None = None
@@ -75,6 +81,7 @@ class ClassifyConfig:
     review_confidence: float = 0.6
     review_disagreement: float = 0.0
     device: str = "auto"
+    adapt: bool = False
     extra: dict = field(default_factory=dict)
 
 
@@ -161,6 +168,18 @@ def iter_classify_smear(
     else:
         detector = None
     tiles = tile_grid((height, width), max(int(config.block), side), halo, align)
+    adapted_cells, notes = 0, []
+    if config.adapt:
+        if client is not None:
+            raise WBCError(
+                "adaptation runs on this machine only; adapt once (napari-wbc predict --adapt "
+                "--save-adapted) and give the cluster that model"
+            )
+        ensemble, adapted_cells, note = yield from _iter_adapt(
+            arr, tiles, given, detector, model_input, ensemble
+        )
+        if note:
+            notes.append(note)
     classes = list(ensemble.classes)
     counts = dict.fromkeys(classes, 0)
     tables = []
@@ -205,8 +224,10 @@ def iter_classify_smear(
 
         warning = image_warning(cells["out_of_distribution"].to_numpy(bool))
         if warning:
-            cells.attrs["warning"] = warning
+            notes.append(warning)
             log.warning("%s", warning)
+    if notes:
+        cells.attrs["warning"] = "; ".join(notes)
     cells.attrs.update(
         rbc_diameter_px=rbc_px,
         pixel_size_um=scale.pixel_size_um,
@@ -215,8 +236,42 @@ def iter_classify_smear(
         crop_px=side,
         stain_normalized=model_input.normalizer is not None,
         classes=classes,
+        adapted_cells=adapted_cells,
     )
     return cells
+
+
+def _iter_adapt(arr, tiles, given, detector, model_input, ensemble):
+    """Find and cut every cell of the smear, and adapt ``ensemble`` to them.
+
+    Returns the ensemble to classify with, the number of cells it was
+    adapted to (0: not adapted) and a warning, or None.
+    """
+    from .adapt import MIN_CELLS, adapt_ensemble
+
+    crops = []
+    for i, tile in enumerate(tiles):
+        own = None if given is None else tile.select(given)
+        if own is None or not own.empty:
+            y0, y1, x0, x1 = tile.window
+            window = np.asarray(arr[y0:y1, x0:x1].compute())
+            if own is None:
+                found = detector.detect(window, tile.origin)
+                if "kind" in found:
+                    found = found[found["kind"] == "wbc"]
+                own = tile.select(found)
+            if not own.empty:
+                crops.extend(model_input.crops(window, tile.origin, own.y, own.x))
+        yield Progress("adapt", i + 1, len(tiles), f"{len(crops)} cells to adapt to")
+    if len(crops) < MIN_CELLS:
+        note = (
+            f"not adapted: {len(crops)} cells found, adaptation needs {MIN_CELLS}; "
+            "classified with the model as it is"
+        )
+        log.warning("%s", note)
+        return ensemble, 0, note
+    adapted = adapt_ensemble(ensemble, crops)
+    return adapted, adapted.metrics["adapted"]["cells"], None
 
 
 def classify_tile(

@@ -49,6 +49,9 @@ def iter_predict_crop_files(
     batch_size: int = 64,
     device: str = "auto",
     stain_source: str = "auto",
+    *,
+    scale: str | float = "auto",
+    adapt: bool = False,
 ) -> ProgressGen[dict[str, Any]]:
     """Classify crop image files with a model or ensemble, as it was trained.
 
@@ -72,18 +75,40 @@ def iter_predict_crop_files(
     stain_source : {"auto", "fit", "training"}
         Where the source stain statistics come from; see
         :meth:`napari_wbc.preprocess.Preprocessor.crop_normalizer`.
+    scale : {"auto", "measure", "as-is"} or float
+        How the crops' magnification is found and matched to the model's
+        field of view (a number: the red-cell diameter in px); see
+        :meth:`napari_wbc.preprocess.Preprocessor.resolve_crop_scale`.
+    adapt : bool
+        Adapt the ensemble to these crops first, without labels
+        (:func:`napari_wbc.adapt.adapt_ensemble`; needs
+        :data:`napari_wbc.adapt.MIN_CELLS` crops). The model files are not
+        touched; the adapted ensemble is returned as ``adapted``.
 
     Returns
     -------
     dict
         The output of :func:`napari_wbc.inference.iter_predict_crops`
-        (``probs``, ``pred``, ``confidence``, ``classes``, ...) plus ``paths``.
+        (``probs``, ``pred``, ``confidence``, ``classes``, ...) plus ``paths``,
+        ``crop_scale`` (red-cell px and method, or None when taken as they
+        are) and, with ``adapt``, ``adapted``.
     """
     ensemble = model if isinstance(model, Ensemble) else load_any(model, device)
     paths = [str(p) for p in paths]
     if not paths:
         raise DataError("no crops to classify")
-    crops = yield from ensemble.preprocessor.iter_read_crop_files(paths, stain_source)
+    found = ensemble.preprocessor.resolve_crop_scale(paths, scale)
+    crops = yield from ensemble.preprocessor.iter_read_crop_files(
+        paths, stain_source, None if found is None else found.rbc_diameter_px
+    )
+    adapted = None
+    if adapt:
+        from .adapt import adapt_ensemble
+        from .progress import Progress
+
+        yield Progress("adapt", 0, 1, f"adapting the model to {len(crops)} crops")
+        ensemble = adapted = adapt_ensemble(ensemble, crops)
+        yield Progress("adapt", 1, 1, "adapted")
     result = yield from iter_predict_crops(
         ensemble,
         crops,
@@ -92,6 +117,13 @@ def iter_predict_crop_files(
         device=get_device(device),
     )
     result["paths"] = paths
+    result["crop_scale"] = (
+        None
+        if found is None
+        else {"rbc_diameter_px": round(found.rbc_diameter_px, 2), "method": found.method}
+    )
+    if adapted is not None:
+        result["adapted"] = adapted
     return result
 
 
@@ -102,9 +134,10 @@ def evaluate(
     batch_size: int = 64,
     device: str = "auto",
     stain_source: str = "auto",
+    **options,
 ) -> dict[str, Any]:
     """Evaluate a model on labelled crops; see :func:`iter_evaluate`."""
-    return run(iter_evaluate(model, data, tta, batch_size, device, stain_source))
+    return run(iter_evaluate(model, data, tta, batch_size, device, stain_source, **options))
 
 
 def iter_evaluate(
@@ -114,6 +147,9 @@ def iter_evaluate(
     batch_size: int = 64,
     device: str = "auto",
     stain_source: str = "auto",
+    *,
+    scale: str | float = "auto",
+    adapt: bool = False,
 ) -> ProgressGen[dict[str, Any]]:
     """Classify labelled crops and score the predictions.
 
@@ -131,13 +167,15 @@ def iter_evaluate(
         Where to run.
     stain_source : {"auto", "fit", "training"}
         See :func:`iter_predict_crop_files`.
+    scale, adapt
+        See :func:`iter_predict_crop_files`.
 
     Returns
     -------
     dict
         :func:`napari_wbc.metrics.classification_metrics` of the predictions
         (macro averages over the classes present in ``data``), plus ``tta``
-        and ``model``.
+        ``model``, ``crop_scale`` and ``adapted`` (cells, or None).
 
     Raises
     ------
@@ -159,9 +197,15 @@ def iter_evaluate(
         batch_size,
         device,
         stain_source,
+        scale=scale,
+        adapt=adapt,
     )
     classes = list(result["classes"])
     metrics = classification_metrics(list(map(str, df["label"])), result["pred"], classes)
     metrics["tta"] = tta if tta is not None else ensemble.tta
     metrics["model"] = str(ensemble.path) if ensemble.path is not None else ensemble.name
+    metrics["crop_scale"] = result["crop_scale"]
+    metrics["adapted"] = (
+        result["adapted"].metrics["adapted"]["cells"] if "adapted" in result else None
+    )
     return metrics

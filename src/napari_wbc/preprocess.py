@@ -39,6 +39,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "CROP_SCALES",
+    "CROP_SCALE_MIN_CROPS",
     "STAIN_MIN_CROPS",
     "STAIN_SAMPLE_CROPS",
     "STAIN_SOURCES",
@@ -47,6 +49,11 @@ __all__ = [
     "crop_side",
 ]
 
+#: How the scale of crop files is found (see :meth:`Preprocessor.resolve_crop_scale`).
+CROP_SCALES = ("auto", "measure", "as-is")
+#: Fewest crops whose scale "auto" measures: a handful of crops of one or two
+#: classes gives a white-cell ruler biased by the class mix.
+CROP_SCALE_MIN_CROPS = 8
 #: Where the source stain statistics of crops come from (see
 #: :meth:`Preprocessor.crop_normalizer`).
 STAIN_SOURCES = ("auto", "fit", "training")
@@ -274,23 +281,88 @@ class Preprocessor:
             self.stain_method, source, StainReference.from_dict(self.stain_target)
         )
 
+    def resolve_crop_scale(self, paths: Sequence[str], scale: str | float = "auto"):
+        """The red-cell diameter (px) of a set of crop files, or None to take them as they are.
+
+        Parameters
+        ----------
+        paths : sequence of str
+            The crops, all from one microscope and magnification.
+        scale : {"auto", "measure", "as-is"} or float
+            "as-is": the crops already show the model's field of view (as
+            the training crops did); they are only squared and resized.
+            "measure": measured on the crops (red cells, else white-cell
+            nuclei; :func:`napari_wbc.crop_scale.measure_crop_scale`), an error
+            when impossible. "auto" (default): "measure" for at least
+            :data:`CROP_SCALE_MIN_CROPS` crops, falling back to "as-is" with a
+            warning when the scale cannot be measured; "as-is" for fewer
+            crops. A number is the red-cell diameter in pixels.
+
+        Returns
+        -------
+        napari_wbc.crop_scale.CropScale or None
+        """
+        from .crop_scale import CropScale, CropScaleError, measure_crop_scale
+        from .datasets import decode_image
+
+        if not isinstance(scale, str):
+            value = float(scale)
+            if not np.isfinite(value) or value <= 0:
+                raise WBCError(f"the red-cell diameter must be a positive number, got {scale!r}")
+            return CropScale(value, "given", len(paths))
+        if scale not in CROP_SCALES:
+            raise WBCError(
+                f"crop scale must be one of {', '.join(CROP_SCALES)} or a red-cell diameter "
+                f"in px, got {scale!r}"
+            )
+        if scale == "as-is" or (scale == "auto" and len(paths) < CROP_SCALE_MIN_CROPS):
+            return None
+        rng = np.random.default_rng(0)
+        pick = sorted(rng.choice(len(paths), size=min(24, len(paths)), replace=False))
+        try:
+            return measure_crop_scale([decode_image(paths[int(i)]) for i in pick])
+        except CropScaleError as exc:
+            if scale == "measure":
+                raise
+            logger.warning("%s; classifying the crops as they are", exc)
+            return None
+
     def iter_read_crop_files(
-        self, paths: Sequence[str], stain_source: str = "auto"
+        self,
+        paths: Sequence[str],
+        stain_source: str = "auto",
+        rbc_diameter_px: float | None = None,
     ) -> ProgressGen[np.ndarray]:
         """Decode crop files as training did and normalise their stains; (N, S, S, 3) uint8.
 
         Yields stage "read" events. ``stain_source`` is that of
-        :meth:`crop_normalizer`.
+        :meth:`crop_normalizer`. With ``rbc_diameter_px`` (from
+        :meth:`resolve_crop_scale`) every crop is first brought to the model's
+        field of view (:func:`napari_wbc.crop_scale.to_field_of_view`);
+        without it, crops are squared and resized as they are.
         """
-        from .datasets import CropCache
+        from .crop_scale import to_field_of_view
+        from .datasets import CropCache, decode_image
 
         paths = [str(p) for p in paths]
         cache = CropCache(self.cache_size)
-        normalizer = self.crop_normalizer(lambda i: cache.get(paths[i]), len(paths), stain_source)
+        if rbc_diameter_px is None:
+            read = cache.get
+        else:
+            memo: dict[str, np.ndarray] = {}
+
+            def read(path: str) -> np.ndarray:
+                if path not in memo:
+                    memo[path] = to_field_of_view(
+                        decode_image(path), rbc_diameter_px, self.fov_rbc, self.cache_size
+                    )
+                return memo[path]
+
+        normalizer = self.crop_normalizer(lambda i: read(paths[i]), len(paths), stain_source)
         crops = []
         step = max(1, len(paths) // 100)
         for i, path in enumerate(paths, 1):
-            crop = cache.get(path)
+            crop = read(path)
             crops.append(normalizer(crop) if normalizer is not None else crop)
             if i % step == 0 or i == len(paths):
                 yield Progress("read", i, len(paths), f"read {i}/{len(paths)} crops")

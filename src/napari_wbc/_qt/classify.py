@@ -214,6 +214,13 @@ class ClassifyWidget(DockPage):
         )
         self.device = ComboBox(label="device", choices=self._device_choices)
         self.stain = CheckBox(text="stain normalization", value=True)
+        self.adapt = CheckBox(
+            text="adapt to this image's cells",
+            value=False,
+            tooltip="re-estimate the model's normalization statistics on this image's cells, "
+            "without labels (AdaBN; needs 32 cells or more). Off by default: it helped on one "
+            "held-out lab and hurt on another (MODEL_CARD.md).",
+        )
         self.pixel_size = FloatSpinBox(
             label="µm per pixel",
             value=0.0,
@@ -232,7 +239,9 @@ class ClassifyWidget(DockPage):
         self.export_crops = PushButton(text="Crops…")
 
         self.add_form([self.image, self.model, self.model_file, self.source, self.cells_layer])
-        self.add_form([self.device, self.stain, self.pixel_size], title="Settings", expanded=False)
+        self.add_form(
+            [self.device, self.stain, self.adapt, self.pixel_size], title="Settings", expanded=False
+        )
         self.add_qt(Container(widgets=[self.run_button, self.cancel_button], layout="horizontal",
                               labels=False).native)  # fmt: skip
         self.add_form([self.progress])
@@ -368,6 +377,7 @@ class ClassifyWidget(DockPage):
             pixel_size_um=self.pixel_size.value or None,
             stain_normalize=self.stain.value,
             device=self.device.value,
+            adapt=self.adapt.value,
         )
         level0 = image_levels(layer)[0]
         show_labels = self.show_labels.value
