@@ -1,19 +1,18 @@
-"""Measure the figures of MODEL_CARD.md and docs/results.md for a model.
+"""Measure the figures of MODEL_CARD.md for the built-in model, through the product's own path.
 
-    python scripts/evaluate_default_model.py [--model M]
-        [--validation outputs/default/validation.csv] [--heldout outputs/default/heldout.csv]
-        [-o outputs/default/evaluation.json] [--per-class 200]
+    python scripts/evaluate_default_model.py [--model M] [-o outputs/default/evaluation.json]
 
-1. PBC validation split (seeded, stratified, never trained on): the ensemble
-   and each member, with and without D4 test-time augmentation, plus a
-   confusion-matrix PNG; then the PBC crops outside the training subset (a
-   seeded balanced sample of the classes that have some) as a second check.
-2. BCCD white cells (another lab): classification of the annotated cells
-   (crops cut at the model's field of view around each box centre) with and
-   without stain normalization (Macenko, Reinhard, none), at the dataset's
-   measured red-cell size.
-3. BCCD whole pipeline (detection + classification) with and without stain
-   normalization, with the scale given (dataset median) or measured per image.
+1. PBC validation split (20 % per class, seed 0, of PBC's 8-class table: the
+   split scripts/train_crosslab.py never trains on): the ensemble and each
+   member, with D4 and without test-time augmentation, crops as they are and
+   with the scale measured (what ``napari-wbc evaluate`` does by default),
+   plus a confusion-matrix PNG.
+2. LISC and BCCD: the built-in model was trained on every labelled cell of
+   both, so these are in-lab figures, listed only to show nothing is broken;
+   the transfer figures are the leave-one-lab-out ones (bench_crosslab.py).
+3. BCCD whole pipeline (detection + classification), scale measured.
+
+Nothing here is used to choose anything.
 """
 
 from __future__ import annotations
@@ -23,64 +22,32 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
-
-from napari_wbc.datasets import balanced_subset, load_labelled_crops
-from napari_wbc.images import read_smear
+from napari_wbc.datasets import load_lab_table, stratified_split
 from napari_wbc.inference import load_any
-from napari_wbc.metrics import classification_metrics, save_confusion_png
+from napari_wbc.metrics import save_confusion_png
 from napari_wbc.models.files import default_model_path, read_ensemble
-from napari_wbc.pipeline import ClassifyConfig, iter_classify_smear
+from napari_wbc.pipeline import ClassifyConfig
 from napari_wbc.prediction import evaluate
 from napari_wbc.progress import run
 from napari_wbc.settings import data_root
-from napari_wbc.smears import NO_CLASS_LABELS, iter_evaluate_smears, load_boxes
+from napari_wbc.smears import iter_evaluate_smears, load_boxes
 
-KEYS = ("n", "accuracy", "macro_f1", "balanced_accuracy")
+KEYS = ("n", "accuracy", "macro_f1", "balanced_accuracy", "crop_scale")
 
 
 def short(m: dict) -> dict:
     return {k: m[k] for k in KEYS if k in m}
 
 
-def bccd_scale(boxes) -> float:
-    """Median red-cell size measured on a sample of BCCD fields (px)."""
-    from napari_wbc.scale import estimate_rbc_diameter
-
-    sizes = []
-    for path in list(dict.fromkeys(boxes["path"]))[::12]:
-        try:
-            sizes.append(estimate_rbc_diameter(read_smear(path).levels[0]).rbc_diameter_px)
-        except Exception:
-            continue
-    return float(np.median(sizes))
-
-
-def bccd_cells(boxes, ensemble, rbc_px: float, method: str | None) -> dict:
-    labelled = boxes[~boxes["label"].str.lower().isin(NO_CLASS_LABELS)]
-    y_true, y_pred = [], []
-    for path, rows in labelled.groupby("path"):
-        centres = np.stack([rows.y + rows.h / 2, rows.x + rows.w / 2], axis=1)
-        image = read_smear(path).levels[0]
-        config = ClassifyConfig(
-            rbc_diameter_px=rbc_px,
-            stain_normalize=method is not None,
-            stain_method=method,
-            tta="d4",
-        )
-        cells = run(iter_classify_smear(image, ensemble, config, points=centres))
-        y_true += rows["label"].tolist()
-        y_pred += cells["class"].tolist()
-    return classification_metrics(y_true, y_pred, list(ensemble.classes))
+def pbc_validation(classes):
+    table = load_lab_table("pbc", classes=classes)
+    _, va = stratified_split(table["label"].tolist(), 0.2, seed=0)
+    return table.iloc[va][["path", "label"]].reset_index(drop=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=None)
-    parser.add_argument("--data", type=Path, default=data_root())
-    parser.add_argument("--validation", type=Path, default=Path("outputs/default/validation.csv"))
-    parser.add_argument("--heldout", type=Path, default=Path("outputs/default/heldout.csv"))
-    parser.add_argument("--per-class", type=int, default=200)
     parser.add_argument(
         "-o", "--output", type=Path, default=Path("outputs/default/evaluation.json")
     )
@@ -89,68 +56,41 @@ def main() -> None:
     )
     args = parser.parse_args()
     model = args.model or default_model_path()
+    ensemble = load_any(model)
     out: dict = {"model": str(model)}
 
-    # 1. PBC validation split, then the crops outside the training subset
-    validation = load_labelled_crops(args.validation)
-    out["pbc_validation_n"] = len(validation)
+    validation = pbc_validation(ensemble.classes)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    validation.to_csv(args.output.parent / "pbc-validation.csv", index=False)
     t = time.perf_counter()
-    # Same lab as training: the training set's stain statistics are the right
-    # source (re-fitting on other crops adds noise); "fit" is shown for comparison.
-    full = evaluate(model, validation, tta="d4", stain_source="training")
-    out["pbc_seconds_ensemble_d4"] = time.perf_counter() - t
+    full = evaluate(ensemble, validation, tta="d4", scale="as-is")
+    out["pbc_seconds_ensemble_d4"] = round(time.perf_counter() - t, 1)
     save_confusion_png(full, args.confusion)
     out["pbc"] = {
         "ensemble d4": full,
-        "ensemble none": short(evaluate(model, validation, tta="none", stain_source="training")),
-        "ensemble d4, stain re-fitted on these crops": short(
-            evaluate(model, validation, tta="d4", stain_source="fit")
-        ),
+        "ensemble none": short(evaluate(ensemble, validation, tta="none", scale="as-is")),
+        "ensemble d4, scale measured": short(evaluate(ensemble, validation, tta="d4")),
     }
-    config = read_ensemble(model) if model.suffix == ".json" else None
-    if config is not None:
-        for ref in config.members:
-            member = Path(ref.path)  # resolved by read_ensemble
+    print(json.dumps({k: short(v) for k, v in out["pbc"].items()}, indent=1), flush=True)
+    if model.suffix == ".json":
+        for ref in read_ensemble(model).members:
+            member = Path(ref.path)
             for tta in ("none", "d4"):
                 out["pbc"][f"{member.stem} {tta}"] = short(
-                    evaluate(member, validation, tta=tta, stain_source="training")
+                    evaluate(member, validation, tta=tta, scale="as-is")
                 )
-    if args.heldout.exists():
-        heldout = balanced_subset(
-            load_labelled_crops(args.heldout), per_class=args.per_class, seed=0
-        )
-        sample_csv = args.output.parent / "heldout-sample.csv"
-        sample_csv.parent.mkdir(parents=True, exist_ok=True)
-        heldout[["path", "label"]].to_csv(sample_csv, index=False)  # for `napari-wbc evaluate`
-        out["pbc_heldout"] = evaluate(model, heldout, tta="d4", stain_source="training")
-        print("held out:", short(out["pbc_heldout"]), flush=True)
-    print(json.dumps({k: short(v) for k, v in out["pbc"].items()}, indent=1), flush=True)
+                print(member.stem, tta, out["pbc"][f"{member.stem} {tta}"], flush=True)
 
-    # 2. + 3. BCCD
-    boxes = load_boxes(args.data / "bccd" / "wbc.csv")
-    ensemble = load_any(model)
-    rbc_px = bccd_scale(boxes)
-    out["bccd_rbc_diameter_px"] = rbc_px
-    out["bccd_cells"] = {
-        f"stain {method or 'off'}": bccd_cells(boxes, ensemble, rbc_px, method)
-        for method in ("macenko", "reinhard", None)
-    }
-    print(json.dumps({k: short(v) for k, v in out["bccd_cells"].items()}, indent=1), flush=True)
-    out["bccd_pipeline"] = {}
-    for stain in (True, False):
-        for scale in ("given", "measured"):
-            cfg = ClassifyConfig(
-                rbc_diameter_px=rbc_px if scale == "given" else None,
-                stain_normalize=stain,
-                tta="d4",
-            )
-            m = run(iter_evaluate_smears(boxes, ensemble, cfg))
-            out["bccd_pipeline"][f"stain {'on' if stain else 'off'}, scale {scale}"] = m
-            print(
-                f"stain {stain} scale {scale}: detection {m['detection']} classification {short(m)}",
-                flush=True,
-            )
-    args.output.parent.mkdir(parents=True, exist_ok=True)
+    # In-lab only: these labs were trained on.
+    out["in_lab"] = {}
+    for lab in ("lisc",):
+        table = load_lab_table(lab)
+        out["in_lab"][lab] = short(evaluate(ensemble, table, tta="d4"))
+        print(lab, out["in_lab"][lab], flush=True)
+    boxes = load_boxes(data_root() / "bccd" / "wbc.csv")
+    m = run(iter_evaluate_smears(boxes, ensemble, ClassifyConfig(tta="d4")))
+    out["in_lab"]["bccd pipeline, scale measured"] = {**short(m), "detection": m["detection"]}
+    print("bccd pipeline", out["in_lab"]["bccd pipeline, scale measured"], flush=True)
     args.output.write_text(json.dumps(out, indent=1, default=str))
     print(f"wrote {args.output}")
 

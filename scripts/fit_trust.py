@@ -1,17 +1,25 @@
 """Fit an ensemble's trust statistics on its own lab and store them in its file.
 
     python scripts/fit_trust.py [--model ENSEMBLE.json] [--per-class 60] [--tta d4]
+        [--split crosslab|pbc-subset]
 
 The statistics (napari_wbc.trust.TrustStats) judge each prediction at
 classify time: the temperature that calibrates the confidence, the class
 centres and spread of every member's penultimate features, and the feature
 distance above which a cell looks unlike the training cells (the 99th
-percentile on validation cells). They are fitted on PBC only, the lab the
-built-in model learned from: feature centres on a seeded sample of its
-training crops, temperature and threshold on a seeded sample of its
-validation split (the split of scripts/train_default_model.sh). No other
-lab's cell is read. Features and logits are averaged over the ensemble's own
-test-time augmentation set, as at classify time.
+percentile on validation cells). They are fitted on the cells the model
+learned from and on cells it kept out of training, as its training split them:
+
+* ``--split crosslab`` (the built-in model, scripts/train_crosslab.py
+  ``--holdout none --classes pbc``): feature centres on a seeded sample of
+  the training cells of all three labelled labs (PBC's training split, LISC,
+  BCCD), temperature and threshold on a seeded sample of PBC's validation
+  split (20 % per class, seed 0), the one split never trained on;
+* ``--split pbc-subset`` (the earlier PBC-only model,
+  scripts/train_default_model.sh): both on PBC, from that script's subset.
+
+Features and logits are averaged over the ensemble's own test-time
+augmentation set, as at classify time.
 
 The ensemble file is rewritten atomically with a ``trust`` entry; members,
 weights and descriptions are kept.
@@ -25,9 +33,16 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
-from napari_wbc.datasets import balanced_subset, load_labelled_crops, read_lab_crops
+from napari_wbc.datasets import (
+    balanced_subset,
+    load_lab_table,
+    load_labelled_crops,
+    read_lab_crops,
+    stratified_split,
+)
 from napari_wbc.features import member_outputs
 from napari_wbc.inference import load_any
 from napari_wbc.models.files import default_model_path, read_ensemble, save_ensemble
@@ -37,19 +52,31 @@ from napari_wbc.trust import fit_trust_stats
 
 
 def pbc_samples(per_class: int):
-    """Seeded training and validation samples of PBC, as the default model split it."""
+    """Seeded training and validation samples of PBC, as the earlier PBC-only model split it."""
     table = load_labelled_crops(data_root() / "pbc")
     used = balanced_subset(table, per_class=1000, seed=0)
     train, val = validation_split(used, TrainConfig(seed=0, val_fraction=0.2))
     train = balanced_subset(train, per_class=per_class, seed=1)
     val = balanced_subset(val, per_class=per_class, seed=2)
+    as_lab = {"lab": "pbc", "cy": np.nan, "cx": np.nan, "rbc_px": 75.0}
+    return train.assign(**as_lab), val.assign(**as_lab)
+
+
+def crosslab_samples(per_class: int, classes):
+    """Seeded samples as scripts/train_crosslab.py split the labs (all of them trained on)."""
+    pbc = load_lab_table("pbc", classes=classes)
+    tr, va = stratified_split(pbc["label"].tolist(), 0.2, seed=0)
+    parts = [balanced_subset(pbc.iloc[tr], per_class=per_class, seed=1)]
+    for lab in ("lisc", "bccd"):
+        parts.append(balanced_subset(load_lab_table(lab), per_class=per_class // 2, seed=1))
+    train = pd.concat(parts, ignore_index=True)
+    val = balanced_subset(pbc.iloc[va], per_class=per_class, seed=2)
     return train, val
 
 
 def model_crops(ens, rows) -> np.ndarray:
     """Crops at the model's field of view, stain-normalised as classify does for crops."""
-    table = rows.assign(lab="pbc", cy=np.nan, cx=np.nan, rbc_px=75.0)
-    crops = read_lab_crops(table, ens.fov_px, fov_rbc=ens.fov_rbc)
+    crops = read_lab_crops(rows, ens.fov_px, fov_rbc=ens.fov_rbc)
     normalizer = ens.preprocessor.crop_normalizer(lambda i: crops[i], len(crops), "auto")
     return crops if normalizer is None else np.stack([normalizer(c) for c in crops])
 
@@ -60,13 +87,17 @@ def main(argv=None) -> int:
     parser.add_argument("--per-class", type=int, default=60)
     parser.add_argument("--tta", default=None, help="default: the ensemble's own set")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--split", choices=["crosslab", "pbc-subset"], default="crosslab")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.time()
     ens = load_any(args.model)
     tta = args.tta or ens.tta
     index = {c: i for i, c in enumerate(ens.classes)}
-    train, val = pbc_samples(args.per_class)
+    if args.split == "crosslab":
+        train, val = crosslab_samples(args.per_class, ens.classes)
+    else:
+        train, val = pbc_samples(args.per_class)
     fit = member_outputs(ens, model_crops(ens, train), tta=tta)
     check = member_outputs(ens, model_crops(ens, val), tta=tta)
     stats = fit_trust_stats(
@@ -79,8 +110,9 @@ def main(argv=None) -> int:
         ens.weights,
     )
     stats.extra = {
-        "fitted_on": f"PBC: {len(train)} training and {len(val)} validation crops "
-        f"(seeds 1 and 2), TTA {tta}",
+        "fitted_on": f"{len(train)} training cells "
+        f"({', '.join(f'{k} {v}' for k, v in train['lab'].value_counts().items())}) and "
+        f"{len(val)} PBC validation crops (split {args.split}, seeds 1 and 2), TTA {tta}",
         "script": "scripts/fit_trust.py",
     }
     config = read_ensemble(args.model)

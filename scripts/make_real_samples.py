@@ -13,7 +13,9 @@ Writes into src/napari_wbc/resources/samples/:
 - ``pbc-gallery.jpg`` + ``pbc-gallery.csv``: three PBC cells per class
   (CC BY 4.0), the whole 360 px crops halved to 180 px (0.2 µm/px) and tiled
   6 × 4; drawn with a fixed seed from the built-in model's validation split
-  (seeded, stratified, never trained on; see MODEL_CARD.md).
+  (seeded, stratified, never trained on; see MODEL_CARD.md). The BCCD fields
+  are in the built-in model's training data (all of BCCD is): they show the
+  tool at work, not a transfer figure.
 - ``LICENSE-BCCD.txt`` and ``ATTRIBUTION-PBC.txt``.
 """
 
@@ -27,9 +29,9 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from napari_wbc.datasets import balanced_subset, load_labelled_crops
+from napari_wbc.datasets import load_lab_table, stratified_split
+from napari_wbc.models.registry import PBC_CLASSES
 from napari_wbc.settings import data_root
-from napari_wbc.training import TrainConfig, validation_split
 
 TARGET = Path(__file__).resolve().parents[1] / "src/napari_wbc/resources/samples"
 BCCD_TYPES = ("neutrophil", "eosinophil", "lymphocyte", "monocyte", "basophil", "neutrophil")
@@ -85,10 +87,11 @@ def build_bccd(data: Path) -> None:
 
 
 def build_gallery(data: Path) -> None:
-    # The validation split of the built-in model (scripts/train_default_model.sh).
-    table = load_labelled_crops(data / "pbc")
-    used = balanced_subset(table, per_class=1000, seed=0)
-    _, val = validation_split(used, TrainConfig(seed=0, val_fraction=0.2))
+    # The validation split of the built-in model (scripts/train_crosslab.py:
+    # 20 % of each class of PBC's 8-class table, seed 0; never trained on).
+    table = load_lab_table("pbc", root=data, classes=PBC_CLASSES)
+    _, va = stratified_split(table["label"].tolist(), 0.2, seed=0)
+    val = table.iloc[va]
     rng = np.random.default_rng(0)
     classes = sorted(val.label.unique())
     tiles, truth = [], []
