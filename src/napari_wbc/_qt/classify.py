@@ -213,7 +213,13 @@ class ClassifyWidget(DockPage):
             label="cells layer", choices=self._cells_choices, visible=False
         )
         self.device = ComboBox(label="device", choices=self._device_choices)
-        self.stain = CheckBox(text="stain normalization", value=True)
+        self.stain = CheckBox(
+            text="stain normalization",
+            value=True,
+            tooltip="map the image's stains onto the model's stain reference before classifying; "
+            "a model trained on many stains without one (the built-in model) takes the image "
+            "as it is",
+        )
         self.adapt = CheckBox(
             text="adapt to this image's cells",
             value=False,
