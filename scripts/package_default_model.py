@@ -36,7 +36,7 @@ def main() -> None:
     args = parser.parse_args()
 
     TARGET.mkdir(parents=True, exist_ok=True)
-    old = sorted(TARGET.glob("*.safetensors"))
+    old = sorted(TARGET.glob("wbc-lite-*.safetensors"))
     paths, metrics = [], {}
     for i, source in enumerate(args.members):
         model, config = load_model(source, cache=False)

@@ -165,6 +165,27 @@ def main(argv=None) -> int:
     p.add_argument("--epochs1", type=int, default=12)
     p.add_argument("--epochs2", type=int, default=6)
     p.add_argument("--steps", type=int, default=40, help="batches per stage-1 epoch")
+    p.add_argument(
+        "--clean-epochs",
+        type=int,
+        default=0,
+        help="after stage 1, fine-tune the whole network this many epochs with mild "
+        "augmentation only (lr --clean-lr, cosine)",
+    )
+    p.add_argument("--clean-lr", type=float, default=3e-4)
+    p.add_argument(
+        "--stage2-draw",
+        choices=["balanced", "instance"],
+        default="balanced",
+        help="stage-2 draws: lab- and class-balanced (the paper's class-aware sampling) or "
+        "every training cell once per epoch",
+    )
+    p.add_argument(
+        "--from-stage1",
+        type=Path,
+        help="start from this finished stage-1 checkpoint (stage1.pt of a run with the same "
+        "labs, classes, architecture and input) instead of training stage 1",
+    )
     p.add_argument("--batch", type=int, default=48)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=0)
@@ -243,6 +264,13 @@ def main(argv=None) -> int:
     total = args.epochs1 * args.steps
     ckpt = out / "stage1.pt"
     start, history = 0, []
+    if args.from_stage1 is not None:
+        state = torch.load(args.from_stage1, weights_only=False)
+        if state["epoch"] != args.epochs1:
+            raise SystemExit(
+                f"{args.from_stage1} holds {state['epoch']} epochs, not {args.epochs1}"
+            )
+        torch.save(state, ckpt)
     if ckpt.is_file():
         state = torch.load(ckpt, weights_only=False)
         model.load_state_dict(state["model"])
@@ -296,6 +324,31 @@ def main(argv=None) -> int:
             ckpt,
         )
 
+    # --- optional: a short whole-network fine-tune on mildly augmented crops.
+    if args.clean_epochs:
+        mild = DomainRandomization.mild()
+        opt = torch.optim.AdamW(model.parameters(), lr=args.clean_lr, weight_decay=5e-4)
+        total_clean = args.clean_epochs * args.steps
+        for epoch in range(args.clean_epochs):
+            model.train()
+            rng = np.random.default_rng([args.seed, 500 + epoch])
+            draws = balanced_draw(labs, labels, args.steps * args.batch, rng)
+            losses = []
+            for step in range(args.steps):
+                it = epoch * args.steps + step
+                for g in opt.param_groups:
+                    g["lr"] = args.clean_lr * 0.5 * (1 + math.cos(math.pi * it / total_clean))
+                idx = draws[step * args.batch : (step + 1) * args.batch]
+                x = (randomize_batch(crops[idx], rng, args.input, mild) - mean) / std
+                x = x.contiguous(memory_format=torch.channels_last)
+                loss = F.cross_entropy(model(x), torch.from_numpy(y[idx]), label_smoothing=0.1)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                losses.append(float(loss.detach()))
+            history.append({"clean_epoch": epoch + 1, "loss": float(np.mean(losses))})
+            log.info("clean fine-tune %s", history[-1])
+
     # --- stage 2: the classifier alone on features of the clean training crops.
     model.eval()
     feats = []
@@ -318,7 +371,11 @@ def main(argv=None) -> int:
     rng = np.random.default_rng([args.seed, 999])
     # class-aware (and lab-aware) draws, as many as there are training crops per epoch
     for epoch in range(args.epochs2):
-        draws = balanced_draw(labs, labels, len(y), rng)
+        draws = (
+            balanced_draw(labs, labels, len(y), rng)
+            if args.stage2_draw == "balanced"
+            else rng.permutation(len(y))
+        )
         for s in range(0, len(draws), 128):
             idx = draws[s : s + 128]
             loss = criterion(classify_features(model, feats[idx]), torch.from_numpy(y[idx]))

@@ -72,7 +72,9 @@ def test_wheel_contains_manifest_and_resources(wheel):
     assert "napari-wbc = napari_wbc.cli:main" in text
     models = {n for n in names if n.startswith("napari_wbc/resources/models/")}
     assert "napari_wbc/resources/models/wbc-lite.json" in models
-    assert sum(n.endswith(".safetensors") for n in models) == 3
+    assert "napari_wbc/resources/models/wbc-pbc.json" in models
+    # Three members each: the three-lab default and the PBC specialist.
+    assert sum(n.endswith(".safetensors") for n in models) == 6
     # The real samples travel with their licences, within 1 MB.
     for name in ("bccd-fields.jpg", "bccd-fields.csv", "LICENSE-BCCD.txt"):
         assert f"napari_wbc/resources/samples/{name}" in samples

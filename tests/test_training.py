@@ -295,3 +295,29 @@ def test_stain_source_choices(trained, discs):
     assert auto["accuracy"] == same["accuracy"] >= 0.8
     with pytest.raises(WBCError, match="stain_source"):
         evaluate(path, pale, stain_source="guess")
+
+
+def test_fine_tuning_a_model_trained_without_stain_normalization_keeps_it_so(discs, tmp_path):
+    # The built-in model learned under randomized stains and takes colours as
+    # they are; a model fine-tuned from it must not start normalising them.
+    import torch
+
+    from napari_wbc.models.build import build_model
+    from napari_wbc.models.files import ModelConfig, read_model_config, save_model
+    from napari_wbc.models.registry import get_spec
+
+    torch.manual_seed(0)
+    spec = get_spec("tiny-resnet")
+    model, _ = build_model(spec, pretrained=False)
+    base = save_model(tmp_path / "base.safetensors", model, ModelConfig(spec=spec, stain=None))
+    out = train(
+        discs,
+        tiny_config(base_model=str(base), epochs_stage1=1, epochs_stage2=1),
+        tmp_path / "tuned.safetensors",
+    )
+    assert read_model_config(out).stain is None
+    # From a base that normalises, the fine-tuned model normalises too.
+    with_stain = train(
+        discs, tiny_config(epochs_stage1=1, epochs_stage2=1), tmp_path / "s.safetensors"
+    )
+    assert read_model_config(with_stain).stain is not None

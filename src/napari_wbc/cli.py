@@ -99,10 +99,10 @@ def cmd_reference(args) -> int:
 
 def cmd_classify(args) -> int:
     from .images import list_image_files
-    from .models.files import default_model_path
+    from .models.files import resolve_model
     from .smears import iter_classify_files
 
-    model = args.model or default_model_path()
+    model = resolve_model(args.model)
     formats = [f.strip().lower() for f in args.format.split(",") if f.strip()]
     bad = sorted(set(formats) - {"csv", "geojson"})
     if bad:
@@ -267,7 +267,13 @@ def build_parser() -> argparse.ArgumentParser:
         "summary.csv with the differential counts.",
     )
     p.add_argument("inputs", nargs="+", type=Path, help="images or folders of images")
-    p.add_argument("--model", type=Path, help="model or ensemble; default: the built-in one")
+    p.add_argument(
+        "--model",
+        type=Path,
+        help="model (.safetensors), ensemble (.json), or a built-in one: wbc-lite (the "
+        "default, trained on three labs) or wbc-pbc (the PBC specialist, for images like "
+        "CellaVision's)",
+    )
     p.add_argument("-o", "--output", type=Path, default=Path("wbc-results"), help="output folder")
     p.add_argument("--format", default="csv,geojson", help="comma-separated: csv, geojson")
     add_smear_options(p)

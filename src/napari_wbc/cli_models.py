@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import DataError, WBCError
-from .models.files import default_model_path
+from .models.files import resolve_model
 from .progress import Progress, TerminalBar, run
 
 __all__ = [
@@ -165,7 +165,13 @@ def _add_crop_model_options(p) -> None:
     """Options shared by the commands that classify crops (evaluate, predict)."""
     from .preprocess import CROP_SCALE_MIN_CROPS, CROP_SCALES, STAIN_MIN_CROPS, STAIN_SOURCES
 
-    p.add_argument("--model", type=Path, help="model (.safetensors) or ensemble (.json)")
+    p.add_argument(
+        "--model",
+        type=Path,
+        help="model (.safetensors), ensemble (.json), or a built-in one: wbc-lite (the "
+        "default, trained on three labs) or wbc-pbc (the PBC specialist, for images like "
+        "CellaVision's)",
+    )
     add_tta_option(p)
     add_threads_option(p)
     p.add_argument("--batch-size", type=int, default=64)
@@ -285,7 +291,7 @@ def cmd_evaluate(args) -> int:
     from .prediction import iter_evaluate
     from .smears import is_box_table
 
-    model = args.model or default_model_path()
+    model = resolve_model(args.model)
     if args.data.suffix.lower() == ".csv" and is_box_table(args.data):
         return _evaluate_smears(args, model)
     metrics = drive(
@@ -375,7 +381,7 @@ def _evaluate_smears(args, model) -> int:
 def cmd_predict(args) -> int:
     from .prediction import iter_predict_crop_files, list_crop_files
 
-    model = args.model or default_model_path()
+    model = resolve_model(args.model)
     if args.save_adapted is not None:
         if not args.adapt:
             raise DataError("--save-adapted needs --adapt")

@@ -486,6 +486,14 @@ class _Trainer:
             return preprocessor.stain_training_source
         if not self.config.stain_normalize:
             return None
+        if self.init_config is not None and self.init_config.stain is None:
+            # The base model was trained on colours as they are (the built-in
+            # model learned under randomized stains): fine-tune it the same way.
+            logger.info(
+                "base model %s takes colours as they are; no stain normalization",
+                self.init_config.name,
+            )
+            return None
         if self.state is not None and self.state.get("stain_source"):
             source = StainReference.from_dict(self.state["stain_source"])
         else:

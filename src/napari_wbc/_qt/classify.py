@@ -40,6 +40,7 @@ SOURCE_DETECT = "detect automatically"
 SOURCE_POINTS = "points layer"
 SOURCE_LABELS = "labels layer"
 MODEL_DEFAULT = "default ensemble"
+MODEL_PBC = "PBC specialist (CellaVision-like images)"
 MODEL_FILE = "model file…"
 
 #: Cells flagged for review are drawn as squares: a shape, which no class colour
@@ -202,7 +203,14 @@ class ClassifyWidget(DockPage):
         warm_up_models()  # torch loads while the user picks the settings
         self.viewer = napari_viewer
         self.image = ComboBox(label="image", choices=self._image_choices)
-        self.model = ComboBox(label="model", choices=self._model_choices)
+        self.model = ComboBox(
+            label="model",
+            choices=self._model_choices,
+            tooltip="default ensemble: trained on three labs' cells with randomized stains and "
+            "optics, for smears from any lab. PBC specialist: trained on one lab's "
+            "CellaVision images, best on images like those and near chance elsewhere. "
+            "See MODEL_CARD.md.",
+        )
         self.model_file = FileEdit(
             label="model file", filter="*.safetensors *.json", visible=False
         )
@@ -246,7 +254,9 @@ class ClassifyWidget(DockPage):
 
         self.add_form([self.image, self.model, self.model_file, self.source, self.cells_layer])
         self.add_form(
-            [self.device, self.stain, self.adapt, self.pixel_size], title="Settings", expanded=False
+            [self.device, self.stain, self.adapt, self.pixel_size],
+            title="Settings",
+            expanded=False,
         )
         self.add_qt(Container(widgets=[self.run_button, self.cancel_button], layout="horizontal",
                               labels=False).native)  # fmt: skip
@@ -299,7 +309,7 @@ class ClassifyWidget(DockPage):
         ]
 
     def _model_choices(self, _w=None):
-        return [MODEL_DEFAULT, *[str(p) for p in SESSION_MODELS], MODEL_FILE]
+        return [MODEL_DEFAULT, MODEL_PBC, *[str(p) for p in SESSION_MODELS], MODEL_FILE]
 
     @staticmethod
     def _device_choices(_w=None):
@@ -339,6 +349,10 @@ class ClassifyWidget(DockPage):
             from ..models.files import default_model_path
 
             return str(default_model_path())
+        if choice == MODEL_PBC:
+            from ..models.files import builtin_model_path
+
+            return str(builtin_model_path("wbc-pbc"))
         if choice == MODEL_FILE:
             path = Path(self.model_file.value)
             if not path.is_file():

@@ -741,6 +741,45 @@ def read_ensemble(path: str | os.PathLike) -> EnsembleConfig:
 
 #: Where the shipped default ensemble lives inside the package.
 DEFAULT_MODEL_RESOURCE = "resources/models/wbc-lite.json"
+#: The ensembles shipped inside the package, by the name ``--model`` accepts:
+#: ``wbc-lite``, the default, trained on three labs for other labs' images
+#: (MODEL_CARD.md); ``wbc-pbc``, the PBC specialist, best on images like the
+#: PBC data set's (CellaVision, Barcelona) and near chance elsewhere
+#: (docs/model-card-pbc-only.md).
+BUILTIN_MODELS: dict[str, str] = {
+    "wbc-lite": DEFAULT_MODEL_RESOURCE,
+    "wbc-pbc": "resources/models/wbc-pbc.json",
+}
+
+
+def builtin_model_path(name: str) -> Path:
+    """The file of a built-in ensemble (:data:`BUILTIN_MODELS`).
+
+    Raises
+    ------
+    ModelFileError
+        For an unknown name, or when this installation does not ship it.
+    """
+    from importlib import resources
+
+    if name not in BUILTIN_MODELS:
+        raise ModelFileError(
+            f"no built-in model {name!r}; the built-in ones are {', '.join(BUILTIN_MODELS)}"
+        )
+    path = Path(str(resources.files("napari_wbc").joinpath(BUILTIN_MODELS[name])))
+    if not path.is_file():
+        raise ModelFileError(f"this napari-wbc installation does not ship {name}")
+    return path
+
+
+def resolve_model(model: str | os.PathLike | None) -> Path:
+    """A model argument as a file: None is the default, a built-in name its file, else the path."""
+    if model is None:
+        return default_model_path()
+    path = Path(model)
+    if not path.exists() and str(model) in BUILTIN_MODELS:
+        return builtin_model_path(str(model))
+    return path
 
 
 def default_model_path() -> Path:
