@@ -30,6 +30,8 @@ import numpy as np
 import torch
 
 from napari_wbc.errors import WBCError
+from napari_wbc.settings import ADAPT_MAX_CELLS as MAX_CELLS
+from napari_wbc.settings import ADAPT_MIN_CELLS as MIN_CELLS
 
 log = logging.getLogger(__name__)
 
@@ -42,17 +44,6 @@ __all__ = [
     "save_adapted_ensemble",
     "save_adapted_model",
 ]
-
-#: Fewest cells accepted for adaptation. Batch-norm statistics of a few cells
-#: describe those cells, not the lab: adapted on 8 or 16 random cells of a
-#: held-out lab, the fold models' macro-F1 on that lab scattered over 0.35-0.64
-#: (BCCD) and 0.60-0.69 (LISC); the worst of 5 samples was 0.35 and 0.60 at 8
-#: cells, 0.49 and 0.63 at 32, 0.52 and 0.67 at 256 (benchmarks/bench_adapt_cells.py,
-#: docs/crosslab/adapt-cells.md). 32 is where the worst case stops falling apart.
-MIN_CELLS = 32
-#: Most cells the statistics are estimated on (a seeded sample of larger
-#: sets): more adds time, not accuracy.
-MAX_CELLS = 2048
 
 
 class AdaptationError(WBCError, ValueError):

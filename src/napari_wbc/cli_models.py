@@ -108,7 +108,7 @@ def add_scale_options(p) -> None:
 
 def add_adapt_option(p) -> None:
     """``--adapt``: label-free adaptation (AdaBN) to the cells at hand."""
-    from .adapt import MIN_CELLS
+    from .settings import ADAPT_MIN_CELLS as MIN_CELLS
 
     p.add_argument(
         "--adapt",

@@ -12,3 +12,17 @@ DATA_ENV = "NAPARI_WBC_DATA"
 def data_root() -> Path:
     """Folder of real smear data (``$NAPARI_WBC_DATA``, default ``../shared/data``)."""
     return Path(os.environ.get(DATA_ENV, "../shared/data")).expanduser()
+
+
+# -- label-free adaptation (napari_wbc.adapt; kept here so the CLI needs no torch)
+
+#: Fewest cells accepted for adaptation. Batch-norm statistics of a few cells
+#: describe those cells, not the lab: adapted on 8 or 16 random cells of a
+#: held-out lab, the fold models' macro-F1 on that lab scattered over 0.35-0.64
+#: (BCCD) and 0.60-0.69 (LISC); the worst of 5 samples was 0.35 and 0.60 at 8
+#: cells, 0.49 and 0.63 at 32, 0.52 and 0.67 at 256 (benchmarks/bench_adapt_cells.py,
+#: docs/crosslab/adapt-cells.md). 32 is where the worst case stops falling apart.
+ADAPT_MIN_CELLS = 32
+#: Most cells the statistics are estimated on (a seeded sample of larger
+#: sets): more adds time, not accuracy.
+ADAPT_MAX_CELLS = 2048
