@@ -13,10 +13,11 @@ from napari_wbc.samples import load_sample, sample_names, write_sample
 #: Agreement of the built-in model with the truth (no TTA, stain normalization
 #: as the model was trained), recorded in docs/results.md; floors the current
 #: model meets, to be raised by a better one.
-#: Measured 2026-11-30: gallery 24/24, BCCD 2/6 (0/6 before the smear
-#: normalization of issue #11 mapped each field onto the reference first).
-GALLERY_FLOOR = 23 / 24
-BCCD_FLOOR = 1 / 6
+#: Measured 2026-11-30 with the three-lab wbc-lite: gallery 22/24 (PBC
+#: validation cells; the PBC-only model got 24/24), BCCD 6/6 (all of BCCD is
+#: in its training data, so this checks the files, not transfer).
+GALLERY_FLOOR = 21 / 24
+BCCD_FLOOR = 5 / 6
 
 
 def test_samples_are_listed_with_their_licences():
