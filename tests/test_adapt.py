@@ -158,9 +158,7 @@ def test_smear_adaptation_changes_the_answers_and_needs_enough_cells(tiny_model_
     plain = run(iter_classify_smear(smear, ensemble, ClassifyConfig(**config), points=points))
     events = []
     adapted = run(
-        iter_classify_smear(
-            smear, ensemble, ClassifyConfig(**config, adapt=True), points=points
-        ),
+        iter_classify_smear(smear, ensemble, ClassifyConfig(**config, adapt=True), points=points),
         events.append,
     )
     assert plain.attrs["adapted_cells"] == 0

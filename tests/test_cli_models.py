@@ -212,7 +212,9 @@ def test_predict_missing_input(model_path, tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
-def test_predict_adapt_saves_a_new_model_and_keeps_the_base(model_path, disc_dir, tmp_path, capsys):
+def test_predict_adapt_saves_a_new_model_and_keeps_the_base(
+    model_path, disc_dir, tmp_path, capsys
+):
     import hashlib
 
     digest = hashlib.sha256(model_path.read_bytes()).hexdigest()
