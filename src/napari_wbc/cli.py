@@ -19,6 +19,7 @@ from . import __version__
 from .cli_models import (
     add_adapt_option,
     add_model_commands,
+    add_model_option,
     add_smear_options,
     add_threads_option,
     add_tta_option,
@@ -267,13 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
         "summary.csv with the differential counts.",
     )
     p.add_argument("inputs", nargs="+", type=Path, help="images or folders of images")
-    p.add_argument(
-        "--model",
-        type=Path,
-        help="model (.safetensors), ensemble (.json), or a built-in one: wbc-lite (the "
-        "default, trained on three labs) or wbc-pbc (the PBC specialist, for images like "
-        "CellaVision's)",
-    )
+    add_model_option(p)
     p.add_argument("-o", "--output", type=Path, default=Path("wbc-results"), help="output folder")
     p.add_argument("--format", default="csv,geojson", help="comma-separated: csv, geojson")
     add_smear_options(p)

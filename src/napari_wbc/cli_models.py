@@ -145,6 +145,17 @@ def add_smear_options(p, scope: str = "") -> None:
     )
 
 
+def add_model_option(p) -> None:
+    """``--model``: a model or ensemble file, or the name of a built-in one."""
+    p.add_argument(
+        "--model",
+        type=Path,
+        help="model (.safetensors), ensemble (.json), or a built-in one: wbc-lite (the "
+        "default, trained on three labs) or wbc-pbc (the PBC specialist, for images like "
+        "CellaVision's)",
+    )
+
+
 def add_tta_option(p) -> None:
     """The ``--tta`` option (default: the model's own set)."""
     from .models.files import TTA_NAMES
@@ -165,13 +176,7 @@ def _add_crop_model_options(p) -> None:
     """Options shared by the commands that classify crops (evaluate, predict)."""
     from .preprocess import CROP_SCALE_MIN_CROPS, CROP_SCALES, STAIN_MIN_CROPS, STAIN_SOURCES
 
-    p.add_argument(
-        "--model",
-        type=Path,
-        help="model (.safetensors), ensemble (.json), or a built-in one: wbc-lite (the "
-        "default, trained on three labs) or wbc-pbc (the PBC specialist, for images like "
-        "CellaVision's)",
-    )
+    add_model_option(p)
     add_tta_option(p)
     add_threads_option(p)
     p.add_argument("--batch-size", type=int, default=64)

@@ -752,6 +752,13 @@ BUILTIN_MODELS: dict[str, str] = {
 }
 
 
+def _package_file(resource: str) -> Path:
+    """A file shipped inside the napari_wbc package (it may be missing)."""
+    from importlib import resources
+
+    return Path(str(resources.files("napari_wbc").joinpath(resource)))
+
+
 def builtin_model_path(name: str) -> Path:
     """The file of a built-in ensemble (:data:`BUILTIN_MODELS`).
 
@@ -760,13 +767,11 @@ def builtin_model_path(name: str) -> Path:
     ModelFileError
         For an unknown name, or when this installation does not ship it.
     """
-    from importlib import resources
-
     if name not in BUILTIN_MODELS:
         raise ModelFileError(
             f"no built-in model {name!r}; the built-in ones are {', '.join(BUILTIN_MODELS)}"
         )
-    path = Path(str(resources.files("napari_wbc").joinpath(BUILTIN_MODELS[name])))
+    path = _package_file(BUILTIN_MODELS[name])
     if not path.is_file():
         raise ModelFileError(f"this napari-wbc installation does not ship {name}")
     return path
@@ -790,9 +795,7 @@ def default_model_path() -> Path:
     ModelFileError
         When this installation holds no default model.
     """
-    from importlib import resources
-
-    path = Path(str(resources.files("napari_wbc").joinpath(DEFAULT_MODEL_RESOURCE)))
+    path = _package_file(DEFAULT_MODEL_RESOURCE)
     if not path.is_file():
         raise ModelFileError(
             "no default model is installed in this napari-wbc; pass a model file "
