@@ -40,7 +40,7 @@ def click_row(table, name: str) -> None:
 
 
 def _wait(qtbot, w, timeout=120_000):
-    qtbot.waitUntil(lambda: not w.runner.running, timeout=timeout)
+    qtbot.waitUntil(lambda: not w.busy, timeout=timeout)  # run and result shown
 
 
 def test_classify_sample_gives_points_features_and_counts(widget, qtbot):
@@ -255,3 +255,34 @@ def test_the_pbc_specialist_is_offered(widget):
     assert MODEL_PBC in widget.model.choices
     widget.model.value = MODEL_PBC
     assert widget._model_path().endswith("wbc-pbc.json")
+
+
+def test_a_new_result_layer_is_shown_step_by_step_as_the_labels_switch_says(widget, qtbot):
+    # Added hidden, then shown, then its text (issue #17: each first draw on
+    # a turn of its own); the labels follow the switch as it is when shown.
+    widget.show_labels.value = False
+    widget.run()
+    _wait(qtbot, widget)
+    layer = widget.result_layer
+    assert layer.visible
+    assert not layer.text.visible
+    widget.show_labels.value = True
+    assert layer.text.visible
+
+
+def test_prewarm_draws_off_the_layer_list_and_leaves_the_scene_as_it_was(
+    make_napari_viewer, qtbot, monkeypatch
+):
+    from napari_wbc._qt import _common
+    from napari_wbc._qt.classify import _PREWARM_STYLE
+
+    monkeypatch.setattr(_common, "_PREWARMED", [])
+    viewer = make_napari_viewer()
+    viewer.open_sample("napari-wbc", "smear")
+    canvas = viewer.window._qt_viewer.canvas
+    before = list(canvas.view.scene.children)
+    _common.prewarm_points_drawing(viewer, **_PREWARM_STYLE)
+    qtbot.wait(50)  # the draw step runs on the next turn of the event loop
+    assert _common._PREWARMED  # it ran (once per session)
+    assert [layer.name for layer in viewer.layers] == ["synthetic smear"]
+    assert list(canvas.view.scene.children) == before

@@ -40,7 +40,7 @@ SESSION = textwrap.dedent(
     widget.model_file.value = sys.argv[1]
     widget.run_button.native.click()
     deadline = time.monotonic() + 240
-    while widget.runner.running and time.monotonic() < deadline:
+    while widget.busy and time.monotonic() < deadline:
         app.processEvents()
         time.sleep(0.02)
     for _ in range(10):

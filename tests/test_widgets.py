@@ -19,7 +19,7 @@ def viewer_with_sample(make_napari_viewer):
 
 
 def _wait(qtbot, widget, timeout=60_000):
-    qtbot.waitUntil(lambda: not widget.runner.running, timeout=timeout)
+    qtbot.waitUntil(lambda: not getattr(widget, "busy", widget.runner.running), timeout=timeout)
 
 
 def test_plugin_widget_and_sample_are_listed(make_napari_viewer):

@@ -13,7 +13,7 @@ from napari.layers import Image
 from napari.qt.threading import GeneratorWorker, create_worker
 from napari.utils import progress as napari_progress
 from napari.utils.notifications import show_error, show_info
-from qtpy.QtCore import Qt
+from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import QComboBox, QFrame, QScrollArea, QSizePolicy, QVBoxLayout, QWidget
 from superqt import QCollapsible
 
@@ -103,22 +103,85 @@ def warm_up_models() -> None:
         return
 
     def load():
+        import gc
+
+        # The import makes a million long-lived objects (torch, timm): the
+        # collector's full scans while they pile up paused napari's main
+        # thread for 0.1-0.4 s, several times. None of them is garbage worth
+        # scanning for, so the collector waits, and after the import they are
+        # moved out of its way for good (gc.freeze): a later full collection
+        # no longer scans them either.
+        collecting = gc.isenabled()
+        gc.disable()
         try:
             import napari_wbc.inference  # noqa: F401
         except Exception:  # reported properly when Run imports it again
             log.debug("warm-up import failed", exc_info=True)
             return
+        finally:
+            gc.freeze()
+            if collecting:
+                gc.enable()
         _LOADED.set()
-        import gc
-
-        # torch, timm and napari leave a million long-lived objects; moved out
-        # of the collector's way, a full collection no longer scans them all
-        # (each one paused napari's main thread for 0.2-0.4 s).
-        gc.freeze()
 
     thread = threading.Thread(target=load, name="napari-wbc warm-up", daemon=True)
     _WARMING.append(thread)
     thread.start()
+
+
+_PREWARMED = []
+
+
+def prewarm_points_drawing(viewer, **points_kwargs) -> None:
+    """Draw a throwaway Points layer once, off screen, so the first result draws fast.
+
+    napari's first Points layer in a session costs its layer classes' set-up
+    and the compilation of its shaders (about 0.25 s on software OpenGL),
+    paid on the main thread when a run's result appears. Paid here instead,
+    when the widget is idle, in two short steps (make, then draw), with a
+    layer that never enters the layer list: its visual joins the scene for
+    one draw and is closed. Best effort: it relies on napari's private
+    canvas, and anything unexpected only skips it.
+    """
+    if _PREWARMED:
+        return
+    _PREWARMED.append(True)
+    try:
+        import warnings
+
+        import numpy as np
+        from napari._vispy.utils.visual import create_vispy_layer
+        from napari.layers import Points
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # napari warns that _qt_viewer is private
+            canvas = viewer.window._qt_viewer.canvas
+        layer = Points(np.zeros((1, 2)), opacity=0.0, **points_kwargs)
+        visual = create_vispy_layer(layer, font_info=canvas.font_info())
+        visual.node.parent = canvas.view.scene
+    except Exception:  # a cost avoided, never a feature: skip it on any surprise
+        log.debug("Points pre-warm skipped", exc_info=True)
+        return
+
+    def draw():
+        try:
+            canvas.native.repaint()
+        except Exception:
+            log.debug("Points pre-warm draw skipped", exc_info=True)
+        finally:
+            visual.node.parent = None
+            visual.close()
+            canvas.native.update()
+
+    QTimer.singleShot(0, draw)
+
+
+def when_models_loaded(callback: Callable[[], None], poll_ms: int = 250) -> None:
+    """Call ``callback`` on the main thread once :func:`warm_up_models` has finished."""
+    if models_loaded():
+        QTimer.singleShot(0, callback)
+    else:
+        QTimer.singleShot(poll_ms, lambda: when_models_loaded(callback, poll_ms))
 
 
 def same_layer(a, b) -> bool:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import string
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -18,6 +20,7 @@ from magicgui.widgets import (
 )
 from napari.layers import Labels, Points
 from napari.utils.notifications import show_info, show_warning
+from qtpy.QtCore import QTimer
 from qtpy.QtGui import QColor
 from qtpy.QtWidgets import QAbstractItemView, QHeaderView, QTableWidget, QTableWidgetItem
 
@@ -27,9 +30,11 @@ from ._common import (
     WorkerRunner,
     image_levels,
     models_loaded,
+    prewarm_points_drawing,
     rgb_image_layers,
     same_layer,
     warm_up_models,
+    when_models_loaded,
     wrapping_label,
 )
 
@@ -51,6 +56,22 @@ SYMBOL_REVIEW = "square"
 RING_SCALE = 1.35
 #: Ring line width, relative to the marker size.
 RING_WIDTH = 0.08
+
+#: The result layer's look, drawn once when the widget opens (pre-warm).
+_PREWARM_STYLE = dict(
+    face_color="transparent",
+    border_width=RING_WIDTH,
+    border_width_is_relative=True,
+    symbol=SYMBOL_CELL,
+    # Every glyph a class name may use: drawn once, they sit in the font atlas
+    # napari's text shares, and are not rendered again when the result shows.
+    text={
+        "string": string.ascii_letters + string.digits + " _-()",
+        "size": 8,
+        "color": "white",
+        "anchor": "upper_left",
+    },
+)
 
 #: Models saved by the training widget during this session, offered at once.
 SESSION_MODELS: list[Path] = []
@@ -202,6 +223,10 @@ class ClassifyWidget(DockPage):
         super().__init__()
         warm_up_models()  # torch loads while the user picks the settings
         self.viewer = napari_viewer
+        # The first result layer's set-up and shader compilation, paid now
+        # instead of when the first run ends (issue #17, docs/benchmarks.md).
+        # Once torch has loaded, so the two do not compete for the interpreter.
+        when_models_loaded(lambda: prewarm_points_drawing(napari_viewer, **_PREWARM_STYLE))
         self.image = ComboBox(label="image", choices=self._image_choices)
         self.model = ComboBox(
             label="model",
@@ -276,6 +301,7 @@ class ClassifyWidget(DockPage):
 
         self.runner = WorkerRunner(self, description="cell classification")
         self.result_layer: Points | None = None
+        self._revealing = False  # a new result layer is being shown, step by step
         self._live: list[pd.DataFrame] = []
         self._step: dict[str, int] = {}
 
@@ -436,6 +462,23 @@ class ClassifyWidget(DockPage):
         """Stop the run at its next block; no partial layer or count is left."""
         self.runner.cancel()
 
+    @property
+    def busy(self) -> bool:
+        """Whether a run is going on or its result is still being shown."""
+        return self.runner.running or self._revealing
+
+    def _reveal(self, layer) -> None:
+        """Show a result layer added hidden, then its text on a later turn of the event loop."""
+        try:
+            if not layer.visible:
+                layer.visible = True
+                QTimer.singleShot(0, partial(self._reveal, layer))
+                return
+            layer.text.visible = bool(self.show_labels.value)
+        except RuntimeError:  # its Qt side is gone (the user removed it): nothing to show
+            pass
+        self._revealing = False
+
     def _clear_counts(self) -> None:
         self._live = []
         self.counts.setRowCount(0)
@@ -460,7 +503,15 @@ class ClassifyWidget(DockPage):
             _refill_points(existing, data, kwargs)
             self.result_layer = existing
         else:
-            self.result_layer = self.viewer.add_points(data, name=name, **kwargs)
+            # Added hidden, shown on the next turn of the event loop: adding a
+            # layer and drawing it are then two short pauses of napari's main
+            # thread instead of one long one (issue #17).
+            # Its markers and its text are each drawn for the first time on a
+            # turn of their own, too.
+            kwargs = {**kwargs, "text": {**kwargs["text"], "visible": False}}
+            self.result_layer = self.viewer.add_points(data, name=name, visible=False, **kwargs)
+            self._revealing = True
+            QTimer.singleShot(0, partial(self._reveal, self.result_layer))
         events = self.result_layer.selected_data.events.items_changed
         events.disconnect(self._on_point_selected)  # no-op unless connected already
         events.connect(self._on_point_selected)
