@@ -257,6 +257,23 @@ def test_the_pbc_specialist_is_offered(widget):
     assert widget._model_path().endswith("wbc-pbc.json")
 
 
+def test_the_automatic_choice_is_the_default_and_says_which_model_it_took(
+    make_napari_viewer, qtbot
+):
+    from napari_wbc._qt.classify import MODEL_AUTO
+
+    viewer = make_napari_viewer()
+    viewer.open_sample("napari-wbc", "smear")
+    _dock, w = viewer.window.add_plugin_dock_widget("napari-wbc", "Classify white cells")
+    assert w.model.value == MODEL_AUTO == w.model.choices[0]
+    assert w._model_path() == "auto"
+    w.run()
+    _wait(qtbot, w, timeout=240_000)
+    # The sample is painted from PBC cells: the specialist classifies it.
+    assert "model wbc-pbc" in w.status.value
+    assert w.result_layer.metadata["model"] == "wbc-pbc"
+
+
 def test_a_new_result_layer_is_shown_step_by_step_as_the_labels_switch_says(widget, qtbot):
     # Added hidden, then shown, then its text (issue #17: each first draw on
     # a turn of its own); the labels follow the switch as it is when shown.

@@ -176,9 +176,15 @@ def test_evaluate_prints_a_table(model_path, disc_dir, capsys):
 def test_evaluate_without_a_model_says_what_to_do(disc_dir, capsys, monkeypatch):
     import napari_wbc.models.files as files
 
+    missing = {name: "resources/models/missing.json" for name in files.BUILTIN_MODELS}
+    monkeypatch.setattr(files, "BUILTIN_MODELS", missing)
     monkeypatch.setattr(files, "DEFAULT_MODEL_RESOURCE", "resources/models/missing.json")
+    # The default (--model auto) needs both built-in models.
     assert cli(["evaluate", str(disc_dir), "--json"]) == 2
-    assert "no default model is installed" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "needs the built-in models" in err and "pass a model file" in err
+    assert cli(["evaluate", str(disc_dir), "--json", "--model", "wbc-lite"]) == 2
+    assert "does not ship wbc-lite" in capsys.readouterr().err
 
 
 def test_predict_writes_a_table(model_path, disc_dir, tmp_path, capsys):

@@ -76,10 +76,10 @@ def smear_setup(args, model, **options):
     Uses ``args.device``, ``args.pixel_size``, ``args.stain_normalization``
     and ``args.tta``; ``options`` are further :class:`ClassifyConfig` fields.
     """
-    from .inference import load_any
     from .pipeline import ClassifyConfig
+    from .routing import load_model
 
-    ensemble = load_any(model, device="cpu" if args.device == "auto" else args.device)
+    ensemble = load_model(model, device="cpu" if args.device == "auto" else args.device)
     config = ClassifyConfig(
         pixel_size_um=args.pixel_size,
         rbc_diameter_px=args.rbc_diameter_px,
@@ -150,9 +150,11 @@ def add_model_option(p) -> None:
     p.add_argument(
         "--model",
         type=Path,
-        help="model (.safetensors), ensemble (.json), or a built-in one: wbc-lite (the "
-        "default, trained on three labs) or wbc-pbc (the PBC specialist, for images like "
-        "CellaVision's)",
+        default=Path("auto"),
+        help="model (.safetensors), ensemble (.json), or a built-in one: auto (the default: "
+        "per image or crop set, the PBC specialist when its cells look like its training "
+        "cells, else wbc-lite), wbc-lite (trained on three labs, for any lab) or wbc-pbc "
+        "(the PBC specialist, for images like CellaVision's)",
     )
 
 
@@ -326,6 +328,8 @@ def cmd_evaluate(args) -> int:
         if found is None
         else f"crop scale: red cell {found['rbc_diameter_px']:.1f} px ({found['method']})"
     )
+    if metrics.get("route"):
+        print(f"model chosen: {_route_note(metrics['route'])}")
     if metrics.get("adapted"):
         print(f"adapted (AdaBN) to {metrics['adapted']} crops")
     print(f"{'class':<16}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>10}")
@@ -340,6 +344,13 @@ def cmd_evaluate(args) -> int:
             f"{', '.join(metrics['absent_classes'])}"
         )
     return 0
+
+
+def _route_note(route: dict) -> str:
+    """What ``--model auto`` chose for a crop set, and why."""
+    from .routing import Route
+
+    return Route(route["model"], route["cells"], route["specialist_ood_share"]).note
 
 
 def _save_adapted(args, adapted) -> None:
@@ -407,6 +418,8 @@ def cmd_predict(args) -> int:
         args.quiet or args.output is None,
     )
     _save_adapted(args, result.get("adapted"))
+    if result.get("route"):
+        print(f"model chosen: {_route_note(result['route'])}", file=sys.stderr)
     classes = list(result["classes"])
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")

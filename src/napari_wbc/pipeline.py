@@ -27,6 +27,7 @@ import pandas as pd
 from .errors import WBCError
 from .pixels import as_dask_rgb
 from .progress import Progress, ProgressGen
+from .routing import ROUTE_CELLS, ModelRouter
 from .scale import iter_resolve_scale
 from .tiling import Tile, tile_grid
 
@@ -102,8 +103,10 @@ def iter_classify_smear(
     ----------
     image : ndarray, dask array or Smear
         Full-resolution (Y, X, 3) uint8 RGB.
-    ensemble : napari_wbc.inference.Ensemble
-        The classifier (see :func:`napari_wbc.inference.load_any`).
+    ensemble : napari_wbc.inference.Ensemble or napari_wbc.routing.ModelRouter
+        The classifier (see :func:`napari_wbc.inference.load_any`); a router
+        picks one of its ensembles for this smear first (``df.attrs``
+        ``model`` and ``route`` say which and why).
     config : ClassifyConfig
     points : ndarray (N, 2), optional
         Cell centres (y, x) in pixels to classify instead of detecting.
@@ -127,7 +130,7 @@ def iter_classify_smear(
     Yields
     ------
     Progress
-        Stages "scale", "stain", "blocks"; each "blocks" event carries the
+        Stages "scale", "stain", ("route" with ``--model auto``), "blocks"; each "blocks" event carries the
         running differential count in ``info["counts"]`` and the cells of the
         finished block in ``info["cells"]``.
 
@@ -151,23 +154,23 @@ def iter_classify_smear(
         config.rbc_diameter_px,
     )
     rbc_px = scale.rbc_diameter_px
-    model_input = yield from ensemble.preprocessor.iter_prepare_smear(
-        [arr], rbc_px, config.stain_normalize, config.stain_method
-    )
-    side = model_input.side
-    yield Progress("scale", 1, 1, f"red cell ≈ {rbc_px:.0f} px ({scale.note}); crops {side} px")
-
     given = _given_cells(points, labels, height, width)
-    halo, align = math.ceil(side / 2 + 3 * rbc_px), 1
     if given is None:
         from .detection import ClassicalDetector
 
         # Prepared once for the whole image (threshold, glass colour): blocks agree.
         detector = yield from (detector or ClassicalDetector()).iter_prepare(arr, rbc_px)
-        halo, align = max(halo, detector.halo), detector.align
     else:
         detector = None
-    tiles = tile_grid((height, width), max(int(config.block), side), halo, align)
+    route = None
+    if isinstance(ensemble, ModelRouter):
+        ensemble, route = yield from _iter_route(arr, rbc_px, given, detector, ensemble, config)
+    model_input = yield from ensemble.preprocessor.iter_prepare_smear(
+        [arr], rbc_px, config.stain_normalize, config.stain_method
+    )
+    side = model_input.side
+    yield Progress("scale", 1, 1, f"red cell ≈ {rbc_px:.0f} px ({scale.note}); crops {side} px")
+    tiles = _tiles((height, width), side, rbc_px, detector, config)
     adapted_cells, notes = 0, []
     if config.adapt:
         if client is not None:
@@ -238,7 +241,53 @@ def iter_classify_smear(
         classes=classes,
         adapted_cells=adapted_cells,
     )
+    if route is not None:
+        cells.attrs["model"] = route.model
+        cells.attrs["route"] = route.note
     return cells
+
+
+def _tiles(shape, side: int, rbc_px: float, detector, config: ClassifyConfig) -> list[Tile]:
+    """The block grid for crops of ``side`` px: halo wide enough for a crop and the detector."""
+    halo, align = math.ceil(side / 2 + 3 * rbc_px), 1
+    if detector is not None:
+        halo, align = max(halo, detector.halo), detector.align
+    return tile_grid(shape, max(int(config.block), side), halo, align)
+
+
+def _iter_route(arr, rbc_px, given, detector, router: ModelRouter, config: ClassifyConfig):
+    """Cut the first cells of the smear for the PBC specialist, and let the router choose.
+
+    Blocks are read until :data:`napari_wbc.routing.ROUTE_CELLS` cells are
+    found (a small field: all of it), so a whole slide costs a few blocks.
+    """
+    from .models.build import get_device
+
+    model_input = yield from router.specialist.preprocessor.iter_prepare_smear(
+        [arr], rbc_px, config.stain_normalize, config.stain_method
+    )
+    tiles = _tiles(arr.shape[:2], model_input.side, rbc_px, detector, config)
+    crops = []
+    for i, tile in enumerate(tiles):
+        own = None if given is None else tile.select(given)
+        if own is None or not own.empty:
+            y0, y1, x0, x1 = tile.window
+            window = np.asarray(arr[y0:y1, x0:x1].compute())
+            if own is None:
+                found = detector.detect(window, tile.origin)
+                if "kind" in found:
+                    found = found[found["kind"] == "wbc"]
+                own = tile.select(found)
+            if not own.empty:
+                crops.extend(model_input.crops(window, tile.origin, own.y, own.x))
+        yield Progress("route", i + 1, len(tiles), f"{len(crops)} cells to choose the model by")
+        if len(crops) >= ROUTE_CELLS:
+            break
+    return (
+        yield from router.iter_choose(
+            crops, device=get_device(config.device), batch_size=config.batch_size
+        )
+    )
 
 
 def _iter_adapt(arr, tiles, given, detector, model_input, ensemble):

@@ -13,15 +13,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from .datasets import IMAGE_SUFFIXES, load_labelled_crops
 from .errors import DataError
 from .images import list_image_files
-from .inference import Ensemble, iter_predict_crops, load_any
+from .inference import Ensemble, iter_predict_crops
 from .metrics import classification_metrics
 from .models.build import get_device
 from .progress import ProgressGen, run
+from .routing import AUTO_MODEL, ROUTE_CELLS, ModelRouter
 
 __all__ = [
     "evaluate",
@@ -93,10 +95,15 @@ def iter_predict_crop_files(
         ``crop_scale`` (red-cell px and method, or None when taken as they
         are) and, with ``adapt``, ``adapted``.
     """
-    ensemble = model if isinstance(model, Ensemble) else load_any(model, device)
+    ensemble = _loaded(model, device)
     paths = [str(p) for p in paths]
     if not paths:
         raise DataError("no crops to classify")
+    route = None
+    if isinstance(ensemble, ModelRouter):
+        ensemble, route = yield from _iter_route_crops(
+            ensemble, paths, stain_source, scale, device, batch_size
+        )
     found = ensemble.preprocessor.resolve_crop_scale(paths, scale)
     crops = yield from ensemble.preprocessor.iter_read_crop_files(
         paths, stain_source, None if found is None else found.rbc_diameter_px
@@ -124,7 +131,30 @@ def iter_predict_crop_files(
     )
     if adapted is not None:
         result["adapted"] = adapted
+    if route is not None:
+        result["route"] = route.to_dict()
     return result
+
+
+def _loaded(model, device):
+    """``model`` as an Ensemble or ModelRouter, loading it when it is a file or a built-in name."""
+    from .routing import load_model
+
+    if isinstance(model, (Ensemble, ModelRouter)):
+        return model
+    return load_model(model, device)
+
+
+def _iter_route_crops(router, paths, stain_source, scale, device, batch_size):
+    """The ensemble the router picks for these crop files (an even spread of them is read)."""
+    pick = np.unique(np.linspace(0, len(paths) - 1, min(len(paths), ROUTE_CELLS)).astype(int))
+    sample = [paths[i] for i in pick]
+    specialist = router.specialist.preprocessor
+    found = specialist.resolve_crop_scale(sample, scale)
+    crops = yield from specialist.iter_read_crop_files(
+        sample, stain_source, None if found is None else found.rbc_diameter_px
+    )
+    return (yield from router.iter_choose(crops, device=get_device(device), batch_size=batch_size))
 
 
 def evaluate(
@@ -183,7 +213,7 @@ def iter_evaluate(
         When ``data`` holds labels the model does not know.
     """
     df = data if isinstance(data, pd.DataFrame) else load_labelled_crops(data)
-    ensemble = model if isinstance(model, Ensemble) else load_any(model, device)
+    ensemble = _loaded(model, device)
     unknown = sorted(set(map(str, df["label"])) - set(ensemble.classes))
     if unknown:
         raise DataError(
@@ -204,6 +234,9 @@ def iter_evaluate(
     metrics = classification_metrics(list(map(str, df["label"])), result["pred"], classes)
     metrics["tta"] = tta if tta is not None else ensemble.tta
     metrics["model"] = str(ensemble.path) if ensemble.path is not None else ensemble.name
+    if "route" in result:
+        metrics["model"] = f"{AUTO_MODEL} → {result['route']['model']}"
+        metrics["route"] = result["route"]
     metrics["crop_scale"] = result["crop_scale"]
     metrics["adapted"] = (
         result["adapted"].metrics["adapted"]["cells"] if "adapted" in result else None

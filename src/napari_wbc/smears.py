@@ -106,6 +106,7 @@ def iter_classify_files(
             "unlike_training",
             "rbc_diameter_px",
             "scale",
+            *(["model"] if any("model" in row for row in rows) else []),
         ],
     )
     counted = [*classes, "total", "needs_review", "unlike_training"]
@@ -172,6 +173,8 @@ def _summary_row(path: Path, cells: pd.DataFrame, classes) -> dict:
         ),
         "rbc_diameter_px": round(float(cells.attrs.get("rbc_diameter_px", np.nan)), 1),
         "scale": cells.attrs.get("scale", ""),
+        # With --model auto, the built-in model this image was classified by.
+        **({"model": cells.attrs["model"]} if "model" in cells.attrs else {}),
     }
 
 

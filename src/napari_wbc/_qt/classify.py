@@ -44,7 +44,8 @@ if TYPE_CHECKING:
 SOURCE_DETECT = "detect automatically"
 SOURCE_POINTS = "points layer"
 SOURCE_LABELS = "labels layer"
-MODEL_DEFAULT = "default ensemble"
+MODEL_AUTO = "automatic (chosen per image)"
+MODEL_DEFAULT = "three-lab ensemble (any lab)"
 MODEL_PBC = "PBC specialist (CellaVision-like images)"
 MODEL_FILE = "model file…"
 
@@ -231,8 +232,10 @@ class ClassifyWidget(DockPage):
         self.model = ComboBox(
             label="model",
             choices=self._model_choices,
-            tooltip="default ensemble: trained on three labs' cells with randomized stains and "
-            "optics, for smears from any lab. PBC specialist: trained on one lab's "
+            tooltip="automatic: the PBC specialist classifies an image whose cells look "
+            "like its training cells (CellaVision-like images), the three-lab ensemble any "
+            "other. Three-lab ensemble: trained on three labs' cells with randomized stains "
+            "and optics, for smears from any lab. PBC specialist: trained on one lab's "
             "CellaVision images, best on images like those and near chance elsewhere. "
             "See MODEL_CARD.md.",
         )
@@ -335,7 +338,13 @@ class ClassifyWidget(DockPage):
         ]
 
     def _model_choices(self, _w=None):
-        return [MODEL_DEFAULT, MODEL_PBC, *[str(p) for p in SESSION_MODELS], MODEL_FILE]
+        return [
+            MODEL_AUTO,
+            MODEL_DEFAULT,
+            MODEL_PBC,
+            *[str(p) for p in SESSION_MODELS],
+            MODEL_FILE,
+        ]
 
     @staticmethod
     def _device_choices(_w=None):
@@ -371,6 +380,10 @@ class ClassifyWidget(DockPage):
 
     def _model_path(self) -> str:
         choice = self.model.value
+        if choice == MODEL_AUTO:
+            from ..routing import AUTO_MODEL
+
+            return AUTO_MODEL
         if choice == MODEL_DEFAULT:
             from ..models.files import default_model_path
 
@@ -431,12 +444,12 @@ class ClassifyWidget(DockPage):
         self._clear_counts()
 
         def work():
-            from ..inference import load_any
             from ..pipeline import iter_classify_smear
             from ..progress import Progress
+            from ..routing import load_model
 
-            yield Progress("model", 0, 1, f"loading {Path(model_path).name}")
-            ensemble = load_any(
+            yield Progress("model", 0, 1, f"loading {Path(model_path).stem}")
+            ensemble = load_model(
                 model_path, device=config.device if config.device != "auto" else "cpu"
             )
             cells = yield from iter_classify_smear(
@@ -523,6 +536,8 @@ class ClassifyWidget(DockPage):
             f"{len(cells)} cells, {review} to review (squares); red cell ≈ "
             f"{attrs.get('rbc_diameter_px', 0):.0f} px ({attrs.get('scale', '')})"
         )
+        if attrs.get("route"):
+            self.status.value += f"\nmodel {attrs['route']}"
         if attrs.get("warning"):
             # Most cells look unlike the model's training cells: say it where
             # the count is read, and once as a notification.

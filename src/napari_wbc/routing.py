@@ -1,0 +1,162 @@
+"""Automatic choice between the built-in models, by how a set of cells looks (issue #12).
+
+Two ensembles ship: the PBC specialist (``wbc-pbc``: one lab's CellaVision
+images, macro-F1 0.966 on them, near chance elsewhere) and the three-lab
+model (``wbc-lite``: any lab's images, 0.886 on PBC). Neither is best
+everywhere. The specialist's trust statistics (:mod:`napari_wbc.trust`) say
+how far each cell's features lie from its training cells; on images like
+its own about 1 % of cells lie beyond its threshold, on other labs' 72-99 %.
+
+``--model auto`` (the default of ``classify``, ``evaluate`` and ``predict``,
+and of the Classify widget) therefore looks at one source at a time (a smear
+or field, or a set of crops): the specialist classifies up to
+:data:`ROUTE_CELLS` of its cells without test-time augmentation, and if at
+most :data:`ROUTE_MAX_OOD_SHARE` of them lie beyond its threshold, and at
+least :data:`ROUTE_MIN_CELLS` were seen, the specialist classifies the
+source; otherwise the three-lab model does. The choice and the share are
+recorded with the result.
+
+The threshold was set from the specialist's own validation cells (1 %
+beyond) with a wide margin; no held-out lab was used to set it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .progress import Progress, ProgressGen
+
+log = logging.getLogger(__name__)
+
+#: The ``--model`` name of the automatic choice.
+AUTO_MODEL = "auto"
+#: The specialist and the model for everything else (names of BUILTIN_MODELS).
+SPECIALIST = "wbc-pbc"
+GENERALIST = "wbc-lite"
+#: The specialist is chosen when at most this share of the sampled cells lie
+#: beyond its out-of-distribution threshold (its own validation cells: 1 %).
+ROUTE_MAX_OOD_SHARE = 0.2
+#: Cells the specialist looks at to decide (evenly spread over the source).
+ROUTE_CELLS = 64
+#: Fewer cells than this are too few to decide on: the three-lab model is used.
+ROUTE_MIN_CELLS = 5
+
+
+@dataclass
+class Route:
+    """Which model classified a source, and why."""
+
+    model: str
+    cells: int
+    ood_share: float | None
+
+    @property
+    def note(self) -> str:
+        if self.ood_share is None or self.cells < ROUTE_MIN_CELLS:
+            return (
+                f"{self.model}: {self.cells} cells, too few to tell whether the images "
+                f"are like the PBC specialist's (needs {ROUTE_MIN_CELLS})"
+            )
+        return (
+            f"{self.model}: {self.ood_share:.0%} of {self.cells} cells look unlike the PBC "
+            f"specialist's training cells (specialist chosen at ≤ {ROUTE_MAX_OOD_SHARE:.0%})"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "cells": self.cells,
+            "specialist_ood_share": None if self.ood_share is None else round(self.ood_share, 4),
+        }
+
+
+class ModelRouter:
+    """The specialist and the three-lab ensembles, one of which classifies each source.
+
+    Not an :class:`~napari_wbc.inference.Ensemble`: the functions that take a
+    model (:func:`napari_wbc.pipeline.iter_classify_smear`,
+    :func:`napari_wbc.prediction.iter_predict_crop_files`) resolve it to one
+    with :meth:`iter_choose` before they classify.
+    """
+
+    name = AUTO_MODEL
+    path = None
+
+    def __init__(self, specialist, generalist):
+        if list(specialist.classes) != list(generalist.classes):
+            raise ValueError("the routed models must share their classes, in order")
+        self.specialist = specialist
+        self.generalist = generalist
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return tuple(self.generalist.classes)
+
+    def iter_choose(
+        self, crops: Sequence[np.ndarray] | np.ndarray, device=None, batch_size: int = 64
+    ) -> ProgressGen[tuple[Any, Route]]:
+        """The ensemble for a source whose cells, cut for the specialist, are ``crops``.
+
+        ``crops`` may hold more than :data:`ROUTE_CELLS`; an even spread of
+        them is looked at.
+        """
+        from .inference import iter_predict_crops
+
+        n = len(crops)
+        trust = self.specialist.trust
+        if n < ROUTE_MIN_CELLS or trust is None or not np.isfinite(trust.ood_threshold):
+            route = Route(GENERALIST, n, None)
+            yield Progress("route", 1, 1, route.note)
+            return self.generalist, route
+        pick = np.unique(np.linspace(0, n - 1, min(n, ROUTE_CELLS)).round().astype(int))
+        sample = np.stack([crops[i] for i in pick])
+        result = yield from iter_predict_crops(
+            self.specialist, sample, batch_size=batch_size, tta="none", device=device
+        )
+        distance = result.get("ood_distance")
+        if distance is None:
+            route = Route(GENERALIST, len(pick), None)
+            yield Progress("route", 1, 1, route.note)
+            return self.generalist, route
+        share = float(np.mean(np.asarray(distance, float) > trust.ood_threshold))
+        chosen = SPECIALIST if share <= ROUTE_MAX_OOD_SHARE else GENERALIST
+        route = Route(chosen, len(pick), share)
+        log.info("model chosen: %s", route.note)
+        yield Progress("route", 1, 1, route.note)
+        return (self.specialist if chosen == SPECIALIST else self.generalist), route
+
+
+def load_router(device="cpu") -> ModelRouter:
+    """The two built-in ensembles, loaded, as a :class:`ModelRouter`."""
+    from .errors import ModelFileError
+    from .inference import load_any
+    from .models.files import builtin_model_path
+
+    try:
+        files = builtin_model_path(SPECIALIST), builtin_model_path(GENERALIST)
+    except ModelFileError as exc:
+        raise ModelFileError(
+            f"--model auto needs the built-in models, and this napari-wbc has not both "
+            f"({exc}); pass a model file with --model (napari-wbc train makes one)"
+        ) from exc
+    return ModelRouter(load_any(files[0], device), load_any(files[1], device))
+
+
+def load_model(model, device="cpu"):
+    """A model argument, loaded: ``"auto"`` as a :class:`ModelRouter`, else an Ensemble.
+
+    Anything but ``"auto"`` goes to :func:`napari_wbc.inference.load_any`
+    (a model or ensemble file; built-in names are resolved first by
+    :func:`napari_wbc.models.files.resolve_model`).
+    """
+    from .inference import load_any
+    from .models.files import resolve_model
+
+    if str(model) == AUTO_MODEL:
+        return load_router(device)
+    return load_any(resolve_model(model), device)

@@ -1,0 +1,101 @@
+"""``--model auto``: the PBC specialist for images like its own, the three-lab model for others."""
+
+import numpy as np
+import pytest
+
+from napari_wbc.errors import ModelFileError
+from napari_wbc.models.files import builtin_model_path
+from napari_wbc.routing import (
+    GENERALIST,
+    ROUTE_MAX_OOD_SHARE,
+    ROUTE_MIN_CELLS,
+    SPECIALIST,
+    ModelRouter,
+    load_router,
+)
+
+try:
+    builtin_model_path(SPECIALIST), builtin_model_path(GENERALIST)
+    SHIPPED = True
+except ModelFileError:
+    SHIPPED = False
+
+pytestmark = pytest.mark.skipif(not SHIPPED, reason="this installation ships no built-in models")
+
+
+@pytest.fixture(scope="module")
+def router():
+    return load_router()
+
+
+def test_router_holds_both_built_in_models_with_one_class_list(router):
+    assert router.specialist.path == builtin_model_path(SPECIALIST)
+    assert router.generalist.path == builtin_model_path(GENERALIST)
+    assert router.classes == router.specialist.classes == router.generalist.classes
+    assert router.specialist.trust is not None  # the choice rests on its statistics
+
+
+def test_sample_smear_goes_to_the_specialist_and_gets_its_exact_answer(router):
+    # The sample is painted from PBC cells: like the specialist's training cells.
+    from napari_wbc.inference import load_any
+    from napari_wbc.pipeline import ClassifyConfig, iter_classify_smear
+    from napari_wbc.progress import run
+    from napari_wbc.synthetic import make_sample_smear
+
+    smear = make_sample_smear()
+    config = ClassifyConfig(pixel_size_um=0.1, tta="none")
+    routed = run(iter_classify_smear(smear, router, config))
+    assert routed.attrs["model"] == SPECIALIST
+    assert "specialist" in routed.attrs["route"]
+    alone = run(iter_classify_smear(smear, load_any(builtin_model_path(SPECIALIST)), config))
+    assert list(routed["class"]) == list(alone["class"])
+    np.testing.assert_allclose(routed["confidence"], alone["confidence"], atol=1e-6)
+
+
+def test_too_few_cells_to_tell_go_to_the_three_lab_model(router):
+    from napari_wbc.pipeline import ClassifyConfig, iter_classify_smear
+    from napari_wbc.progress import run
+    from napari_wbc.synthetic import make_sample_smear, sample_smear_truth
+
+    truth = sample_smear_truth()
+    wbc = truth[truth.kind == "wbc"].head(ROUTE_MIN_CELLS - 1)
+    cells = run(
+        iter_classify_smear(
+            make_sample_smear(),
+            router,
+            ClassifyConfig(pixel_size_um=0.1, tta="none"),
+            points=wbc[["y", "x"]].to_numpy(float),
+        )
+    )
+    assert len(cells) == ROUTE_MIN_CELLS - 1
+    assert cells.attrs["model"] == GENERALIST
+    assert "too few" in cells.attrs["route"]
+
+
+@pytest.mark.realdata
+def test_crop_sets_are_routed_by_their_lab(data_dir, router):
+    # PBC validation crops (never trained on by either model) go to the
+    # specialist; LISC's and BCCD's cells, another stain and camera, do not.
+    from napari_wbc.datasets import balanced_subset, load_lab_table, stratified_split
+    from napari_wbc.prediction import evaluate
+
+    table = load_lab_table("pbc", data_dir, classes=router.classes)
+    _, validation = stratified_split(table["label"].tolist(), 0.2, seed=0)
+    pbc = balanced_subset(table.iloc[validation], per_class=8, seed=1)
+    metrics = evaluate(router, pbc, tta="none")
+    assert metrics["route"]["model"] == SPECIALIST
+    assert metrics["route"]["specialist_ood_share"] <= 0.05  # measured 0.0
+    assert metrics["model"] == f"auto → {SPECIALIST}"
+    for lab in ("lisc", "bccd"):
+        other = balanced_subset(load_lab_table(lab, data_dir), per_class=8, seed=1)
+        m = evaluate(router, other, tta="none")
+        assert m["route"]["model"] == GENERALIST, lab
+        assert m["route"]["specialist_ood_share"] > ROUTE_MAX_OOD_SHARE + 0.3, lab
+
+
+def test_router_refuses_models_with_different_classes(router):
+    class Other:
+        classes = ("a", "b")
+
+    with pytest.raises(ValueError, match="share their classes"):
+        ModelRouter(Other(), router.generalist)
