@@ -194,7 +194,7 @@ def test_predict_writes_a_table(model_path, disc_dir, tmp_path, capsys):
     assert cli([*argv, "-o", str(table), "--tta", "none", "-q"]) == 0
     rows = list(csv.DictReader(io.StringIO(table.read_text())))
     classes = sorted(DISC_CLASSES)
-    assert list(rows[0]) == ["path", "class", "confidence", *classes]
+    assert list(rows[0]) == ["path", "class", "confidence", "passes", *classes]
     assert len(rows) == len(files) + 1
     for row in rows:
         probs = np.array([float(row[c]) for c in classes])
@@ -205,11 +205,31 @@ def test_predict_writes_a_table(model_path, disc_dir, tmp_path, capsys):
     assert hits >= 0.8
 
 
+def test_predict_gates_the_views_unless_exhaustive(model_path, disc_dir, capsys):
+    # One model, D4: a crop takes 1 pass when settled on its first view, 8
+    # when in doubt; --exhaustive gives every crop all 8 and the same classes
+    # for the crops in doubt.
+    folder = str(disc_dir / "big_purple")
+    tables = {}
+    for flag in ([], ["--exhaustive"]):
+        capsys.readouterr()
+        assert cli(["predict", folder, "--model", str(model_path), "--tta", "d4", *flag]) == 0
+        tables[bool(flag)] = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    gated, full = tables[False], tables[True]
+    assert {int(r["passes"]) for r in full} == {8}
+    assert {int(r["passes"]) for r in gated} <= {1, 8}
+    for g, f in zip(gated, full, strict=True):
+        assert g["path"] == f["path"]
+        if int(g["passes"]) == 8:
+            assert g["class"] == f["class"]
+            assert float(g["confidence"]) == pytest.approx(float(f["confidence"]), abs=1e-5)
+
+
 def test_predict_to_stdout(model_path, disc_dir, capsys):
     capsys.readouterr()
     assert cli(["predict", str(disc_dir / "big_pink"), "--model", str(model_path)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[0].startswith("path,class,confidence,")
+    assert lines[0].startswith("path,class,confidence,passes,")
     assert len(lines) == 1 + len(list((disc_dir / "big_pink").glob("*.png")))
 
 

@@ -262,3 +262,43 @@ def test_disagreement_counts_members_against_the_ensemble():
     np.testing.assert_allclose(disagreement(member_probs, probs), [2 / 3, 1 / 3])
     with pytest.raises(DataError):
         disagreement(member_probs[0])
+
+
+def test_gate_settles_confident_cells_on_one_view_and_gives_the_rest_the_full_set(ensemble):
+    from napari_wbc.trust import TrustStats
+
+    crops = random_crops(24, seed=5)
+    first = predict_crops(ensemble, crops, tta="none")
+    # Review threshold at the median confidence of the first view: half the
+    # cells are in doubt (members may disagree freely here).
+    ensemble.trust = TrustStats(
+        min_confidence=float(np.median(first["confidence"])), max_disagreement=1.0
+    )
+    full = predict_crops(ensemble, crops, tta="d4")  # calibrated as the gated run is
+    events = []
+    gated = run(iter_predict_crops(ensemble, crops, tta="d4", gate=True), events.append)
+    settled = gated["passes"] == 3
+    doubtful = gated["passes"] == 3 * 8
+    assert (settled | doubtful).all() and settled.any() and doubtful.any()
+    np.testing.assert_array_equal(settled, first["confidence"] >= ensemble.trust.min_confidence)
+    # A settled cell keeps its first view's answer; a doubtful one gets
+    # exactly what every view of every member gives.
+    np.testing.assert_allclose(gated["probs"][settled], first["probs"][settled], atol=1e-6)
+    np.testing.assert_allclose(gated["probs"][doubtful], full["probs"][doubtful], atol=1e-5)
+    np.testing.assert_allclose(
+        gated["member_probs"][:, doubtful], full["member_probs"][:, doubtful], atol=1e-5
+    )
+    assert {e.stage for e in events} == {"classify", "doubtful"}
+    assert (full["passes"] == 24).all() and (first["passes"] == 3).all()
+
+
+def test_gate_without_doubt_is_one_pass_per_member_and_exact_without_gate(ensemble):
+    from napari_wbc.trust import TrustStats
+
+    crops = random_crops(6, seed=6)
+    ensemble.trust = TrustStats(min_confidence=0.0, max_disagreement=1.0)
+    gated = run(iter_predict_crops(ensemble, crops, tta="d4", gate=True))
+    assert (gated["passes"] == 3).all()
+    np.testing.assert_allclose(
+        gated["probs"], predict_crops(ensemble, crops, tta="none")["probs"], atol=1e-6
+    )

@@ -87,6 +87,7 @@ def smear_setup(args, model, **options):
         tta=args.tta,
         device=args.device,
         adapt=getattr(args, "adapt", False),
+        exhaustive=getattr(args, "exhaustive", False),
         **options,
     )
     return ensemble, config
@@ -163,6 +164,13 @@ def add_tta_option(p) -> None:
     from .models.files import TTA_NAMES
 
     p.add_argument("--tta", choices=TTA_NAMES, help="default: the model's")
+    p.add_argument(
+        "--exhaustive",
+        action="store_true",
+        help="every TTA view of every member for every cell (slower); by default a cell "
+        "that the first view of every member would not flag for review is settled there, "
+        "and only cells in doubt get the other views",
+    )
 
 
 def add_threads_option(p) -> None:
@@ -311,6 +319,7 @@ def cmd_evaluate(args) -> int:
             stain_source=args.stain_source,
             scale=crop_scale_of(args),
             adapt=args.adapt,
+            exhaustive=args.exhaustive,
         ),
         args.quiet or args.json,
     )
@@ -322,6 +331,10 @@ def cmd_evaluate(args) -> int:
         print(json.dumps(metrics))
         return 0
     print(f"{metrics['model']} (TTA {metrics['tta']}): {_format_metrics(metrics)}")
+    print(
+        f"forward passes per crop: {metrics['passes_per_crop']:g}"
+        + (" (every view of every member)" if args.exhaustive else " (more only where in doubt)")
+    )
     found = metrics.get("crop_scale")
     print(
         "crop scale: taken as the model's field of view"
@@ -414,6 +427,7 @@ def cmd_predict(args) -> int:
             args.stain_source,
             scale=crop_scale_of(args),
             adapt=args.adapt,
+            exhaustive=args.exhaustive,
         ),
         args.quiet or args.output is None,
     )
@@ -423,16 +437,24 @@ def cmd_predict(args) -> int:
     classes = list(result["classes"])
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["path", "class", "confidence", *classes])
-    for path, pred, conf, probs in zip(
+    # passes: forward passes the crop took (members × views; more where in doubt).
+    writer.writerow(["path", "class", "confidence", "passes", *classes])
+    for path, pred, conf, passes, probs in zip(
         result["paths"],
         result["pred"],
         result["confidence"],
+        result["passes"],
         result["probs"],
         strict=True,
     ):
         writer.writerow(
-            [path, classes[int(pred)], f"{float(conf):.6f}", *(f"{float(p):.6f}" for p in probs)]
+            [
+                path,
+                classes[int(pred)],
+                f"{float(conf):.6f}",
+                int(passes),
+                *(f"{float(p):.6f}" for p in probs),
+            ]
         )
     if args.output is None:
         sys.stdout.write(buffer.getvalue())

@@ -271,9 +271,10 @@ def predict_crops(
     batch_size: int = 64,
     tta: str | None = None,
     device: str | torch.device | None = None,
+    gate: bool = False,
 ) -> dict[str, Any]:
     """Classify crops with an ensemble; see :func:`iter_predict_crops`."""
-    return run(iter_predict_crops(ensemble, crops, batch_size, tta, device))
+    return run(iter_predict_crops(ensemble, crops, batch_size, tta, device, gate))
 
 
 def iter_predict_crops(
@@ -282,6 +283,7 @@ def iter_predict_crops(
     batch_size: int = 64,
     tta: str | None = None,
     device: str | torch.device | None = None,
+    gate: bool = False,
 ) -> ProgressGen[dict[str, Any]]:
     """Classify crops with an ensemble, yielding progress after each batch and member.
 
@@ -300,11 +302,20 @@ def iter_predict_crops(
     device : str or torch.device, optional
         Where to run; member models are moved there. Default: where the first
         member is.
+    gate : bool
+        Spend the TTA views only where a cell is in doubt: every member first
+        sees the crop as it is (one pass each); a cell the ensemble would not
+        flag for review from that view (:func:`napari_wbc.trust.review_flags`:
+        confident, members agreeing, like the training cells) is settled
+        there, and only the others get the remaining views. A cell in doubt
+        gets exactly the result of the full TTA set. False: every view of
+        every cell.
 
     Yields
     ------
     Progress
-        Stage "classify"; ``done``/``total`` count crop × member passes.
+        Stage "classify"; ``done``/``total`` count crop × member passes of
+        the first view set (with ``gate``, then stage "doubtful" for the rest).
 
     Returns
     -------
@@ -312,12 +323,14 @@ def iter_predict_crops(
         ``probs`` (N, C) float32 ensemble probabilities; ``member_probs``
         (M, N, C) float32 per member (each averaged over TTA); ``classes``
         tuple of names; ``pred`` (N,) int64 argmax of ``probs``;
-        ``confidence`` (N,) float32 max of ``probs``. With trust statistics
-        (``ensemble.trust``) the probabilities are calibrated (each member's
-        view-averaged logits divided by the fitted temperature), and the dict
-        also holds ``member_logits`` (M, N, C) and, when the statistics have
-        feature centres, ``ood_distance`` (N,): the distance of each crop's
-        features to the training cells (:class:`napari_wbc.trust.TrustStats`).
+        ``confidence`` (N,) float32 max of ``probs``; ``passes`` (N,) int
+        forward passes each crop took (members × views). With trust
+        statistics (``ensemble.trust``) the probabilities are calibrated (each
+        member's view-averaged logits divided by the fitted temperature), and
+        the dict also holds ``member_logits`` (M, N, C) and, when the
+        statistics have feature centres, ``ood_distance`` (N,): the distance
+        of each crop's features to the training cells
+        (:class:`napari_wbc.trust.TrustStats`).
     """
     crops = _check_crops(crops)
     if not isinstance(batch_size, int) or batch_size < 1:
@@ -327,7 +340,7 @@ def iter_predict_crops(
         raise WBCError(f"unknown TTA set {tta!r}; use one of {', '.join(TTA_SETS)}")
     transforms = TTA_SETS[tta]
     device = ensemble.device if device is None else get_device(device)
-    n, m, c = len(crops), len(ensemble.members), len(ensemble.classes)
+    n = len(crops)
 
     prepared = []
     for member in ensemble.members:
@@ -341,12 +354,60 @@ def iter_predict_crops(
         std = torch.tensor(spec.std, device=device).view(1, 3, 1, 1)
         prepared.append((model, spec.input_size, mean, std))
 
-    # With trust statistics, each view's penultimate features are kept too
-    # (one pass: features -> pooled pre-logits -> classifier), for the
-    # distance to the training cells, and the logits for calibration.
+    if not gate or len(transforms) == 1:
+        sums = yield from _iter_view_sums(
+            ensemble, prepared, crops, transforms, batch_size, device
+        )
+        return _combine(ensemble, sums, np.full(n, len(transforms)))
+    # The identity view first (it leads every TTA set), then the others only
+    # for the cells in doubt after it.
+    first, rest = transforms[:1], transforms[1:]
+    sums = yield from _iter_view_sums(ensemble, prepared, crops, first, batch_size, device)
+    views = np.ones(n, int)
+    doubtful = np.flatnonzero(_in_doubt(ensemble, _combine(ensemble, sums, views)))
+    if len(doubtful):
+        subset = crops[doubtful] if isinstance(crops, np.ndarray) else [crops[i] for i in doubtful]
+        more = yield from _iter_view_sums(
+            ensemble, prepared, subset, rest, batch_size, device, stage="doubtful"
+        )
+        for key, value in more.items():
+            if value is None:
+                continue  # no trust statistics: no logits or features kept
+            if key == "features":
+                for j, f in enumerate(value):
+                    sums["features"][j][doubtful] += f
+            else:
+                sums[key][:, doubtful] += value
+        views[doubtful] = len(transforms)
+    return _combine(ensemble, sums, views)
+
+
+def _in_doubt(ensemble: Ensemble, out: dict[str, Any]) -> np.ndarray:
+    """Cells the ensemble would flag for review (low confidence, disagreement, unlike training)."""
+    from .trust import TrustStats, review_flags
+
+    stats = ensemble.trust if ensemble.trust is not None else TrustStats()
+    flags = review_flags(
+        out["confidence"],
+        disagreement(out["member_probs"], out["probs"]),
+        out.get("ood_distance"),
+        stats,
+    )
+    return flags["needs_review"]
+
+
+def _iter_view_sums(ensemble, prepared, crops, transforms, batch_size, device, stage="classify"):
+    """Per member, the sums over ``transforms`` of each crop's probabilities (and logits, features).
+
+    Returns a dict: ``probs`` (M, N, C) float32; ``logits`` (M, N, C) or None
+    and ``features`` (a list of (N, D_m) arrays) or None, kept when the
+    ensemble has trust statistics (one pass: features -> pooled pre-logits ->
+    classifier).
+    """
+    n, m, c = len(crops), len(ensemble.members), len(ensemble.classes)
     trust = ensemble.trust
-    member_probs = np.zeros((m, n, c), dtype=np.float32)
-    member_logits = np.zeros((m, n, c), dtype=np.float32) if trust is not None else None
+    prob_sums = np.zeros((m, n, c), dtype=np.float32)
+    logit_sums = np.zeros((m, n, c), dtype=np.float32) if trust is not None else None
     features: list[np.ndarray | None] = [None] * m
     total = n * m
     done = 0
@@ -377,29 +438,46 @@ def iter_predict_crops(
                             f"lists {c} classes"
                         )
                     acc += logits.float().softmax(dim=-1)
-                member_probs[j, start:stop] = (acc / len(transforms)).cpu().numpy()
+                prob_sums[j, start:stop] = acc.cpu().numpy()
                 if trust is not None:
-                    member_logits[j, start:stop] = (logit_sum / len(transforms)).cpu().numpy()
-                    f = (feature_sum / len(transforms)).cpu().numpy()
+                    logit_sums[j, start:stop] = logit_sum.cpu().numpy()
+                    f = feature_sum.cpu().numpy()
                     if features[j] is None:
                         features[j] = np.zeros((n, f.shape[1]), np.float32)
                     features[j][start:stop] = f
                 done += stop - start
+                what = "crops in doubt" if stage == "doubtful" else "crops"
                 yield Progress(
-                    "classify",
+                    stage,
                     done,
                     total,
-                    f"classified {stop}/{n} crops (model {j + 1}/{m}, TTA {tta})",
+                    f"classified {stop}/{n} {what} (model {j + 1}/{m}, {len(transforms)} views)",
                 )
+    return {
+        "probs": prob_sums,
+        "logits": logit_sums,
+        "features": features if trust is not None and n else None,
+    }
 
+
+def _combine(ensemble: Ensemble, sums: dict, views: np.ndarray) -> dict[str, Any]:
+    """The prediction dict of :func:`iter_predict_crops` from per-view sums over ``views`` views."""
+    trust = ensemble.trust
+    m = len(ensemble.members)
+    n = len(views)
+    per_view = np.asarray(views, np.float32)[None, :, None]
+    member_probs = (sums["probs"] / per_view).astype(np.float32)
+    member_logits = None
     ood_distance = None
     if trust is not None:
         # Calibrated: each member's view-averaged logits over the temperature
         # fitted on validation cells (napari_wbc.trust.fit_temperature).
+        member_logits = (sums["logits"] / per_view).astype(np.float32)
         for j in range(m):
             member_probs[j] = softmax(member_logits[j], trust.temperature) if n else 0
-        if trust.features and n:
-            ood_distance = trust.ood_distance([f for f in features if f is not None])
+        if trust.features and n and sums["features"] is not None:
+            mean_features = [f / per_view[0] for f in sums["features"] if f is not None]
+            ood_distance = trust.ood_distance(mean_features)
     weights = ensemble.weights.astype(np.float32)
     probs = np.tensordot(weights, member_probs, axes=1).astype(np.float32)
     out = {
@@ -408,6 +486,7 @@ def iter_predict_crops(
         "classes": tuple(ensemble.classes),
         "pred": probs.argmax(axis=1).astype(np.int64),
         "confidence": (probs.max(axis=1) if n else np.zeros(0)).astype(np.float32),
+        "passes": np.asarray(views, np.int64) * m,
     }
     if trust is not None:
         out["member_logits"] = member_logits

@@ -70,6 +70,12 @@ class ClassifyConfig:
         and cut once for it, then classified by the adapted copy. With fewer
         than :data:`napari_wbc.adapt.MIN_CELLS` cells the smear is classified
         without adaptation, and a warning says so. Not available on a cluster.
+    exhaustive : bool
+        Every TTA view of every member for every cell. By default a cell
+        that the first view of every member would not flag for review is
+        settled there, and only cells in doubt get the other views
+        (``gate`` of :func:`napari_wbc.inference.iter_predict_crops`); the
+        ``passes`` column says how many forward passes each cell took.
     """
 
     pixel_size_um: float | None = None
@@ -83,6 +89,7 @@ class ClassifyConfig:
     review_disagreement: float = 0.0
     device: str = "auto"
     adapt: bool = False
+    exhaustive: bool = False
     extra: dict = field(default_factory=dict)
 
 
@@ -350,7 +357,12 @@ def classify_tile(
         return None
     crops = model_input.crops(window, tile.origin, own.y, own.x)
     result = predict_crops(
-        ensemble, crops, config.batch_size, config.tta, get_device(config.device)
+        ensemble,
+        crops,
+        config.batch_size,
+        config.tta,
+        get_device(config.device),
+        gate=not config.exhaustive,
     )
     classes = list(ensemble.classes)
     table = pd.DataFrame(
@@ -372,6 +384,7 @@ def classify_tile(
         table["ood_score"] = result["ood_distance"].astype(float) / ensemble.trust.ood_threshold
         table["out_of_distribution"] = table["ood_score"] > 1.0
         table["needs_review"] |= table["out_of_distribution"]
+    table["passes"] = result["passes"]
     for k, name in enumerate(classes):
         table[f"p_{name}"] = result["probs"][:, k].astype(float)
     return table

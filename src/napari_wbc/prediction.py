@@ -54,6 +54,7 @@ def iter_predict_crop_files(
     *,
     scale: str | float = "auto",
     adapt: bool = False,
+    exhaustive: bool = False,
 ) -> ProgressGen[dict[str, Any]]:
     """Classify crop image files with a model or ensemble, as it was trained.
 
@@ -86,6 +87,10 @@ def iter_predict_crop_files(
         (:func:`napari_wbc.adapt.adapt_ensemble`; needs
         :data:`napari_wbc.adapt.MIN_CELLS` crops). The model files are not
         touched; the adapted ensemble is returned as ``adapted``.
+    exhaustive : bool
+        Every TTA view of every member for every crop; by default only the
+        crops in doubt after the first view get the others (``gate`` of
+        :func:`napari_wbc.inference.iter_predict_crops`).
 
     Returns
     -------
@@ -122,6 +127,7 @@ def iter_predict_crop_files(
         batch_size=batch_size,
         tta=tta,
         device=get_device(device),
+        gate=not exhaustive,
     )
     result["paths"] = paths
     result["crop_scale"] = (
@@ -180,6 +186,7 @@ def iter_evaluate(
     *,
     scale: str | float = "auto",
     adapt: bool = False,
+    exhaustive: bool = False,
 ) -> ProgressGen[dict[str, Any]]:
     """Classify labelled crops and score the predictions.
 
@@ -197,7 +204,7 @@ def iter_evaluate(
         Where to run.
     stain_source : {"auto", "fit", "training"}
         See :func:`iter_predict_crop_files`.
-    scale, adapt
+    scale, adapt, exhaustive
         See :func:`iter_predict_crop_files`.
 
     Returns
@@ -229,6 +236,7 @@ def iter_evaluate(
         stain_source,
         scale=scale,
         adapt=adapt,
+        exhaustive=exhaustive,
     )
     classes = list(result["classes"])
     metrics = classification_metrics(list(map(str, df["label"])), result["pred"], classes)
@@ -238,6 +246,7 @@ def iter_evaluate(
         metrics["model"] = f"{AUTO_MODEL} → {result['route']['model']}"
         metrics["route"] = result["route"]
     metrics["crop_scale"] = result["crop_scale"]
+    metrics["passes_per_crop"] = round(float(np.mean(result["passes"])), 2) if len(df) else 0.0
     metrics["adapted"] = (
         result["adapted"].metrics["adapted"]["cells"] if "adapted" in result else None
     )
