@@ -104,14 +104,23 @@ def main(argv=None) -> int:
                         "n": m["n"],
                         "macro_f1": round(float(m["macro_f1"]), 4),
                         "rbc_px": round(float(found.get("rbc_diameter_px", np.nan)), 1),
+                        "chosen": (m.get("route") or {}).get("model", ""),
+                        "ood_share": (m.get("route") or {}).get("specialist_ood_share"),
                         "seconds": round(time.perf_counter() - t, 1),
                     }
                 )
                 print(rows[-1], flush=True)
-    print(f"\n| model | factor | crops | red cell (px, measured) | macro-F1 (TTA {args.tta}) |")
-    print("|---|---:|---:|---:|---:|")
+    print(
+        f"\n| model | factor | crops | red cell (px, measured) | chosen (auto) "
+        f"| macro-F1 (TTA {args.tta}) |"
+    )
+    print("|---|---:|---:|---:|---|---:|")
     for r in rows:
-        print(f"| {r['model']} | {r['factor']} | {r['n']} | {r['rbc_px']} | {r['macro_f1']:.3f} |")
+        chosen = f"{r['chosen']} ({r['ood_share']:.0%} unlike)" if r["chosen"] else ""
+        print(
+            f"| {r['model']} | {r['factor']} | {r['n']} | {r['rbc_px']} | {chosen} "
+            f"| {r['macro_f1']:.3f} |"
+        )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     return 0

@@ -231,3 +231,22 @@ def test_user_pixel_size_wins_over_the_file_and_is_recorded(sample, ensemble):
     )
     assert from_file.attrs["pixel_size_um"] == 0.125 and from_file.attrs["scale_source"] == "file"
     assert from_file.attrs["rbc_diameter_px"] == pytest.approx(60.0)
+
+
+def test_seconds_per_stage_are_recorded_and_add_up_to_at_most_the_run(sample, tiny_model_path):
+    import time
+
+    image, _ = sample
+    ensemble = load_any(tiny_model_path, tta="d4")
+    start = time.perf_counter()
+    cells = run(iter_classify_smear(image, ensemble, ClassifyConfig(block=768)))
+    wall = time.perf_counter() - start
+    stages = cells.attrs["seconds"]
+    # The scale is measured, the detector set up, and every block read,
+    # searched, cut and classified.
+    for stage in ("scale", "detector setup", "stain fit", "read", "detect", "cut crops"):
+        assert stage in stages
+    assert {"classify", "table"} <= set(stages)
+    assert all(v >= 0 for v in stages.values())
+    assert 0.5 * wall <= sum(stages.values()) <= wall
+    assert set(cells["passes"]) <= {1, 8}  # one member, D4 if in doubt

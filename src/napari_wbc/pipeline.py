@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import logging
 import math
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -93,6 +95,25 @@ class ClassifyConfig:
     extra: dict = field(default_factory=dict)
 
 
+class StageTimer:
+    """Seconds spent per stage of a run, summed over blocks (``df.attrs["seconds"]``)."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, stage: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            elapsed = time.perf_counter() - start
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + elapsed
+
+    def rounded(self) -> dict[str, float]:
+        return {k: round(v, 3) for k, v in self.seconds.items()}
+
+
 def iter_classify_smear(
     image,
     ensemble,
@@ -147,34 +168,46 @@ def iter_classify_smear(
         One row per cell: y, x, diameter, class, confidence, needs_review,
         disagreement, p_<class> for every class. ``df.attrs`` holds the scale
         used (``rbc_diameter_px``, ``pixel_size_um`` when known, ``scale``,
-        ``scale_source``), ``crop_px``, ``stain_normalized`` and ``classes``.
+        ``scale_source``), ``crop_px``, ``stain_normalized`` and ``classes``;
+        ``seconds``, the time spent per stage ("scale", "detector setup",
+        "model choice", "stain fit", "adapt", and summed over blocks "read",
+        "detect", "cut crops", "classify", "table"); with a router, ``model``
+        and ``route`` (which model classified the smear, and why). The
+        ``passes`` column holds each cell's forward passes.
     """
     config = config or ClassifyConfig()
+    timer = StageTimer()
     if file_pixel_size_um is None and hasattr(image, "levels"):
         file_pixel_size_um = image.pixel_size_um
     arr = as_dask_rgb(image)
     height, width = arr.shape[:2]
-    scale = yield from iter_resolve_scale(
-        arr,
-        config.pixel_size_um,
-        file_pixel_size_um,
-        config.rbc_diameter_px,
-    )
+    with timer("scale"):
+        scale = yield from iter_resolve_scale(
+            arr,
+            config.pixel_size_um,
+            file_pixel_size_um,
+            config.rbc_diameter_px,
+        )
     rbc_px = scale.rbc_diameter_px
     given = _given_cells(points, labels, height, width)
     if given is None:
         from .detection import ClassicalDetector
 
         # Prepared once for the whole image (threshold, glass colour): blocks agree.
-        detector = yield from (detector or ClassicalDetector()).iter_prepare(arr, rbc_px)
+        with timer("detector setup"):
+            detector = yield from (detector or ClassicalDetector()).iter_prepare(arr, rbc_px)
     else:
         detector = None
     route = None
     if isinstance(ensemble, ModelRouter):
-        ensemble, route = yield from _iter_route(arr, rbc_px, given, detector, ensemble, config)
-    model_input = yield from ensemble.preprocessor.iter_prepare_smear(
-        [arr], rbc_px, config.stain_normalize, config.stain_method
-    )
+        with timer("model choice"):
+            ensemble, route = yield from _iter_route(
+                arr, rbc_px, given, detector, ensemble, config
+            )
+    with timer("stain fit"):
+        model_input = yield from ensemble.preprocessor.iter_prepare_smear(
+            [arr], rbc_px, config.stain_normalize, config.stain_method
+        )
     side = model_input.side
     yield Progress("scale", 1, 1, f"red cell ≈ {rbc_px:.0f} px ({scale.note}); crops {side} px")
     tiles = _tiles((height, width), side, rbc_px, detector, config)
@@ -185,9 +218,10 @@ def iter_classify_smear(
                 "adaptation runs on this machine only; adapt once (napari-wbc predict --adapt "
                 "--save-adapted) and give the cluster that model"
             )
-        ensemble, adapted_cells, note = yield from _iter_adapt(
-            arr, tiles, given, detector, model_input, ensemble
-        )
+        with timer("adapt"):
+            ensemble, adapted_cells, note = yield from _iter_adapt(
+                arr, tiles, given, detector, model_input, ensemble
+            )
         if note:
             notes.append(note)
     classes = list(ensemble.classes)
@@ -205,8 +239,11 @@ def iter_classify_smear(
                 yield None
                 continue
             y0, y1, x0, x1 = tile.window
-            window = np.asarray(arr[y0:y1, x0:x1].compute())
-            yield classify_tile(window, tile, ensemble, model_input, config, own, detector)
+            with timer("read"):
+                window = np.asarray(arr[y0:y1, x0:x1].compute())
+            yield classify_tile(
+                window, tile, ensemble, model_input, config, own, detector, timer=timer
+            )
 
     if client is None:
         results = local_results()
@@ -247,6 +284,8 @@ def iter_classify_smear(
         stain_normalized=model_input.normalizer is not None,
         classes=classes,
         adapted_cells=adapted_cells,
+        # Seconds per stage on this machine (blocks summed; not on a cluster).
+        seconds=timer.rounded(),
     )
     if route is not None:
         cells.attrs["model"] = route.model
@@ -338,6 +377,7 @@ def classify_tile(
     config: ClassifyConfig,
     own: pd.DataFrame | None = None,
     detector=None,
+    timer: StageTimer | None = None,
 ) -> pd.DataFrame | None:
     """Detect (unless ``own`` cells are given) and classify the cells one tile owns.
 
@@ -345,25 +385,37 @@ def classify_tile(
     Returns the owned cells in full-image coordinates, or None when there are
     none.
     """
-    from .inference import disagreement, predict_crops
+    from .inference import predict_crops
     from .models.build import get_device
 
+    timer = timer or StageTimer()
     if own is None:
-        found = detector.detect(window, tile.origin)
-        if "kind" in found:
-            found = found[found["kind"] == "wbc"]
-        own = tile.select(found)
+        with timer("detect"):
+            found = detector.detect(window, tile.origin)
+            if "kind" in found:
+                found = found[found["kind"] == "wbc"]
+            own = tile.select(found)
     if own.empty:
         return None
-    crops = model_input.crops(window, tile.origin, own.y, own.x)
-    result = predict_crops(
-        ensemble,
-        crops,
-        config.batch_size,
-        config.tta,
-        get_device(config.device),
-        gate=not config.exhaustive,
-    )
+    with timer("cut crops"):
+        crops = model_input.crops(window, tile.origin, own.y, own.x)
+    with timer("classify"):
+        result = predict_crops(
+            ensemble,
+            crops,
+            config.batch_size,
+            config.tta,
+            get_device(config.device),
+            gate=not config.exhaustive,
+        )
+    with timer("table"):
+        return _cell_table(own, result, ensemble, config)
+
+
+def _cell_table(own: pd.DataFrame, result: dict, ensemble, config: ClassifyConfig) -> pd.DataFrame:
+    """The table rows of one tile's classified cells."""
+    from .inference import disagreement
+
     classes = list(ensemble.classes)
     table = pd.DataFrame(
         {

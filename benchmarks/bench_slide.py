@@ -1,0 +1,134 @@
+"""A whole slide, end to end: how long a user waits, and where the time goes (issue #15).
+
+    python benchmarks/bench_slide.py [--size 20000] [--model auto] [--threads 2]
+        [--compare-src /tmp/main-before/src]
+
+A synthetic smear at PBC's scale and white-cell density (0.1 µm/px,
+``napari_wbc.synthetic.lazy_smear``, generated lazily block by block, so the
+image costs no memory) is classified by ``iter_classify_smear`` with the
+default settings (``--model auto``: routed per smear; doubt-gated TTA), then
+with ``exhaustive=True`` (every D4 view of every member), each in a fresh
+process: seconds, Mpx/s, cells/s, peak RSS, and the seconds per stage the
+pipeline records (``df.attrs["seconds"]``), whose sum is compared with the
+wall time.
+
+``--compare-src`` runs the same smear with another checkout's ``src`` on the
+Python path (e.g. ``git worktree add /tmp/main-before <commit>``) and its own
+defaults (its built-in default model, its default TTA), in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+
+def _child(size: int, model: str, exhaustive: bool, threads: int) -> dict:
+    from napari_wbc.pipeline import ClassifyConfig, iter_classify_smear
+    from napari_wbc.progress import run
+    from napari_wbc.synthetic import lazy_smear
+    from napari_wbc.threads import configure_threads
+
+    configure_threads(threads)
+    try:
+        from napari_wbc.routing import load_model
+    except ImportError:  # a checkout from before --model auto: its own default
+        from napari_wbc.inference import load_any
+        from napari_wbc.models.files import default_model_path
+
+        def load_model(name, device="cpu"):
+            return load_any(default_model_path(), device)
+
+    t0 = time.perf_counter()
+    ensemble = load_model(model)
+    load_s = time.perf_counter() - t0
+    image = lazy_smear((size, size), seed=0, chunks=2048)
+    options = {"exhaustive": True} if exhaustive else {}
+    config = ClassifyConfig(pixel_size_um=0.1, device="cpu", **options)
+    t = time.perf_counter()
+    cells = run(iter_classify_smear(image, ensemble, config))
+    seconds = time.perf_counter() - t
+    return {
+        "seconds": seconds,
+        "load_seconds": load_s,
+        "cells": len(cells),
+        "stages": cells.attrs.get("seconds", {}),
+        "model": cells.attrs.get("model", getattr(ensemble, "name", "")),
+        "passes": float(cells["passes"].mean()) if "passes" in cells else None,
+        "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--size", type=int, default=20000)
+    p.add_argument("--model", default="auto")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--compare-src", help="another checkout's src folder, run with its defaults")
+    p.add_argument("--skip-exhaustive", action="store_true")
+    p.add_argument("--json", default=None)
+    p.add_argument("--case", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.case:
+        result = _child(args.size, args.model, args.case == "exhaustive", args.threads)
+        print(json.dumps(result))
+        return 0
+
+    def child(case: str, src: str | None = None) -> dict:
+        env = dict(os.environ)
+        if src:
+            env["PYTHONPATH"] = src
+        cmd = [sys.executable, __file__, "--case", case, "--size", str(args.size)]
+        cmd += ["--model", args.model, "--threads", str(args.threads)]
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if out.returncode:
+            raise SystemExit(f"{case} failed:\n{out.stderr[-3000:]}")
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    runs = []
+    if args.compare_src:
+        runs.append(("before (--compare-src, its defaults)", child("default", args.compare_src)))
+        print(runs[-1], flush=True)
+    runs.append(("default (auto, gated)", child("default")))
+    print(runs[-1], flush=True)
+    if not args.skip_exhaustive:
+        runs.append(("exhaustive D4", child("exhaustive")))
+        print(runs[-1], flush=True)
+
+    mpx = args.size * args.size / 1e6
+    print(f"\n{args.size} × {args.size} synthetic smear ({mpx:.0f} Mpx, PBC scale), 2 cores, "
+          f"{args.threads} threads\n")  # fmt: skip
+    print("| run | model | cells | passes/cell | seconds | Mpx/s | cells/s | peak RSS (MB) "
+          "| stages sum / wall |")  # fmt: skip
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for name, r in runs:
+        staged = sum(r["stages"].values())
+        passes = "" if r["passes"] is None else f"{r['passes']:.1f}"
+        ratio = f"{staged / r['seconds']:.2f}" if r["stages"] else "n/a"
+        print(
+            f"| {name} | {r['model']} | {r['cells']} | {passes} | {r['seconds']:.0f} "
+            f"| {mpx / r['seconds']:.2f} | {r['cells'] / r['seconds']:.1f} | {r['peak_mb']:.0f} "
+            f"| {ratio} |"
+        )
+    stages = sorted({k for _, r in runs for k in r["stages"]})
+    if stages:
+        print("\nSeconds per stage\n")
+        print("| stage | " + " | ".join(name for name, _ in runs) + " |")
+        print("|---|" + "---:|" * len(runs))
+        for stage in stages:
+            cells = [f"{r['stages'].get(stage, 0):.1f}" for _, r in runs]
+            print(f"| {stage} | " + " | ".join(cells) + " |")
+        print("| **wall** | " + " | ".join(f"**{r['seconds']:.1f}**" for _, r in runs) + " |")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"size": args.size, "runs": runs}, fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
