@@ -82,7 +82,8 @@ def test_crop_sets_are_routed_by_their_lab(data_dir, router):
     table = load_lab_table("pbc", data_dir, classes=router.classes)
     _, validation = stratified_split(table["label"].tolist(), 0.2, seed=0)
     pbc = balanced_subset(table.iloc[validation], per_class=8, seed=1)
-    metrics = evaluate(router, pbc, tta="none")
+    metrics = evaluate(router, pbc)  # the defaults: the chosen model's TTA, gated
+    assert metrics["tta"] == "d4"
     assert metrics["route"]["model"] == SPECIALIST
     assert metrics["route"]["specialist_ood_share"] <= 0.05  # measured 0.0
     assert metrics["model"] == f"auto → {SPECIALIST}"

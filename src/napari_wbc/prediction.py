@@ -130,6 +130,7 @@ def iter_predict_crop_files(
         gate=not exhaustive,
     )
     result["paths"] = paths
+    result["tta"] = tta if tta is not None else ensemble.tta
     result["crop_scale"] = (
         None
         if found is None
@@ -240,7 +241,7 @@ def iter_evaluate(
     )
     classes = list(result["classes"])
     metrics = classification_metrics(list(map(str, df["label"])), result["pred"], classes)
-    metrics["tta"] = tta if tta is not None else ensemble.tta
+    metrics["tta"] = result["tta"]  # the routed model's own, with --model auto
     metrics["model"] = str(ensemble.path) if ensemble.path is not None else ensemble.name
     if "route" in result:
         metrics["model"] = f"{AUTO_MODEL} → {result['route']['model']}"
