@@ -7,9 +7,10 @@ built-in model; LISC; BCCD's typed cells), ``napari_wbc.prediction.evaluate``
 runs twice in the same process, side by side: the default (a cell the first
 view of every member would not flag for review is settled there; the others
 get the remaining D4 views) and ``exhaustive=True`` (8 views × every member).
-Crops are read by the product's own path (scale measured, routed by
-``--model auto``) in both runs; the table gives seconds, cells/s, forward
-passes per crop, macro-F1 of each, and their difference.
+BCCD's cells are cut from their fields at twice the field of view. Crops are
+read by the product's own path (scale measured, routed by ``--model auto``)
+in both runs; the table gives seconds, cells/s, forward passes per crop,
+macro-F1 of each, and their difference.
 
 Then ``napari-wbc evaluate`` as a user runs it (a fresh process, import
 included) on the PBC crops, default and ``--exhaustive``.
@@ -24,7 +25,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from napari_wbc.datasets import balanced_subset, load_lab_table, stratified_split
+import pandas as pd
+from PIL import Image
+
+from napari_wbc.datasets import (
+    balanced_subset,
+    load_lab_table,
+    read_lab_crops,
+    stratified_split,
+)
 from napari_wbc.prediction import evaluate
 from napari_wbc.routing import load_model
 from napari_wbc.threads import configure_threads
@@ -41,13 +50,22 @@ PBC_CLASSES = (
 )
 
 
-def lab_sets(per_class: int) -> dict:
+def lab_sets(per_class: int, folder: Path) -> dict:
+    """Crop tables per lab; BCCD's cells are cut from their fields into ``folder``."""
     pbc = load_lab_table("pbc", classes=PBC_CLASSES)
     _, validation = stratified_split(pbc["label"].tolist(), 0.2, seed=0)
+    bccd = balanced_subset(load_lab_table("bccd"), per_class=per_class, seed=7)
+    # BCCD holds whole fields with boxes: each cell cut at 2 × the model's
+    # field of view (its scale then measured from the crops, as for any set).
+    crops = read_lab_crops(bccd, size=256, fov_rbc=9.6)
+    paths = []
+    for i, crop in enumerate(crops):
+        paths.append(str(folder / f"bccd-{i:04d}.png"))
+        Image.fromarray(crop).save(paths[-1])
     return {
         "PBC validation": balanced_subset(pbc.iloc[validation], per_class=per_class, seed=7),
         "LISC": balanced_subset(load_lab_table("lisc"), per_class=per_class, seed=7),
-        "BCCD": balanced_subset(load_lab_table("bccd"), per_class=per_class, seed=7),
+        "BCCD": pd.DataFrame({"path": paths, "label": bccd["label"].to_numpy()}),
     }
 
 
@@ -63,7 +81,9 @@ def main(argv=None) -> int:
     configure_threads(args.threads)
     model = load_model(args.model)
     rows = []
-    for lab, table in lab_sets(args.per_class).items():
+    tmp = tempfile.TemporaryDirectory()
+    sets = lab_sets(args.per_class, Path(tmp.name))
+    for lab, table in sets.items():
         table = table[["path", "label"]].reset_index(drop=True)
         row = {"set": lab, "n": len(table)}
         for name, exhaustive in (("exhaustive", True), ("gated", False)):
@@ -81,7 +101,7 @@ def main(argv=None) -> int:
         print(json.dumps(row), flush=True)
     cli_rows = []
     if not args.no_cli:
-        pbc = lab_sets(args.per_class)["PBC validation"][["path", "label"]]
+        pbc = sets["PBC validation"][["path", "label"]]
         with tempfile.TemporaryDirectory() as tmp:
             csv = Path(tmp) / "pbc.csv"
             pbc.to_csv(csv, index=False)

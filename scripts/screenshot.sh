@@ -34,7 +34,7 @@ def run_on_image(widget):
     widget.image.value = image
     widget.run()
     deadline = time.monotonic() + 600
-    while widget.busy and time.monotonic() < deadline:
+    while getattr(widget, "busy", widget.runner.running) and time.monotonic() < deadline:
         app.processEvents()
         time.sleep(0.05)
 

@@ -267,9 +267,9 @@ class ClassifyWidget(DockPage):
             text="all views, all models",
             value=False,
             tooltip="off: a cell the models' first look would not flag for review is settled "
-            "there, and only cells in doubt get the flipped and rotated views (about 5x "
-            "faster, same answers within 0.003 macro-F1 in our benchmarks); on: every view "
-            "for every cell",
+            "there, and only cells in doubt get the flipped and rotated views (3-5x fewer "
+            "passes of the models; macro-F1 within 0.003 in docs/benchmarks.md); on: every "
+            "view for every cell",
         )
         self.pixel_size = FloatSpinBox(
             label="µm per pixel",
