@@ -58,6 +58,9 @@ RING_SCALE = 1.35
 #: Ring line width, relative to the marker size.
 RING_WIDTH = 0.08
 
+#: Milliseconds between the steps that show a new result layer.
+_STEP_MS = 5
+
 #: The result layer's look, drawn once when the widget opens (pre-warm).
 _PREWARM_STYLE = dict(
     face_color="transparent",
@@ -489,17 +492,20 @@ class ClassifyWidget(DockPage):
         """Whether a run is going on or its result is still being shown."""
         return self.runner.running or self._revealing
 
-    def _reveal(self, layer) -> None:
-        """Show a result layer added hidden, then its text on a later turn of the event loop."""
+    def _reveal(self, steps: list) -> None:
+        """Run ``steps`` one per turn of the event loop (a new result layer, shown in steps)."""
+        if not steps:
+            self._revealing = False
+            return
         try:
-            if not layer.visible:
-                layer.visible = True
-                QTimer.singleShot(0, partial(self._reveal, layer))
-                return
-            layer.text.visible = bool(self.show_labels.value)
-        except RuntimeError:  # its Qt side is gone (the user removed it): nothing to show
-            pass
-        self._revealing = False
+            steps[0]()
+        except RuntimeError:  # the layer's Qt side is gone (the user removed it)
+            self._revealing = False
+            return
+        # A real timer, not a zero one: Qt runs zero timers as posted events,
+        # all before any input, paint or other timer; a short delay lets the
+        # event loop turn (and draw) between steps.
+        QTimer.singleShot(_STEP_MS, partial(self._reveal, steps[1:]))
 
     def _clear_counts(self) -> None:
         self._live = []
@@ -524,16 +530,28 @@ class ClassifyWidget(DockPage):
             # run a full garbage collection on the main thread (~0.4 s stall).
             _refill_points(existing, data, kwargs)
             self.result_layer = existing
-        else:
-            # Added hidden, shown on the next turn of the event loop: adding a
-            # layer and drawing it are then two short pauses of napari's main
-            # thread instead of one long one (issue #17).
-            # Its markers and its text are each drawn for the first time on a
-            # turn of their own, too.
-            kwargs = {**kwargs, "text": {**kwargs["text"], "visible": False}}
-            self.result_layer = self.viewer.add_points(data, name=name, visible=False, **kwargs)
-            self._revealing = True
-            QTimer.singleShot(0, partial(self._reveal, self.result_layer))
+            self._show_summary(image_layer, cells, table)
+            return
+        # A new layer is shown in steps, one per turn of the event loop, so
+        # that napari's main thread pauses several times briefly instead of
+        # once for long (issue #17): added hidden; shown (its markers' first
+        # draw); its class names (the text's first draw); the count and status.
+        kwargs = {**kwargs, "text": {**kwargs["text"], "visible": False}}
+        layer = self.viewer.add_points(data, name=name, visible=False, **kwargs)
+        self.result_layer = layer
+        self._revealing = True
+
+        def show_markers():
+            layer.visible = True
+
+        def show_names():
+            layer.text.visible = bool(self.show_labels.value)
+
+        steps = [show_markers, show_names, partial(self._show_summary, image_layer, cells, table)]
+        QTimer.singleShot(_STEP_MS, partial(self._reveal, steps))
+
+    def _show_summary(self, image_layer, cells: pd.DataFrame, table: pd.DataFrame) -> None:
+        """The count table, the status line and the cell selection hook of a finished run."""
         events = self.result_layer.selected_data.events.items_changed
         events.disconnect(self._on_point_selected)  # no-op unless connected already
         events.connect(self._on_point_selected)
@@ -541,17 +559,18 @@ class ClassifyWidget(DockPage):
         self.counts.show_counts(table)
         attrs = cells.attrs
         review = int(cells["needs_review"].sum()) if len(cells) else 0
-        self.status.value = (
+        status = (
             f"{len(cells)} cells, {review} to review (squares); red cell ≈ "
             f"{attrs.get('rbc_diameter_px', 0):.0f} px ({attrs.get('scale', '')})"
         )
         if attrs.get("route"):
-            self.status.value += f"\nmodel {attrs['route']}"
+            status += f"\nmodel {attrs['route']}"
         if attrs.get("warning"):
             # Most cells look unlike the model's training cells: say it where
             # the count is read, and once as a notification.
-            self.status.value = f"⚠ {attrs['warning']}\n{self.status.value}"
+            status = f"⚠ {attrs['warning']}\n{status}"
             show_warning(f"{image_layer.name}: {attrs['warning']}")
+        self.status.value = status
 
     # -- navigation ---------------------------------------------------------
     def _centre_on(self, index: int) -> None:
