@@ -250,3 +250,23 @@ def test_seconds_per_stage_are_recorded_and_add_up_to_at_most_the_run(sample, ti
     assert all(v >= 0 for v in stages.values())
     assert 0.5 * wall <= sum(stages.values()) <= wall
     assert set(cells["passes"]) <= {1, 8}  # one member, D4 if in doubt
+
+
+def test_crops_of_many_blocks_classified_together_give_each_block_its_own_cells(
+    sample, tiny_model_path, monkeypatch
+):
+    import napari_wbc.pipeline as pipeline
+
+    image, _ = sample
+    ensemble = load_any(tiny_model_path, tta="d4")
+    config = ClassifyConfig(pixel_size_um=0.1, block=512)
+    events = []
+    together = run(iter_classify_smear(image, ensemble, config), events.append)
+    blocks = [e for e in events if e.stage == "blocks"]
+    assert len(blocks) == blocks[-1].total > 4  # one event per block, as before
+    monkeypatch.setattr(pipeline, "CROSS_BLOCK_CELLS", 1)  # every block on its own
+    alone = run(iter_classify_smear(image, ensemble, config))
+    assert list(together["class"]) == list(alone["class"])
+    np.testing.assert_allclose(together[["y", "x"]], alone[["y", "x"]])
+    np.testing.assert_allclose(together["confidence"], alone["confidence"], atol=1e-5)
+    np.testing.assert_array_equal(together["passes"], alone["passes"])
