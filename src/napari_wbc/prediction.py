@@ -106,10 +106,13 @@ def iter_predict_crop_files(
         raise DataError("no crops to classify")
     route = None
     if isinstance(ensemble, ModelRouter):
+        # The scale is the set's, whichever model reads it: measured once.
+        found = ensemble.specialist.preprocessor.resolve_crop_scale(paths, scale)
         ensemble, route = yield from _iter_route_crops(
-            ensemble, paths, stain_source, scale, device, batch_size
+            ensemble, paths, stain_source, found, device, batch_size
         )
-    found = ensemble.preprocessor.resolve_crop_scale(paths, scale)
+    else:
+        found = ensemble.preprocessor.resolve_crop_scale(paths, scale)
     crops = yield from ensemble.preprocessor.iter_read_crop_files(
         paths, stain_source, None if found is None else found.rbc_diameter_px
     )
@@ -152,12 +155,14 @@ def _loaded(model, device):
     return load_model(model, device)
 
 
-def _iter_route_crops(router, paths, stain_source, scale, device, batch_size):
-    """The ensemble the router picks for these crop files (an even spread of them is read)."""
+def _iter_route_crops(router, paths, stain_source, found, device, batch_size):
+    """The ensemble the router picks for these crop files (an even spread of them is read).
+
+    ``found`` is the set's scale (:meth:`Preprocessor.resolve_crop_scale`).
+    """
     pick = np.unique(np.linspace(0, len(paths) - 1, min(len(paths), ROUTE_CELLS)).astype(int))
     sample = [paths[i] for i in pick]
     specialist = router.specialist.preprocessor
-    found = specialist.resolve_crop_scale(sample, scale)
     crops = yield from specialist.iter_read_crop_files(
         sample, stain_source, None if found is None else found.rbc_diameter_px
     )
