@@ -100,3 +100,22 @@ def test_router_refuses_models_with_different_classes(router):
 
     with pytest.raises(ValueError, match="share their classes"):
         ModelRouter(Other(), router.generalist)
+
+
+def test_classify_command_records_the_model_each_image_went_to(tmp_path, capsys):
+    # The default of `napari-wbc classify` is --model auto: the summary says
+    # which built-in model classified each image.
+    import pandas as pd
+
+    from napari_wbc.cli import main as cli
+    from napari_wbc.progress import run
+    from napari_wbc.synthetic import make_sample_smear
+    from napari_wbc.tiff import iter_write_pyramid_tiff
+
+    run(iter_write_pyramid_tiff(tmp_path / "smear.tif", make_sample_smear(), 0.1))
+    out = tmp_path / "out"
+    assert (
+        cli(["classify", str(tmp_path / "smear.tif"), "-o", str(out), "-q", "--tta", "none"]) == 0
+    )
+    summary = pd.read_csv(out / "summary.csv")
+    assert summary.loc[summary.image == "smear.tif", "model"].item() == SPECIALIST
