@@ -34,20 +34,10 @@ from napari_wbc.datasets import (
     read_lab_crops,
     stratified_split,
 )
+from napari_wbc.models.registry import PBC_CLASSES
 from napari_wbc.prediction import evaluate
 from napari_wbc.routing import load_model
 from napari_wbc.threads import configure_threads
-
-PBC_CLASSES = (
-    "basophil",
-    "eosinophil",
-    "erythroblast",
-    "ig",
-    "lymphocyte",
-    "monocyte",
-    "neutrophil",
-    "platelet",
-)
 
 
 def lab_sets(per_class: int, folder: Path) -> dict:

@@ -29,23 +29,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_crosslab import rescaled_pbc
 
 from napari_wbc.datasets import load_lab_table, stratified_split
+from napari_wbc.models.registry import PBC_CLASSES
 from napari_wbc.prediction import evaluate
 from napari_wbc.threads import configure_threads
 
 FACTORS = (1.0, 0.5, 0.7, 1.4, 2.0)
-
-
-#: PBC's eight classes, the classes of both built-in models.
-PBC_CLASSES = (
-    "basophil",
-    "eosinophil",
-    "erythroblast",
-    "ig",
-    "lymphocyte",
-    "monocyte",
-    "neutrophil",
-    "platelet",
-)
 
 
 def pbc_validation() -> pd.DataFrame:

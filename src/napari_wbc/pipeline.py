@@ -331,27 +331,31 @@ def _iter_route(arr, rbc_px, given, detector, router: ModelRouter, config: Class
         [arr], rbc_px, config.stain_normalize, config.stain_method
     )
     tiles = _tiles(arr.shape[:2], model_input.side, rbc_px, detector, config)
+    crops = yield from _iter_cut_cells(
+        arr, tiles, given, detector, model_input, "route", "to choose the model by", ROUTE_CELLS
+    )
+    return (
+        yield from router.iter_choose(
+            crops, device=get_device(config.device), batch_size=config.batch_size
+        )
+    )
+
+
+def _iter_cut_cells(arr, tiles, given, detector, model_input, stage, purpose, limit=None):
+    """Find and cut the cells of the smear block by block (all, or until ``limit``)."""
     crops = []
     for i, tile in enumerate(tiles):
         own = None if given is None else tile.select(given)
         if own is None or not own.empty:
             y0, y1, x0, x1 = tile.window
             window = np.asarray(arr[y0:y1, x0:x1].compute())
-            if own is None:
-                found = detector.detect(window, tile.origin)
-                if "kind" in found:
-                    found = found[found["kind"] == "wbc"]
-                own = tile.select(found)
-            if not own.empty:
-                crops.extend(model_input.crops(window, tile.origin, own.y, own.x))
-        yield Progress("route", i + 1, len(tiles), f"{len(crops)} cells to choose the model by")
-        if len(crops) >= ROUTE_CELLS:
+            own, cut = find_tile_cells(window, tile, model_input, own, detector)
+            if own is not None:
+                crops.extend(cut)
+        yield Progress(stage, i + 1, len(tiles), f"{len(crops)} cells {purpose}")
+        if limit is not None and len(crops) >= limit:
             break
-    return (
-        yield from router.iter_choose(
-            crops, device=get_device(config.device), batch_size=config.batch_size
-        )
-    )
+    return crops
 
 
 def _iter_adapt(arr, tiles, given, detector, model_input, ensemble):
@@ -362,20 +366,9 @@ def _iter_adapt(arr, tiles, given, detector, model_input, ensemble):
     """
     from .adapt import MIN_CELLS, adapt_ensemble
 
-    crops = []
-    for i, tile in enumerate(tiles):
-        own = None if given is None else tile.select(given)
-        if own is None or not own.empty:
-            y0, y1, x0, x1 = tile.window
-            window = np.asarray(arr[y0:y1, x0:x1].compute())
-            if own is None:
-                found = detector.detect(window, tile.origin)
-                if "kind" in found:
-                    found = found[found["kind"] == "wbc"]
-                own = tile.select(found)
-            if not own.empty:
-                crops.extend(model_input.crops(window, tile.origin, own.y, own.x))
-        yield Progress("adapt", i + 1, len(tiles), f"{len(crops)} cells to adapt to")
+    crops = yield from _iter_cut_cells(
+        arr, tiles, given, detector, model_input, "adapt", "to adapt to"
+    )
     if len(crops) < MIN_CELLS:
         note = (
             f"not adapted: {len(crops)} cells found, adaptation needs {MIN_CELLS}; "
