@@ -37,6 +37,9 @@ log = logging.getLogger(__name__)
 
 #: Cells classified together, across blocks (see ``iter_classify_smear``).
 CROSS_BLOCK_CELLS = 128
+#: ... or this many blocks, whichever comes first, so the live count and
+#: Cancel keep up on images with few cells.
+CROSS_BLOCK_BLOCKS = 4
 
 
 @dataclass
@@ -259,7 +262,8 @@ def iter_classify_smear(
                 with timer("read"):
                     window = np.asarray(arr[y0:y1, x0:x1].compute())
                 pending.append(find_tile_cells(window, tile, model_input, own, detector, timer))
-            if sum(len(o) for o, _ in pending if o is not None) >= CROSS_BLOCK_CELLS:
+            cells = sum(len(o) for o, _ in pending if o is not None)
+            if cells >= CROSS_BLOCK_CELLS or len(pending) >= CROSS_BLOCK_BLOCKS:
                 yield from flush()
         yield from flush()
 
