@@ -302,3 +302,21 @@ def test_bccd_detection_recall_and_precision(data_dir):
     precision = tp / (tp + fp)
     assert recall >= 0.95, f"recall {recall:.3f} (tp {tp}, fn {fn})"
     assert precision >= 0.90, f"precision {precision:.3f} (tp {tp}, fp {fp})"
+
+
+def test_dedupe_boxes_counts_a_cell_boxed_twice_once():
+    from napari_wbc.detection import dedupe_boxes
+
+    boxes = pd.DataFrame(
+        {
+            "x": [10, 14, 200, 60],
+            "y": [10, 12, 200, 10],
+            "w": [100, 100, 50, 100],
+            "h": [100, 96, 50, 100],
+            "label": ["a", "b", "c", "d"],
+        }
+    )
+    # 0 and 1 box one cell (IoU 0.88); 3 touches 0 (IoU 0.33): another cell.
+    kept = dedupe_boxes(boxes)
+    assert kept["label"].tolist() == ["a", "c", "d"]
+    assert dedupe_boxes(boxes.iloc[:0]).empty

@@ -12,7 +12,9 @@ from napari_wbc.progress import Progress
 from napari_wbc.scale import (
     RBC_DIAMETER_UM,
     ScaleError,
+    ScaleEstimate,
     estimate_rbc_diameter,
+    folder_scales,
     iter_estimate_rbc_diameter,
     resolve_scale,
 )
@@ -122,3 +124,35 @@ def test_bccd_red_cell_scale_matches_box_sizes(data_dir):
     box_median = float(np.median(np.sqrt(whole.w * whole.h)))
     assert 90 <= median <= 125
     assert median == pytest.approx(box_median, rel=0.15)
+
+
+def _est(px, cells):
+    return ScaleEstimate(px, cells, "distance-transform", RBC_DIAMETER_UM / px)
+
+
+def test_folder_scales_share_the_median_and_keep_another_magnification():
+    estimates = {
+        "a": _est(70.0, 12),
+        "b": _est(80.0, 4),  # noisy: few red cells
+        "c": _est(75.0, 15),
+        "d": _est(45.0, 3),  # far off, but from 3 cells: noise, takes the median
+        "e": _est(150.0, 14),  # 2x, from many cells: another objective
+        "f": None,  # could not be measured
+    }
+    scales = folder_scales(estimates)
+    median = float(np.median([70, 80, 75, 45, 150]))
+    assert set(scales) == set(estimates)
+    for key in "abcdf":
+        assert scales[key].rbc_diameter_px == pytest.approx(median)
+        assert scales[key].source == "measured"
+    assert scales["e"].rbc_diameter_px == pytest.approx(150.0)
+    assert "another magnification" in scales["e"].note
+    assert "too few red cells here" in scales["f"].note
+    assert "70 px from 12 red cells" in scales["a"].note
+
+
+def test_folder_scales_of_one_image_or_none_measured():
+    one = folder_scales({"x": _est(60.0, 2)})
+    assert one["x"].rbc_diameter_px == pytest.approx(60.0)
+    assert one["x"].note == "estimated from 2 red cells"
+    assert folder_scales({"x": None, "y": None}) == {}

@@ -351,3 +351,23 @@ def test_other_labs_nuclei_turn_purple_and_red_cells_pink(data_dir):
                 assert 280 <= hue <= 350, (path, hue)
             else:
                 assert hue >= 345 or hue <= 60, (path, hue)
+
+
+@pytest.mark.parametrize("method", ["regions", "macenko", "reinhard"])
+def test_colour_table_gives_exactly_the_arithmetic(method):
+    image = make_sample_smear()
+    source = fit_stain_reference(image)
+    norm = StainNormalizer(method, source, default_reference())
+    rng = np.random.default_rng(0)
+    # Every kind of colour: random ones and the smear's own.
+    tile = np.concatenate(
+        [rng.integers(0, 256, (64, 256, 3), dtype=np.uint8), image[:64, :256]], axis=0
+    )
+    arithmetic = norm._transform(tile.reshape(-1, 3)).reshape(tile.shape)
+    first = norm(tile)  # fills the table with the tile's colours
+    assert norm._known.sum() == len(np.unique(tile.reshape(-1, 3), axis=0))
+    again = norm(tile)  # looked up
+    assert again.dtype == np.uint8 and again.shape == tile.shape
+    np.testing.assert_array_equal(first, arithmetic)
+    np.testing.assert_array_equal(again, arithmetic)
+    assert not np.array_equal(arithmetic, tile)  # the transform did change colours

@@ -67,6 +67,7 @@ __all__ = [
     "ClassicalDetector",
     "DetectionError",
     "Detector",
+    "dedupe_boxes",
     "detect_cells",
     "detection_scores",
     "iter_detect",
@@ -702,6 +703,31 @@ def match_detections(detections: pd.DataFrame, boxes, by: str = "distance") -> d
         pairs.append((i, j))
     tp = len(pairs)
     return {**detection_scores(tp, len(det) - tp, len(b) - tp), "pairs": sorted(pairs)}
+
+
+def dedupe_boxes(boxes: pd.DataFrame, iou: float = 0.5) -> pd.DataFrame:
+    """Ground-truth boxes with each cell boxed once: of boxes overlapping by IoU ≥ ``iou``, the first.
+
+    Annotators sometimes box one cell twice (two boxes overlapping by an
+    intersection over union of 0.5-0.75 on one cell, as in TXL-BCD); no
+    detector can find a cell twice, so scores count such a pair once. Two
+    different cells' boxes overlap far less. ``boxes`` has columns ``x, y,
+    w, h``; the index is reset.
+    """
+    b = boxes[["x", "y", "w", "h"]].to_numpy(dtype=np.float64).reshape(-1, 4)
+    x0, y0 = b[:, 0], b[:, 1]
+    x1, y1 = x0 + b[:, 2], y0 + b[:, 3]
+    iw = np.clip(np.minimum(x1[:, None], x1[None]) - np.maximum(x0[:, None], x0[None]), 0, None)
+    ih = np.clip(np.minimum(y1[:, None], y1[None]) - np.maximum(y0[:, None], y0[None]), 0, None)
+    inter = iw * ih
+    area = b[:, 2] * b[:, 3]
+    union = area[:, None] + area[None] - inter
+    overlap = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0) >= iou
+    keep: list[int] = []
+    for i in range(len(b)):
+        if not any(overlap[i, j] for j in keep):
+            keep.append(i)
+    return boxes.iloc[keep].reset_index(drop=True)
 
 
 def detection_scores(tp: int, fp: int, fn: int) -> dict:

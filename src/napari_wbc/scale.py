@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,6 +58,7 @@ __all__ = [
     "ScaleError",
     "ScaleEstimate",
     "estimate_rbc_diameter",
+    "folder_scales",
     "iter_estimate_rbc_diameter",
     "iter_resolve_scale",
     "resolve_scale",
@@ -64,6 +66,14 @@ __all__ = [
 
 #: Diameter of a normal red cell (µm), the ruler.
 RBC_DIAMETER_UM = 7.5
+
+#: In a folder of fields, an image keeps its own measured scale only when it
+#: differs from the folder's median by more than this share (a different
+#: objective: 40×, 60× and 100× differ by 1.5× at least) ...
+FOLDER_OWN_SCALE_DIFFERENCE = 0.4
+#: ... and was measured on at least this many red cells. Fields with fewer
+#: are often off by 25 % or more (benchmarks/bench_detection.py).
+FOLDER_OWN_SCALE_CELLS = 10
 
 #: Smallest regional maximum of the distance transform (px) taken as a cell.
 _MIN_RADIUS_PX = 3.0
@@ -356,6 +366,57 @@ def iter_resolve_scale(
         "measured",
         f"estimated from {estimate.n_cells} red cells",
     )
+
+
+def folder_scales(estimates: Mapping) -> dict:
+    """One scale per image of a folder of fields from one microscope.
+
+    A field's own red cells give a noisy ruler: with under ten red cells
+    measured, a quarter of real fields are off by 25 % or more, and sizes in
+    detection and classification follow that error. Fields in one folder
+    nearly always share a microscope and camera, so every image takes the
+    folder's median measured diameter, except one measured on at least
+    :data:`FOLDER_OWN_SCALE_CELLS` red cells that differs from the median by
+    more than :data:`FOLDER_OWN_SCALE_DIFFERENCE` (another magnification),
+    which keeps its own. An image that could not be measured (``None``)
+    takes the median too.
+
+    Parameters
+    ----------
+    estimates : mapping
+        Image key → :class:`ScaleEstimate`, or None where it failed.
+
+    Returns
+    -------
+    dict
+        Image key → :class:`Scale` (``source`` "measured"), for every key
+        when at least one image was measured; empty otherwise.
+    """
+    measured = {k: e for k, e in estimates.items() if e is not None}
+    if not measured:
+        return {}
+    median = float(np.median([e.rbc_diameter_px for e in measured.values()]))
+    n = len(measured)
+    common = f"the median of {n} measured image{'s' if n != 1 else ''} in the folder"
+    out = {}
+    for key, est in estimates.items():
+        if est is None:
+            out[key] = Scale(median, None, "measured", f"{common} (too few red cells here)")
+            continue
+        own = float(est.rbc_diameter_px)
+        off = own / median - 1
+        if est.n_cells >= FOLDER_OWN_SCALE_CELLS and abs(off) > FOLDER_OWN_SCALE_DIFFERENCE:
+            note = (
+                f"estimated from {est.n_cells} red cells ({off:+.0%} from the folder's "
+                "median: another magnification)"
+            )
+            out[key] = Scale(own, None, "measured", note)
+        elif n == 1:
+            out[key] = Scale(own, None, "measured", f"estimated from {est.n_cells} red cells")
+        else:
+            note = f"{common} (this image alone: {own:.0f} px from {est.n_cells} red cells)"
+            out[key] = Scale(median, None, "measured", note)
+    return out
 
 
 def resolve_scale(pixel_size_um: float | None = None, image=None) -> float:

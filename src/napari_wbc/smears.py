@@ -31,10 +31,12 @@ def iter_classify_files(
     """Classify every image, writing ``<stem>.csv`` / ``<stem>.geojson`` and ``summary.csv``.
 
     A bad image does not stop the batch: its failure (file and reason) is
-    recorded and the run goes on. Fields from one microscope share a scale, so
-    an image whose red cells cannot be measured is classified at the batch's
-    scale (the median red-cell diameter measured on the other images), which
-    its ``scale`` column says. Failures are listed in ``failures.csv`` and in
+    recorded and the run goes on. Unless the scale is given, the red cells of
+    every image (whose file gives no pixel size) are measured first: fields
+    from one microscope share a scale, and one field's few red cells are a
+    noisy ruler, so each image is classified at the folder's median
+    (:func:`napari_wbc.scale.folder_scales`; an image clearly at another
+    magnification keeps its own), which its ``scale`` column says. Failures are listed in ``failures.csv`` and in
     ``summary.attrs["failures"]`` (dicts with ``image``, ``path``, ``reason``).
     Images whose cells largely look unlike the model's training cells are in
     ``summary.attrs["warnings"]`` (image name → message); the ``unlike_training``
@@ -43,14 +45,12 @@ def iter_classify_files(
     Returns the summary: one row per classified image with the count per
     class, the total and the scale used, plus a final row summing all images.
     """
-    from .scale import ScaleError
-
     config = config or ClassifyConfig()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = list_image_files(inputs)
     classes = list(ensemble.classes)
-    rows, failures, unmeasured, measured = [], [], [], []
+    rows, failures = [], []
     warnings: dict[str, str] = {}  # image -> "unlike the training data" warning
 
     def fail(path: Path, exc: BaseException) -> None:
@@ -58,44 +58,26 @@ def iter_classify_files(
         log.warning("%s: %s", path, reason)
         failures.append({"image": path.name, "path": str(path), "reason": reason})
 
+    scales, unmeasured = {}, {}
+    if config.rbc_diameter_px is None and config.pixel_size_um is None:
+        scales, unmeasured = yield from _iter_folder_scales(paths)
     for i, path in enumerate(paths):
+        if path in unmeasured and path not in scales:
+            fail(path, WBCError(f"{unmeasured[path]}; give --pixel-size or --rbc-diameter-px"))
+            continue
+        scale = scales.get(path)
+        own = config if scale is None else replace(config, rbc_diameter_px=scale.rbc_diameter_px)
         try:
             cells = yield from _iter_classify_file(
-                path, ensemble, config, client, out_dir, formats, (i, len(paths))
+                path, ensemble, own, client, out_dir, formats, (i, len(paths)), scale
             )
-        except ScaleError as exc:
-            unmeasured.append((path, exc))
-            continue
         except Exception as exc:  # one bad file must not end a batch; recorded
             fail(path, exc)
             continue
-        if cells.attrs.get("scale_source") == "measured":
-            measured.append(cells.attrs["rbc_diameter_px"])
         rows.append(_summary_row(path, cells, classes))
         if cells.attrs.get("warning"):
             warnings[path.name] = cells.attrs["warning"]
         yield Progress("images", i + 1, len(paths), f"{path.name}: {len(cells)} cells")
-    for path, exc in unmeasured:
-        if not measured:
-            fail(path, WBCError(f"{exc}; give --pixel-size or --rbc-diameter-px"))
-            continue
-        batch_px = float(np.median(measured))
-        batch = replace(config, rbc_diameter_px=batch_px, pixel_size_um=None)
-        try:
-            cells = yield from _iter_classify_file(
-                path, ensemble, batch, client, out_dir, formats, (len(rows), len(paths))
-            )
-        except Exception as exc:  # recorded, as above
-            fail(path, exc)
-            continue
-        row = _summary_row(path, cells, classes)
-        if cells.attrs.get("warning"):
-            warnings[path.name] = cells.attrs["warning"]
-        row["scale"] = (
-            f"batch scale: red cell {batch_px:.0f} px, the median of {len(measured)} "
-            f"measured images ({exc})"
-        )
-        rows.append(row)
     summary = pd.DataFrame(
         rows,
         columns=[
@@ -126,8 +108,50 @@ def iter_classify_files(
     return summary
 
 
-def _iter_classify_file(path, ensemble, config, client, out_dir, formats, position):
-    """Classify one image and write its tables; returns the cells."""
+def _iter_folder_scales(paths) -> ProgressGen[tuple[dict, dict]]:
+    """Measure every image whose file gives no pixel size; one scale each for the folder.
+
+    Returns ``(scales, unmeasured)``: path → :class:`~napari_wbc.scale.Scale`
+    by :func:`napari_wbc.scale.folder_scales`, and path → the reason an image
+    could not be measured (it takes the folder's scale when another was).
+    Files that cannot be read are left to the classification pass, which
+    records why.
+    """
+    from .scale import ScaleError, folder_scales, iter_estimate_rbc_diameter
+
+    estimates, unmeasured = {}, {}
+    for i, path in enumerate(paths):
+        try:
+            smear = read_smear(path)
+        except Exception:  # reported when the image is classified
+            continue
+        try:
+            if smear.pixel_size_um is None:
+                gen = iter_estimate_rbc_diameter(smear.levels[0])
+                while True:
+                    try:
+                        next(gen)
+                    except StopIteration as stop:
+                        estimates[path] = stop.value
+                        break
+                    yield Progress("scale", i, len(paths), f"measuring red cells: {path.name}")
+        except ScaleError as exc:
+            estimates[path] = None
+            unmeasured[path] = exc
+        except Exception:  # reported when the image is classified
+            pass
+        finally:
+            smear.close()
+        yield Progress("scale", i + 1, len(paths), f"measuring red cells: {path.name}")
+    return folder_scales(estimates), unmeasured
+
+
+def _iter_classify_file(path, ensemble, config, client, out_dir, formats, position, scale=None):
+    """Classify one image and write its tables; returns the cells.
+
+    ``scale`` is the folder's measured scale for this image (its
+    ``rbc_diameter_px`` is already in ``config``): it only names the scale.
+    """
     from .export import cells_to_csv, cells_to_geojson
 
     i, n = position
@@ -152,6 +176,8 @@ def _iter_classify_file(path, ensemble, config, client, out_dir, formats, positi
             )
     finally:
         smear.close()
+    if scale is not None:
+        cells.attrs.update(scale=scale.note, scale_source=scale.source)
     if "csv" in formats:
         # The pixel size the cells were found with (the user's over the file's).
         cells_to_csv(cells, out_dir / f"{path.stem}.csv", cells.attrs.get("pixel_size_um"))
@@ -210,6 +236,8 @@ def iter_evaluate_smears(
     A detection matches one unmatched box whose area contains its centre.
     Classification metrics are computed over matched cells whose box has a real
     class (``ambiguous`` / ``unlabeled`` boxes count for detection only).
+    Unless the scale is given, the images share the folder's measured scale
+    as in :func:`iter_classify_files`.
     """
     from .detection import match_detections
     from .metrics import classification_metrics
@@ -219,13 +247,23 @@ def iter_evaluate_smears(
     tp = fp = fn = 0
     y_true, y_pred = [], []
     failed: dict[str, str] = {}
+    scales = {}
+    if config.rbc_diameter_px is None and config.pixel_size_um is None:
+        scales, _ = yield from _iter_folder_scales([Path(p) for p in images])
     for i, path in enumerate(images):
         own = boxes[boxes["path"] == path].reset_index(drop=True)
+        scale = scales.get(Path(path))
+        image_config = (
+            config if scale is None else replace(config, rbc_diameter_px=scale.rbc_diameter_px)
+        )
         smear = read_smear(path)
         try:
             cells = run(
                 iter_classify_smear(
-                    smear.levels[0], ensemble, config, file_pixel_size_um=smear.pixel_size_um
+                    smear.levels[0],
+                    ensemble,
+                    image_config,
+                    file_pixel_size_um=smear.pixel_size_um,
                 )
             )
         except WBCError as exc:

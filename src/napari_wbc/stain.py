@@ -849,9 +849,6 @@ class StainNormalizer:
         The reference to map onto.
     """
 
-    #: Tiles at least this large (pixels) switch to the colour table.
-    TABLE_AFTER_PIXELS = 8_000_000
-
     def __init__(self, method: str, source: StainReference | None, target: StainReference | None):
         requested = get_stain_method(method).name
         if requested != "none" and (source is None or target is None):
@@ -875,8 +872,8 @@ class StainNormalizer:
         self.source = source
         self.target = target
         self._lock = threading.Lock()
-        self._table = None
-        self._seen = 0
+        self._table = None  # 2^24 packed colours (R, G, B, 0), filled as colours appear
+        self._known = None  # which entries of the table are filled
         if self.method != "none":
             impl = get_stain_method(self.method)
             self._apply = impl.transform(source, target)
@@ -904,40 +901,49 @@ class StainNormalizer:
         if self.method == "none" or tile.size == 0:
             return tile.copy()
         pixels = tile.reshape(-1, 3)
-        with self._lock:
-            self._seen += len(pixels)
-            use_table = self._table is not None or self._seen >= self.TABLE_AFTER_PIXELS
-        if use_table:
-            table = self._colour_table()
-            index = (pixels[:, 0].astype(np.uint32) << 16) | (pixels[:, 1].astype(np.uint32) << 8)
-            index |= pixels[:, 2]
-            return table[index].reshape(tile.shape)
-        return self._transform(pixels).reshape(tile.shape)
+        index = pixels[:, 0].astype(np.uint32) << 16
+        index |= pixels[:, 1].astype(np.uint32) << 8
+        index |= pixels[:, 2]
+        table, known = self._colour_table()
+        missing = ~known[index]
+        if missing.any():
+            self._fill(np.unique(index[missing]))
+        # One aligned 4-byte gather per pixel.
+        packed = np.take(table, index)
+        return packed.view(np.uint8).reshape(-1, 4)[:, :3].reshape(tile.shape)
 
-    def _colour_table(self) -> np.ndarray:
-        """The transform of every 8-bit colour (2^24 × 3 bytes), built once.
+    def _colour_table(self) -> tuple[np.ndarray, np.ndarray]:
+        """The table of every 8-bit colour's result, packed in uint32, and which are filled.
 
-        The transform is a function of the colour alone, so after a few
-        megapixels a lookup is far cheaper than the arithmetic, and it gives
-        exactly the same values.
+        The transform is a function of the colour alone, and a smear holds
+        far fewer colours than pixels, so each colour is computed once, the
+        first time it appears (:meth:`_fill`), and looked up after that:
+        exactly the arithmetic's values, at the cost of a lookup. Both
+        arrays start zeroed, so only the pages of colours met take memory
+        (at most 64 + 16 MB).
         """
         with self._lock:
             if self._table is None:
-                table = np.empty((1 << 24, 3), np.uint8)
-                step = 1 << 20
-                for start in range(0, 1 << 24, step):
-                    codes = np.arange(start, start + step, dtype=np.uint32)
-                    colours = np.stack(
-                        [(codes >> 16) & 255, (codes >> 8) & 255, codes & 255], axis=1
-                    ).astype(np.uint8)
-                    table[start : start + step] = self._transform(colours)
-                self._table = table
-            return self._table
+                self._table = np.zeros(1 << 24, np.uint32)
+                self._known = np.zeros(1 << 24, bool)
+            return self._table, self._known
+
+    def _fill(self, codes: np.ndarray) -> None:
+        """Compute the colours ``codes`` (sorted, unique uint32 RGB codes) into the table."""
+        colours = np.stack([(codes >> 16) & 255, (codes >> 8) & 255, codes & 255], axis=1)
+        result = self._transform(colours.astype(np.uint8))
+        packed = np.zeros((len(codes), 4), np.uint8)
+        packed[:, :3] = result
+        with self._lock:
+            # Values first, then the flags: a reader that sees a flag sees its value.
+            self._table[codes] = packed.view(np.uint32).ravel()
+            self._known[codes] = True
 
     def __getstate__(self):
-        # Ship the small matrices to dask workers, not the 48 MB table.
+        # Ship the small matrices to dask workers, not the 64 MB table.
         state = self.__dict__.copy()
         state["_table"] = None
+        state["_known"] = None
         state["_lock"] = None
         state.pop("_apply", None)
         return state
