@@ -302,3 +302,63 @@ def test_gate_without_doubt_is_one_pass_per_member_and_exact_without_gate(ensemb
     np.testing.assert_allclose(
         gated["probs"], predict_crops(ensemble, crops, tta="none")["probs"], atol=1e-6
     )
+
+
+def _with_statistics(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """A model whose batch norms hold non-trivial statistics and affine weights."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(torch.randn(n, generator=g) * 0.3)
+            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(n, generator=g) * 0.2)
+    return model.eval()
+
+
+@pytest.mark.parametrize("arch", ["resnet10t", "regnety_002"])
+def test_folded_batch_norms_give_the_same_outputs(arch):
+    import copy
+
+    import timm
+
+    from napari_wbc.inference import fold_batch_norms
+
+    model = _with_statistics(timm.create_model(arch, num_classes=5, pretrained=False))
+    folded = copy.deepcopy(model)
+    n_bn = sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert fold_batch_norms(folded) == n_bn > 0
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    x = torch.randn(4, 3, 64, 64)
+    with torch.inference_mode():
+        np.testing.assert_allclose(folded(x), model(x), atol=1e-4, rtol=1e-4)
+        # timm's split forward, used for the trust features, still works.
+        pre = folded.forward_head(folded.forward_features(x), pre_logits=True)
+        ref = model.forward_head(model.forward_features(x), pre_logits=True)
+        np.testing.assert_allclose(pre, ref, atol=1e-4, rtol=1e-4)
+    with pytest.raises(Exception, match="eval"):
+        fold_batch_norms(copy.deepcopy(model).train())
+
+
+def test_inference_model_is_a_folded_copy_renewed_when_weights_change():
+    import timm
+
+    from napari_wbc.inference import inference_model
+
+    model = _with_statistics(timm.create_model("resnet10t", num_classes=3, pretrained=False))
+    fast = inference_model(model)
+    assert fast is not model and inference_model(model) is fast  # kept while unchanged
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())  # untouched
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        before = fast(x)
+    # Batch-norm statistics changed in place (as adaptation does): a new copy.
+    with torch.no_grad():
+        next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)).running_mean += 1
+    renewed = inference_model(model)
+    assert renewed is not fast
+    with torch.inference_mode():
+        np.testing.assert_allclose(renewed(x), model(x), atol=1e-4, rtol=1e-4)
+        assert not torch.allclose(renewed(x), before)

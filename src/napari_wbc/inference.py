@@ -10,8 +10,11 @@ the dihedral group D4 (4 rotations × optional mirror) is the natural TTA set.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
+import threading
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -20,6 +23,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+import torch.fx
 import torch.nn.functional as F
 
 from napari_wbc.errors import DataError, ModelFileError, WBCError
@@ -347,8 +351,7 @@ def iter_predict_crops(
         model = member.model
         if _model_device(model) != device:
             model.to(device)
-        # channels_last makes convolutions faster on CPU and GPU alike.
-        model.to(memory_format=torch.channels_last).eval()
+        model = inference_model(model)
         spec = member.config.spec
         mean = torch.tensor(spec.mean, device=device).view(1, 3, 1, 1)
         std = torch.tensor(spec.std, device=device).view(1, 3, 1, 1)
@@ -380,6 +383,101 @@ def iter_predict_crops(
                 sums[key][:, doubtful] += value
         views[doubtful] = len(transforms)
     return _combine(ensemble, sums, views)
+
+
+class _BatchNormLeaves(torch.fx.Tracer):
+    """Traces a model keeping every batch norm (timm's with an activation too) as one call."""
+
+    def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
+        return isinstance(m, torch.nn.BatchNorm2d) or super().is_leaf_module(m, qualname)
+
+
+def fold_batch_norms(model: torch.nn.Module) -> int:
+    """Fold each batch norm into the convolution that alone feeds it; returns how many.
+
+    For inference only (eval mode): the folded convolution gives the same
+    output as convolution then normalization, within float rounding, in one
+    pass instead of two. The model keeps its structure (its methods, such as
+    timm's ``forward_features``, still work): each folded convolution is
+    replaced by the fused one and its batch norm by what follows the
+    normalization in it (nothing, or timm's activation). A model that cannot
+    be traced is left as it is (0).
+    """
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    if model.training:
+        raise WBCError("batch norms are folded for inference only; call model.eval() first")
+    try:
+        graph = _BatchNormLeaves().trace(model)
+    except Exception as exc:  # dynamic control flow: no folding, still correct
+        logger.debug("not folding batch norms of %s: %s", type(model).__name__, exc)
+        return 0
+    modules = dict(model.named_modules())
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    folded = 0
+    for node in graph.nodes:
+        bn = modules.get(node.target) if node.op == "call_module" else None
+        if not isinstance(bn, torch.nn.BatchNorm2d) or calls[node.target] != 1:
+            continue
+        src = node.args[0]
+        conv = modules.get(src.target) if isinstance(src, torch.fx.Node) else None
+        if not (
+            src.op == "call_module"
+            and type(conv) is torch.nn.Conv2d
+            and len(src.users) == 1
+            and calls[src.target] == 1
+            and bn.track_running_stats
+        ):
+            continue
+        if type(bn) is torch.nn.BatchNorm2d:
+            after: torch.nn.Module = torch.nn.Identity()
+        elif hasattr(bn, "act") and hasattr(bn, "drop"):  # timm's BatchNormAct2d
+            after = torch.nn.Sequential(bn.drop, bn.act)
+        else:
+            continue
+        _set_submodule(model, src.target, fuse_conv_bn_eval(conv, bn))
+        _set_submodule(model, node.target, after)
+        folded += 1
+    return folded
+
+
+def _set_submodule(root: torch.nn.Module, name: str, module: torch.nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, leaf, module)
+
+
+_FOLDED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_FOLDED_LOCK = threading.Lock()
+
+
+def _weights_version(model: torch.nn.Module) -> int:
+    """Changes whenever a parameter or buffer (e.g. batch-norm statistics) changes in place."""
+    return sum(t._version for t in model.parameters()) + sum(t._version for t in model.buffers())
+
+
+def inference_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The copy of ``model`` that classification runs: batch norms folded, channels-last.
+
+    The model itself is left as it is (training and batch-norm adaptation
+    need its batch norms); the copy is kept while the model lives and made
+    again when the model's weights or device change.
+    """
+    key = (_weights_version(model), str(_model_device(model)))
+    with _FOLDED_LOCK:
+        hit = _FOLDED.get(model)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+    fast = copy.deepcopy(model).eval()
+    n = fold_batch_norms(fast)
+    # channels_last makes convolutions faster on CPU and GPU alike.
+    fast.to(memory_format=torch.channels_last)
+    logger.debug("%s: %d batch norms folded for inference", type(model).__name__, n)
+    with _FOLDED_LOCK:
+        _FOLDED[model] = (key, fast)
+    return fast
 
 
 def _in_doubt(ensemble: Ensemble, out: dict[str, Any]) -> np.ndarray:
