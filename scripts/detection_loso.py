@@ -1,6 +1,6 @@
 """Choose detector settings leave-one-source-out, on every field of every source.
 
-    python scripts/detection_loso.py [--out outputs/det-loso] [--threads 2]
+    python scripts/detection_loso.py [--out outputs/det-loso] [--defaults-only | --split-grid]
 
 Loads every field of BCCD, TXL-Raabin and TXL-BCD (as ``benchmarks/
 bench_detection.py labs --fields 0`` does), measures the red-cell scale of each
@@ -146,6 +146,12 @@ def main() -> None:
         action="store_true",
         help="only today's detector settings, under each scale policy",
     )
+    ap.add_argument(
+        "--split-grid",
+        action="store_true",
+        help="split settings under the folder ('snap') and one-field ('field') scales; each "
+        "held-out source's choice maximizes the worst F1 over the other two and both scales",
+    )
     args = ap.parse_args()
     import torch  # noqa: F401  (keeps thread settings consistent with the package)
 
@@ -164,6 +170,9 @@ def main() -> None:
             r = json.loads(line)
             done.add(r["config"])
             rows.append(r)
+    if args.split_grid:
+        split_grid(fields, scales, batch, out)
+        return
     grid = {k: v[:1] for k, v in GRID.items()} if args.defaults_only else GRID
     keys = list(grid)
     with results_file.open("a") as fh:
@@ -196,6 +205,45 @@ def main() -> None:
                     file=sys.stderr,
                 )
     report(rows)
+
+
+def split_grid(fields, scales, batch, out: Path) -> None:
+    """The split rule's settings, chosen leave one source out for any scale (see --split-grid)."""
+    by = {}
+    for split_d, split_dist in itertools.product([2.4, 2.8, 3.2, 99.0], [1.2, 1.5]):
+        if split_d == 99.0 and split_dist == 1.5:
+            continue  # 99: never split; the distance does not matter
+        patch = {"_SPLIT_DIAMETER": split_d, "_SPLIT_DISTANCE": split_dist}
+        by[(split_d, split_dist)] = {
+            p: run_config(fields, scales, batch, p, patch) for p in ("snap", "field")
+        }
+        print(patch, file=sys.stderr, flush=True)
+    (out / "split-grid.json").write_text(
+        json.dumps([{"split": list(k), "res": v} for k, v in by.items()], indent=1)
+    )
+    print("| split diameter, distance (d) | scale | " + " | ".join(SOURCES) + " (F1) |")
+    print("|---|---|" + "---:|" * len(SOURCES))
+    for k, res in by.items():
+        for p in ("snap", "field"):
+            cells = " | ".join(f"{res[p][n]['f1']:.3f}" for n in SOURCES)
+            print(f"| {k[0]:g}, {k[1]:g} | {p} | {cells} |")
+    print()
+    print(
+        "| held out | chosen on the other two, both scales | held-out P / R, folder | one field |"
+    )
+    print("|---|---|---:|---:|")
+    for held in SOURCES:
+        others = [n for n in SOURCES if n != held]
+
+        def worst(k, others=others):
+            return min(by[k][p][n]["f1"] for p in ("snap", "field") for n in others)
+
+        best = max(by, key=lambda k: (round(worst(k), 4), -(k[0] != 2.4) - (k[1] != 1.2)))
+        f, o = by[best]["snap"][held], by[best]["field"][held]
+        print(
+            f"| {held} | {best[0]:g}, {best[1]:g} | {f['precision']:.3f} / {f['recall']:.3f} "
+            f"| {o['precision']:.3f} / {o['recall']:.3f} |"
+        )
 
 
 def _distance(r: dict) -> float:
