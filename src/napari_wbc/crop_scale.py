@@ -226,9 +226,9 @@ def to_field_of_view(
     h, w = crop.shape[:2]
     nh, nw = max(1, round(h * factor)), max(1, round(w * factor))
     resized = np.asarray(Image.fromarray(crop).resize((nw, nh), Image.Resampling.BILINEAR))
-    glass = np.round(_glass(crop)).astype(np.uint8)
     out = np.empty((out_size, out_size, 3), np.uint8)
-    out[:] = glass
+    if nh < out_size or nw < out_size:  # the crop shows less than the field of view
+        out[:] = np.round(_glass(crop)).astype(np.uint8)
     y0, x0 = (nh - out_size) // 2, (nw - out_size) // 2
     ys, xs = max(y0, 0), max(x0, 0)
     ye, xe = min(y0 + out_size, nh), min(x0 + out_size, nw)

@@ -21,6 +21,8 @@ in ``config.stain``. Nothing here imports torch.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -37,6 +39,19 @@ if TYPE_CHECKING:
     from .stain import StainNormalizer
 
 logger = logging.getLogger(__name__)
+
+
+def _reader_threads() -> int:
+    """Threads for reading crops: those configured for computing (at most 8)."""
+    import os
+
+    from .threads import available_cores
+
+    try:
+        n = int(os.environ.get("OMP_NUM_THREADS", ""))
+    except ValueError:
+        n = available_cores()
+    return max(1, min(n, 8))
 
 __all__ = [
     "CROP_SCALES",
@@ -359,11 +374,20 @@ class Preprocessor:
                 return memo[path]
 
         normalizer = self.crop_normalizer(lambda i: read(paths[i]), len(paths), stain_source)
-        crops = []
-        step = max(1, len(paths) // 100)
-        for i, path in enumerate(paths, 1):
+
+        def prepared(path: str) -> np.ndarray:
             crop = read(path)
-            crops.append(normalizer(crop) if normalizer is not None else crop)
-            if i % step == 0 or i == len(paths):
-                yield Progress("read", i, len(paths), f"read {i}/{len(paths)} crops")
+            return normalizer(crop) if normalizer is not None else crop
+
+        # Decoding, resizing and the colour lookup release the GIL: crops are
+        # read by as many threads as the computation uses (napari_wbc.threads),
+        # in order, a chunk at a time (progress and cancel between chunks).
+        workers = _reader_threads()
+        crops: list[np.ndarray] = []
+        step = max(16, len(paths) // 100)
+        with ThreadPoolExecutor(workers) as pool:
+            for start in range(0, len(paths), step):
+                crops.extend(pool.map(prepared, paths[start : start + step]))
+                done = len(crops)
+                yield Progress("read", done, len(paths), f"read {done}/{len(paths)} crops")
         return np.stack(crops)
