@@ -21,10 +21,9 @@ in ``config.stain``. Nothing here imports torch.
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-
 import logging
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -52,6 +51,7 @@ def _reader_threads() -> int:
     except ValueError:
         n = available_cores()
     return max(1, min(n, 8))
+
 
 __all__ = [
     "CROP_SCALES",
