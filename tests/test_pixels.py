@@ -34,3 +34,13 @@ def test_downsample_means_blocks_and_repeats_the_edge():
     assert out.shape == (3, 2, 3)
     np.testing.assert_allclose(out[0, 0], rgb[:2, :2].mean(axis=(0, 1)))
     np.testing.assert_allclose(out[2, 1], rgb[4, 2:4].mean(axis=0))
+
+
+def test_downsample_of_8_bit_images_equals_the_float_block_mean():
+    rng = np.random.default_rng(0)
+    for shape, factor in [((64, 96, 3), 3), ((37, 50, 3), 16), ((101, 77, 3), 4)]:
+        image = rng.integers(0, 256, shape, dtype=np.uint8)
+        fast = downsample(image, factor)  # the 8-bit path
+        reference = downsample(image.astype(np.float64), factor)  # the float path
+        assert fast.dtype == np.float32
+        np.testing.assert_array_equal(fast, reference)

@@ -175,7 +175,22 @@ def nuclear_threshold(
 
 def downsample(rgb: np.ndarray, factor: int) -> np.ndarray:
     """Mean over ``factor`` × ``factor`` blocks (float32); a partial block repeats its edge."""
-    rgb = np.asarray(rgb, dtype=np.float32)
+    arr = np.asarray(rgb)
+    if arr.dtype == np.uint8 and 1 < factor <= 16:
+        # 8-bit input: exact integer sums of strided slices (no reduction over
+        # small axes, about 10x faster), then the same float32 division.
+        h, w = arr.shape[:2]
+        ph, pw = -h % factor, -w % factor
+        if ph or pw:
+            arr = np.pad(arr, ((0, ph), (0, pw), (0, 0)), mode="edge")
+        rows = arr[0::factor].astype(np.uint16)
+        for i in range(1, factor):
+            rows += arr[i::factor]
+        sums = rows[:, 0::factor].copy()
+        for j in range(1, factor):
+            sums += rows[:, j::factor]
+        return sums.astype(np.float32) / np.float32(factor * factor)
+    rgb = np.asarray(arr, dtype=np.float32)
     if factor == 1:
         return rgb
     h, w = rgb.shape[:2]
