@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
@@ -65,35 +64,19 @@ def scale_of(policy: str, name: str, key: str, scales: dict, batch: dict) -> flo
     own = scales.get(key)
     if own is None or policy == "batch":
         return batch[name]
-    if policy == "snap":
-        return own[0] if own[1] >= 10 and abs(own[0] / batch[name] - 1) > 0.4 else batch[name]
+    if policy == "snap":  # napari_wbc.scale.folder_scales' rule, the folder being the source
+        from napari_wbc.scale import FOLDER_OWN_SCALE_CELLS, FOLDER_OWN_SCALE_DIFFERENCE
+
+        far = abs(own[0] / batch[name] - 1) > FOLDER_OWN_SCALE_DIFFERENCE
+        return own[0] if own[1] >= FOLDER_OWN_SCALE_CELLS and far else batch[name]
     if policy == "clip":
         return float(np.clip(own[0], 0.85 * batch[name], 1.15 * batch[name]))
     return own[0]
 
 
-def dedupe_boxes(boxes: pd.DataFrame, iou: float = 0.5) -> pd.DataFrame:
-    """One box per cell: of boxes overlapping by IoU >= ``iou``, keep the first."""
-    b = boxes[["x", "y", "w", "h"]].to_numpy(dtype=float)
-    keep = []
-    for i in range(len(b)):
-        x0, y0, w, h = b[i]
-        dup = False
-        for j in keep:
-            ix = max(0.0, min(x0 + w, b[j, 0] + b[j, 2]) - max(x0, b[j, 0]))
-            iy = max(0.0, min(y0 + h, b[j, 1] + b[j, 3]) - max(y0, b[j, 1]))
-            inter = ix * iy
-            if inter / (w * h + b[j, 2] * b[j, 3] - inter) >= iou:
-                dup = True
-                break
-        if not dup:
-            keep.append(i)
-    return boxes.iloc[keep].reset_index(drop=True)
-
-
 def run_config(fields, scales, batch, policy: str, patch: dict, dedupe: bool = True) -> dict:
     import napari_wbc.detection as det_mod
-    from napari_wbc.detection import detect_cells, match_detections
+    from napari_wbc.detection import dedupe_boxes, detect_cells, match_detections
 
     saved = {k: getattr(det_mod, k) for k in patch}
     for k, v in patch.items():

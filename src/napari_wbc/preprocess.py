@@ -40,19 +40,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-def _reader_threads() -> int:
-    """Threads for reading crops: those configured for computing (at most 8)."""
-    import os
-
-    from .threads import available_cores
-
-    try:
-        n = int(os.environ.get("OMP_NUM_THREADS", ""))
-    except ValueError:
-        n = available_cores()
-    return max(1, min(n, 8))
-
-
 __all__ = [
     "CROP_SCALES",
     "CROP_SCALE_MIN_CROPS",
@@ -382,7 +369,9 @@ class Preprocessor:
         # Decoding, resizing and the colour lookup release the GIL: crops are
         # read by as many threads as the computation uses (napari_wbc.threads),
         # in order, a chunk at a time (progress and cancel between chunks).
-        workers = _reader_threads()
+        from .threads import compute_threads
+
+        workers = min(compute_threads(), 8)
         crops: list[np.ndarray] = []
         step = max(16, len(paths) // 100)
         with ThreadPoolExecutor(workers) as pool:

@@ -62,6 +62,22 @@ def run(
             callback(event)
 
 
+def relabel(
+    gen: Generator[Progress, None, T], label: Callable[[Progress], Progress]
+) -> Generator[Progress, None, T]:
+    """``gen``'s events passed through ``label`` (a stage of a larger run); returns its result.
+
+    Use ``result = yield from relabel(gen, label)`` inside another progress
+    generator, so that cancelling it still stops ``gen`` at its next event.
+    """
+    while True:
+        try:
+            event = next(gen)
+        except StopIteration as stop:
+            return stop.value
+        yield label(event)
+
+
 class TerminalBar:
     """A minimal progress bar on stderr for the CLI (a callback for :func:`run`)."""
 

@@ -12,7 +12,7 @@ import pandas as pd
 from .errors import DataError, WBCError
 from .images import list_image_files, read_smear
 from .pipeline import ClassifyConfig, iter_classify_smear
-from .progress import Progress, ProgressGen, run
+from .progress import Progress, ProgressGen, relabel, run
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +36,9 @@ def iter_classify_files(
     from one microscope share a scale, and one field's few red cells are a
     noisy ruler, so each image is classified at the folder's median
     (:func:`napari_wbc.scale.folder_scales`; an image clearly at another
-    magnification keeps its own), which its ``scale`` column says. Failures are listed in ``failures.csv`` and in
-    ``summary.attrs["failures"]`` (dicts with ``image``, ``path``, ``reason``).
+    magnification keeps its own), which its ``scale`` column says. Failures
+    are listed in ``failures.csv`` and in ``summary.attrs["failures"]``
+    (dicts with ``image``, ``path``, ``reason``).
     Images whose cells largely look unlike the model's training cells are in
     ``summary.attrs["warnings"]`` (image name → message); the ``unlike_training``
     column counts those cells.
@@ -127,14 +128,11 @@ def _iter_folder_scales(paths) -> ProgressGen[tuple[dict, dict]]:
             continue
         try:
             if smear.pixel_size_um is None:
-                gen = iter_estimate_rbc_diameter(smear.levels[0])
-                while True:
-                    try:
-                        next(gen)
-                    except StopIteration as stop:
-                        estimates[path] = stop.value
-                        break
-                    yield Progress("scale", i, len(paths), f"measuring red cells: {path.name}")
+                measuring = Progress("scale", i, len(paths), f"measuring red cells: {path.name}")
+                estimates[path] = yield from relabel(
+                    iter_estimate_rbc_diameter(smear.levels[0]),
+                    lambda _, event=measuring: event,
+                )
         except ScaleError as exc:
             estimates[path] = None
             unmeasured[path] = exc
@@ -157,23 +155,17 @@ def _iter_classify_file(path, ensemble, config, client, out_dir, formats, positi
     i, n = position
     smear = read_smear(path)
     try:
-        gen = iter_classify_smear(
-            smear.levels[0],
-            ensemble,
-            config,
-            client=client,
-            source_path=path,
-            file_pixel_size_um=smear.pixel_size_um,
+        cells = yield from relabel(
+            iter_classify_smear(
+                smear.levels[0],
+                ensemble,
+                config,
+                client=client,
+                source_path=path,
+                file_pixel_size_um=smear.pixel_size_um,
+            ),
+            lambda e: Progress("images", i, n, f"{path.name}: {e.stage} {e.done}/{e.total}"),
         )
-        while True:
-            try:
-                event = next(gen)
-            except StopIteration as stop:
-                cells = stop.value
-                break
-            yield Progress(
-                "images", i, n, f"{path.name}: {event.stage} {event.done}/{event.total}"
-            )
     finally:
         smear.close()
     if scale is not None:

@@ -38,6 +38,14 @@ def default_threads() -> int:
     return max(1, min(cores, round(cores - busy)))
 
 
+def compute_threads() -> int:
+    """Threads the computation was given (:func:`configure_threads`), else the cores."""
+    try:
+        return max(1, int(os.environ.get("OMP_NUM_THREADS", "")))
+    except ValueError:
+        return available_cores()
+
+
 def configure_threads(threads: int | None = None) -> int:
     """Use ``threads`` (default :func:`default_threads`) for torch, dask and BLAS.
 
