@@ -264,44 +264,86 @@ def test_disagreement_counts_members_against_the_ensemble():
         disagreement(member_probs[0])
 
 
-def test_gate_settles_confident_cells_on_one_view_and_gives_the_rest_the_full_set(ensemble):
-    from napari_wbc.trust import TrustStats
+def _sub_ensemble_probs(ensemble, members, crops, tta):
+    """The weighted ensemble of ``members`` alone (their own TTA averages)."""
+    full = predict_crops(ensemble, crops, tta=tta)
+    w = ensemble.weights[list(members)]
+    return np.einsum("m,mnc->nc", w / w.sum(), full["member_probs"][list(members)])
 
-    crops = random_crops(24, seed=5)
-    first = predict_crops(ensemble, crops, tta="none")
-    # Review threshold at the median confidence of the first view: half the
-    # cells are in doubt (members may disagree freely here).
-    ensemble.trust = TrustStats(
-        min_confidence=float(np.median(first["confidence"])), max_disagreement=1.0
-    )
-    full = predict_crops(ensemble, crops, tta="d4")  # calibrated as the gated run is
+
+def test_members_are_ordered_by_their_cost(ensemble):
+    from napari_wbc.inference import member_cost, member_order
+
+    costs = [member_cost(m.model, m.config.spec.input_size) for m in ensemble.members]
+    assert all(c > 0 for c in costs)
+    order = member_order(ensemble)
+    assert sorted(order) == [0, 1, 2]
+    assert [costs[j] for j in order] == sorted(costs)
+    # Counting operations runs on a model in eval mode and leaves it as it was.
+    ensemble.members[0].model.train()
+    member_cost(ensemble.members[0].model, 40)
+    assert ensemble.members[0].model.training
+    ensemble.members[0].model.eval()
+
+
+def test_gate_settles_each_cell_at_the_first_stage_sure_of_it(ensemble):
+    from napari_wbc.inference import member_order
+
+    crops = random_crops(40, seed=5)
+    order = member_order(ensemble)
+    two = order[:2]
+    first = _sub_ensemble_probs(ensemble, two, crops, "none")
+    everyone = predict_crops(ensemble, crops, tta="none")
+    full = predict_crops(ensemble, crops, tta="d4")
+    # Thresholds at the medians: some cells settle at each stage.
+    t1 = float(np.median(first.max(1)))
+    t2 = float(np.median(everyone["confidence"]))
+    stages = [(2, 1, t1), (None, 1, t2)]
     events = []
-    gated = run(iter_predict_crops(ensemble, crops, tta="d4", gate=True), events.append)
-    settled = gated["passes"] == 3
-    doubtful = gated["passes"] == 3 * 8
-    assert (settled | doubtful).all() and settled.any() and doubtful.any()
-    np.testing.assert_array_equal(settled, first["confidence"] >= ensemble.trust.min_confidence)
-    # A settled cell keeps its first view's answer; a doubtful one gets
-    # exactly what every view of every member gives.
-    np.testing.assert_allclose(gated["probs"][settled], first["probs"][settled], atol=1e-6)
-    np.testing.assert_allclose(gated["probs"][doubtful], full["probs"][doubtful], atol=1e-5)
+    gated = run(iter_predict_crops(ensemble, crops, tta="d4", gate=stages), events.append)
+    passes = gated["passes"]
+    assert set(np.unique(passes)) <= {2, 3, 24} and len(np.unique(passes)) >= 2
+    agree_two = (everyone["member_probs"][two].argmax(-1) == first.argmax(1)[None]).all(0)
+    stage1 = agree_two & (first.max(1) >= t1)
+    np.testing.assert_array_equal(passes == 2, stage1)
+    # Settled on the two cheapest members' first view: their ensemble's answer,
+    # and the member not run adds no disagreement.
+    np.testing.assert_allclose(gated["probs"][stage1], first[stage1], atol=1e-5)
+    assert (gated["views"][order[2], stage1] == 0).all()
+    assert (disagreement(gated["member_probs"], gated["probs"])[stage1] == 0).all()
+    later = passes == 3
+    np.testing.assert_allclose(gated["probs"][later], everyone["probs"][later], atol=1e-5)
+    # A cell no stage was sure of gets exactly every view of every member.
+    last = passes == 24
+    assert last.any()
+    np.testing.assert_allclose(gated["probs"][last], full["probs"][last], atol=1e-5)
     np.testing.assert_allclose(
-        gated["member_probs"][:, doubtful], full["member_probs"][:, doubtful], atol=1e-5
+        gated["member_probs"][:, last], full["member_probs"][:, last], atol=1e-5
     )
     assert {e.stage for e in events} == {"classify", "doubtful"}
-    assert (full["passes"] == 24).all() and (first["passes"] == 3).all()
+    assert (full["passes"] == 24).all() and (everyone["passes"] == 3).all()
 
 
-def test_gate_without_doubt_is_one_pass_per_member_and_exact_without_gate(ensemble):
-    from napari_wbc.trust import TrustStats
+def test_default_gate_stages_and_exhaustive_run(ensemble):
+    from napari_wbc.inference import GATE_STAGES, member_order
 
-    crops = random_crops(6, seed=6)
-    ensemble.trust = TrustStats(min_confidence=0.0, max_disagreement=1.0)
-    gated = run(iter_predict_crops(ensemble, crops, tta="d4", gate=True))
-    assert (gated["passes"] == 3).all()
-    np.testing.assert_allclose(
-        gated["probs"], predict_crops(ensemble, crops, tta="none")["probs"], atol=1e-6
-    )
+    crops = random_crops(12, seed=6)
+    # Settle everything on the cheapest member's first view (it always
+    # agrees with itself)...
+    sure = run(iter_predict_crops(ensemble, crops, tta="d4", gate=[(1, 1, 0.0)]))
+    assert (sure["passes"] == 1).all()
+    cheapest = member_order(ensemble)[0]
+    alone = predict_crops(ensemble, crops, tta="none")["member_probs"][cheapest]
+    np.testing.assert_allclose(sure["probs"], alone, atol=1e-5)
+    # ...and nothing: every view of every member, as without the gate.
+    never = run(iter_predict_crops(ensemble, crops, tta="d4", gate=[(2, 1, 1.1)]))
+    exhaustive = run(iter_predict_crops(ensemble, crops, tta="d4", gate=False))
+    assert (never["passes"] == 24).all() and (exhaustive["passes"] == 24).all()
+    np.testing.assert_allclose(never["probs"], exhaustive["probs"], atol=1e-6)
+    # The default stages end with everything for the cells still in doubt.
+    assert GATE_STAGES[-1] == (None, None, None)
+    default = run(iter_predict_crops(ensemble, crops, tta="d4", gate=True))
+    assert set(np.unique(default["passes"])) <= {2, 3, 12, 24}
 
 
 def _with_statistics(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

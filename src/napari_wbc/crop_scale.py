@@ -37,6 +37,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from napari_wbc.errors import WBCError
+from napari_wbc.threads import thread_map
 
 log = logging.getLogger(__name__)
 
@@ -134,8 +135,7 @@ def _red_cell_diameters(crops, enlarge: int = 1) -> list[float]:
 
     from napari_wbc.scale import ScaleError, estimate_rbc_diameter
 
-    out = []
-    for crop in crops:
+    def measure(crop) -> float | None:
         if enlarge > 1:
             h, w = crop.shape[:2]
             crop = np.asarray(
@@ -146,9 +146,10 @@ def _red_cell_diameters(crops, enlarge: int = 1) -> list[float]:
         try:
             est = estimate_rbc_diameter(crop, window=max(64, max(crop.shape[:2])), min_cells=2)
         except ScaleError:
-            continue
-        out.append(est.rbc_diameter_px / enlarge)
-    return out
+            return None
+        return est.rbc_diameter_px / enlarge
+
+    return [d for d in thread_map(measure, crops) if d is not None]
 
 
 def measure_crop_scale(
@@ -181,7 +182,7 @@ def measure_crop_scale(
     pick = rng.choice(len(crops), size=min(max_crops, len(crops)), replace=False)
     sample = [np.asarray(crops[i]) for i in sorted(pick)]
     rbc = _red_cell_diameters(sample)
-    nuclei = [v for v in (measure_nucleus_diameter(c) for c in sample) if v]
+    nuclei = [v for v in thread_map(measure_nucleus_diameter, sample) if v]
     from_wbc = float(np.median(nuclei)) / NUCLEUS_PER_RBC if nuclei else None
     if rbc and np.median(rbc) < SMALL_RBC_PX:
         rough = float(np.median(rbc))

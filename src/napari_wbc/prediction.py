@@ -105,16 +105,17 @@ def iter_predict_crop_files(
     if not paths:
         raise DataError("no crops to classify")
     route = None
+    normalizer = "fit"
     if isinstance(ensemble, ModelRouter):
         # The scale is the set's, whichever model reads it: measured once.
         found = ensemble.specialist.preprocessor.resolve_crop_scale(paths, scale)
-        ensemble, route = yield from _iter_route_crops(
+        ensemble, route, normalizer = yield from _iter_route_crops(
             ensemble, paths, stain_source, found, device, batch_size
         )
     else:
         found = ensemble.preprocessor.resolve_crop_scale(paths, scale)
     crops = yield from ensemble.preprocessor.iter_read_crop_files(
-        paths, stain_source, None if found is None else found.rbc_diameter_px
+        paths, stain_source, None if found is None else found.rbc_diameter_px, normalizer
     )
     adapted = None
     if adapt:
@@ -159,14 +160,20 @@ def _iter_route_crops(router, paths, stain_source, found, device, batch_size):
     """The ensemble the router picks for these crop files (an even spread of them is read).
 
     ``found`` is the set's scale (:meth:`Preprocessor.resolve_crop_scale`).
+    Returns the ensemble, the :class:`~napari_wbc.routing.Route` and the stain
+    normalizer to read the whole set with: the one fitted for the specialist
+    when it is chosen (it was found on the whole set), else "fit".
     """
     pick = np.unique(np.linspace(0, len(paths) - 1, min(len(paths), ROUTE_CELLS)).astype(int))
     sample = [paths[i] for i in pick]
     specialist = router.specialist.preprocessor
-    crops = yield from specialist.iter_read_crop_files(
-        sample, stain_source, None if found is None else found.rbc_diameter_px
+    rbc = None if found is None else found.rbc_diameter_px
+    normalizer = specialist.crop_files_normalizer(paths, stain_source, rbc)
+    crops = yield from specialist.iter_read_crop_files(sample, stain_source, rbc, normalizer)
+    ensemble, route = yield from router.iter_choose(
+        crops, device=get_device(device), batch_size=batch_size
     )
-    return (yield from router.iter_choose(crops, device=get_device(device), batch_size=batch_size))
+    return ensemble, route, (normalizer if ensemble is router.specialist else "fit")
 
 
 def evaluate(

@@ -306,6 +306,7 @@ class Preprocessor:
         """
         from .crop_scale import CropScale, CropScaleError, measure_crop_scale
         from .datasets import decode_image
+        from .threads import thread_map
 
         if not isinstance(scale, str):
             value = float(scale)
@@ -322,18 +323,48 @@ class Preprocessor:
         rng = np.random.default_rng(0)
         pick = sorted(rng.choice(len(paths), size=min(24, len(paths)), replace=False))
         try:
-            return measure_crop_scale([decode_image(paths[int(i)]) for i in pick])
+            return measure_crop_scale(thread_map(decode_image, [paths[int(i)] for i in pick]))
         except CropScaleError as exc:
             if scale == "measure":
                 raise
             logger.warning("%s; classifying the crops as they are", exc)
             return None
 
+    def _crop_reader(self, rbc_diameter_px: float | None) -> Callable[[str], np.ndarray]:
+        """``read(path)``: a crop file decoded, at the model's field of view, memoised."""
+        from .crop_scale import to_field_of_view
+        from .datasets import CropCache, decode_image
+
+        if rbc_diameter_px is None:
+            return CropCache(self.cache_size).get
+        memo: dict[str, np.ndarray] = {}
+
+        def read(path: str) -> np.ndarray:
+            if path not in memo:
+                memo[path] = to_field_of_view(
+                    decode_image(path), rbc_diameter_px, self.fov_rbc, self.cache_size
+                )
+            return memo[path]
+
+        return read
+
+    def crop_files_normalizer(
+        self,
+        paths: Sequence[str],
+        stain_source: str = "auto",
+        rbc_diameter_px: float | None = None,
+    ) -> StainNormalizer | None:
+        """:meth:`crop_normalizer` for a set of crop files, read as :meth:`iter_read_crop_files` does."""
+        paths = [str(p) for p in paths]
+        read = self._crop_reader(rbc_diameter_px)
+        return self.crop_normalizer(lambda i: read(paths[i]), len(paths), stain_source)
+
     def iter_read_crop_files(
         self,
         paths: Sequence[str],
         stain_source: str = "auto",
         rbc_diameter_px: float | None = None,
+        normalizer: StainNormalizer | str | None = "fit",
     ) -> ProgressGen[np.ndarray]:
         """Decode crop files as training did and normalise their stains; (N, S, S, 3) uint8.
 
@@ -341,26 +372,18 @@ class Preprocessor:
         :meth:`crop_normalizer`. With ``rbc_diameter_px`` (from
         :meth:`resolve_crop_scale`) every crop is first brought to the model's
         field of view (:func:`napari_wbc.crop_scale.to_field_of_view`);
-        without it, crops are squared and resized as they are.
+        without it, crops are squared and resized as they are. ``normalizer``:
+        "fit" (default) finds it for these files (:meth:`crop_files_normalizer`);
+        pass one already found for the set (or None) when reading part of it.
         """
-        from .crop_scale import to_field_of_view
-        from .datasets import CropCache, decode_image
-
         paths = [str(p) for p in paths]
-        cache = CropCache(self.cache_size)
-        if rbc_diameter_px is None:
-            read = cache.get
-        else:
-            memo: dict[str, np.ndarray] = {}
-
-            def read(path: str) -> np.ndarray:
-                if path not in memo:
-                    memo[path] = to_field_of_view(
-                        decode_image(path), rbc_diameter_px, self.fov_rbc, self.cache_size
-                    )
-                return memo[path]
-
-        normalizer = self.crop_normalizer(lambda i: read(paths[i]), len(paths), stain_source)
+        read = self._crop_reader(rbc_diameter_px)
+        if isinstance(normalizer, str):
+            if normalizer != "fit":
+                raise WBCError(
+                    f"normalizer must be 'fit', None or a normalizer, got {normalizer!r}"
+                )
+            normalizer = self.crop_normalizer(lambda i: read(paths[i]), len(paths), stain_source)
 
         def prepared(path: str) -> np.ndarray:
             crop = read(path)

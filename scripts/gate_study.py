@@ -1,0 +1,109 @@
+"""Per-view, per-member outputs of the built-in models on whole labelled sets (issue #15).
+
+    python scripts/gate_study.py -o outputs/gate/views
+
+For PBC's validation split (never trained on), all of LISC and BCCD's typed
+cells (cut at twice the field of view, as benchmarks/bench_gate.py does),
+the crops are read by the product's path (scale measured, routed by
+``auto``) and every member's logits and pre-logit features are saved for
+each of the eight D4 views, one ``.npz`` per set. Any gating policy can then
+be replayed exactly (scripts/gate_policies.py) without running a network.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+
+from napari_wbc.datasets import load_lab_table, read_lab_crops, stratified_split
+from napari_wbc.inference import TTA_SETS, _empty_sums, _iter_add_views, inference_model
+from napari_wbc.models.registry import PBC_CLASSES
+from napari_wbc.prediction import _iter_route_crops
+from napari_wbc.progress import run
+from napari_wbc.routing import load_model
+from napari_wbc.threads import configure_threads
+
+
+def sets(folder: Path) -> dict[str, pd.DataFrame]:
+    pbc = load_lab_table("pbc", classes=PBC_CLASSES)
+    _, validation = stratified_split(pbc["label"].tolist(), 0.2, seed=0)
+    bccd = load_lab_table("bccd")
+    crops = read_lab_crops(bccd, size=256, fov_rbc=9.6)
+    paths = []
+    for i, crop in enumerate(crops):
+        paths.append(str(folder / f"bccd-{i:04d}.png"))
+        Image.fromarray(crop).save(paths[-1])
+    return {
+        "pbc": pbc.iloc[validation],
+        "lisc": load_lab_table("lisc"),
+        "bccd": pd.DataFrame({"path": paths, "label": bccd["label"].to_numpy()}),
+    }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("-o", "--output", type=Path, required=True)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--only", nargs="*", default=None)
+    args = p.parse_args(argv)
+    configure_threads(args.threads)
+    args.output.mkdir(parents=True, exist_ok=True)
+    router = load_model("auto")
+    tmp = tempfile.TemporaryDirectory()
+    for name, table in sets(Path(tmp.name)).items():
+        if args.only and name not in args.only:
+            continue
+        paths = table["path"].astype(str).tolist()
+        t = time.perf_counter()
+        found = router.specialist.preprocessor.resolve_crop_scale(paths, "auto")
+        ens, route, _ = run(_iter_route_crops(router, paths, "auto", found, "cpu", 64))
+        crops = run(ens.preprocessor.iter_read_crop_files(paths, "auto", found.rbc_diameter_px))
+        prepared = []
+        for member in ens.members:
+            spec = member.config.spec
+            mean = torch.tensor(spec.mean).view(1, 3, 1, 1)
+            std = torch.tensor(spec.std).view(1, 3, 1, 1)
+            prepared.append((inference_model(member.model), spec.input_size, mean, std))
+        logits, features = [], [[] for _ in ens.members]
+        for view in TTA_SETS["d4"]:
+            s = _empty_sums(ens, len(crops))
+            run(
+                _iter_add_views(
+                    ens,
+                    prepared,
+                    crops,
+                    [view],
+                    range(len(prepared)),
+                    0,
+                    s,
+                    np.arange(len(crops)),
+                    64,
+                    torch.device("cpu"),
+                    "classify",
+                )
+            )
+            logits.append(s["logits"])
+            for j, f in enumerate(s["features"]):
+                features[j].append(f)
+        np.savez_compressed(
+            args.output / f"{name}.npz",
+            logits=np.stack(logits, 1),  # (M, V, N, C)
+            labels=np.asarray(
+                [ens.classes.index(c) if c in ens.classes else -1 for c in table["label"]]
+            ),
+            model=np.asarray(route.model),
+            **{f"features{j}": np.stack(f) for j, f in enumerate(features)},  # (V, N, D_j)
+        )
+        print(name, len(paths), ens.name, f"{time.perf_counter() - t:.0f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
