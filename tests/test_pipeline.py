@@ -264,9 +264,26 @@ def test_crops_of_many_blocks_classified_together_give_each_block_its_own_cells(
     together = run(iter_classify_smear(image, ensemble, config), events.append)
     blocks = [e for e in events if e.stage == "blocks"]
     assert len(blocks) == blocks[-1].total > 4  # one event per block, as before
+    # Classification reports its own progress in between (Cancel works there).
+    assert any(e.stage == "classify" for e in events)
     monkeypatch.setattr(pipeline, "CROSS_BLOCK_CELLS", 1)  # every block on its own
     alone = run(iter_classify_smear(image, ensemble, config))
     assert list(together["class"]) == list(alone["class"])
     np.testing.assert_allclose(together[["y", "x"]], alone[["y", "x"]])
     np.testing.assert_allclose(together["confidence"], alone["confidence"], atol=1e-5)
     np.testing.assert_array_equal(together["passes"], alone["passes"])
+
+
+def test_a_run_stops_cleanly_in_the_middle_of_classifying(sample, tiny_model_path):
+    # Cancel closes the generator: inside a batch of cells, between passes.
+    image, _ = sample
+    ensemble = load_any(tiny_model_path, tta="d4")
+    steps = iter_classify_smear(image, ensemble, ClassifyConfig(pixel_size_um=0.1, block=512))
+    for event in steps:
+        if event.stage == "classify":
+            break
+    else:
+        raise AssertionError("no classification progress before the end")
+    steps.close()
+    with pytest.raises(StopIteration):
+        next(steps)
