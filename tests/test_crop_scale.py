@@ -69,8 +69,11 @@ def test_to_field_of_view_of_a_wide_crop_is_its_resized_centre():
     crop = np.random.default_rng(3).integers(0, 256, (120, 130, 3), dtype=np.uint8)
     out = to_field_of_view(crop, rbc_diameter_px=20.0, fov_rbc=4.0, out_size=40)
     # 4 red cells of 20 px in 40 px: resized to half, 60 x 65, centre 40 x 40 kept.
-    half = np.asarray(Image.fromarray(crop).resize((65, 60), Image.Resampling.BILINEAR))
+    half = np.asarray(Image.fromarray(crop).resize((65, 60), Image.Resampling.BICUBIC))
     np.testing.assert_array_equal(out, half[10:50, 12:52])
+    bilinear = to_field_of_view(crop, 20.0, 4.0, 40, resample="BILINEAR")
+    half = np.asarray(Image.fromarray(crop).resize((65, 60), Image.Resampling.BILINEAR))
+    np.testing.assert_array_equal(bilinear, half[10:50, 12:52])
 
 
 def test_nucleus_found_at_the_centre():
