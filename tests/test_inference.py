@@ -404,3 +404,20 @@ def test_inference_model_is_a_folded_copy_renewed_when_weights_change():
     with torch.inference_mode():
         np.testing.assert_allclose(renewed(x), model(x), atol=1e-4, rtol=1e-4)
         assert not torch.allclose(renewed(x), before)
+
+
+def test_members_are_folded_only_for_sets_worth_it(tiny_members, monkeypatch):
+    import napari_wbc.inference as inference
+
+    ensemble = Ensemble(tiny_members[:1], tta="none")
+    model = ensemble.members[0].model
+    crops = random_crops(6, seed=9)
+    few = predict_crops(ensemble, crops)
+    assert inference._FOLDED.get(model) is None  # a few crops: not worth a copy
+    monkeypatch.setattr(inference, "FOLD_MIN_CROPS", 4)
+    many = predict_crops(ensemble, crops)
+    assert inference._FOLDED.get(model) is not None
+    np.testing.assert_allclose(few["probs"], many["probs"], atol=1e-4)
+    monkeypatch.setattr(inference, "FOLD_MIN_CROPS", 1000)
+    again = predict_crops(ensemble, crops)  # once folded, the copy is used
+    np.testing.assert_allclose(again["probs"], many["probs"], atol=1e-6)
