@@ -167,9 +167,9 @@ def add_tta_option(p) -> None:
     p.add_argument(
         "--exhaustive",
         action="store_true",
-        help="every TTA view of every member for every cell (slower); by default a cell "
-        "that the first view of every member would not flag for review is settled there, "
-        "and only cells in doubt get the other views",
+        help="every TTA view of every member for every cell (4-8x slower); by default the "
+        "two cheapest members look first, and only cells they do not agree on with "
+        "confidence get the other members, then half the views, then all of them",
     )
 
 

@@ -82,9 +82,9 @@ class ClassifyConfig:
         than :data:`napari_wbc.adapt.MIN_CELLS` cells the smear is classified
         without adaptation, and a warning says so. Not available on a cluster.
     exhaustive : bool
-        Every TTA view of every member for every cell. By default a cell
-        that the first view of every member would not flag for review is
-        settled there, and only cells in doubt get the other views
+        Every TTA view of every member for every cell. By default members
+        and views are spent in stages, the cheapest first, and a cell is
+        settled at the first stage sure of it
         (``gate`` of :func:`napari_wbc.inference.iter_predict_crops`); the
         ``passes`` column says how many forward passes each cell took.
     """
