@@ -202,3 +202,49 @@ def test_unsupported_extension_and_missing_file(tmp_path):
     with pytest.raises(ImageReadError, match="unsupported file type"):
         read_smear(other)
     assert get_reader(str(other)) is None
+
+
+def test_overlapping_windows_of_a_tiled_tiff_decode_each_tile_once(tmp_path):
+    from napari_wbc.images import CachedChunks
+
+    rng = np.random.default_rng(4)
+    image = rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)
+    path = tmp_path / "tiled.tif"
+    tifffile.imwrite(path, image, tile=(64, 64), photometric="rgb", compression="zlib")
+    smear = read_smear(path)
+    try:
+        cache = next(
+            v for v in smear.data.dask.values() if isinstance(v, CachedChunks)
+        )  # the full-resolution level's store, wrapped
+        start = cache.reads  # opening the file touched one pixel
+        # Blocks of 128 px with a 40 px halo, in raster order, as the pipeline reads them.
+        for y0 in (0, 128):
+            for x0 in (0, 128):
+                ys, xs = slice(max(y0 - 40, 0), y0 + 168), slice(max(x0 - 40, 0), x0 + 168)
+                window = np.asarray(smear.data[ys, xs].compute())
+                np.testing.assert_array_equal(window, image[ys, xs])
+        # Each of the 4 x 4 tiles at most once (36 tile reads without the cache).
+        assert cache.reads - start <= 16
+        tile = cache[(slice(0, 64), slice(0, 64), slice(0, 3))]
+        with pytest.raises(ValueError):
+            tile[0, 0, 0] = 1  # what is kept cannot be changed by a caller
+    finally:
+        smear.close()
+
+
+def test_tile_cache_keeps_at_most_its_bytes():
+    from napari_wbc.images import CachedChunks
+
+    data = np.arange(64 * 64, dtype=np.uint8).reshape(64, 64)
+    cache = CachedChunks(data, max_bytes=2 * 16 * 16)
+    for y in range(0, 64, 16):
+        np.testing.assert_array_equal(
+            cache[(slice(y, y + 16), slice(0, 16))], data[y : y + 16, :16]
+        )
+    assert cache.reads == 4 and cache._bytes <= 2 * 16 * 16
+    cache[(slice(48, 64), slice(0, 16))]  # the most recent: kept
+    assert cache.reads == 4
+    cache[(slice(0, 16), slice(0, 16))]  # the oldest: read again
+    assert cache.reads == 5
+    # Anything but plain slices goes straight through.
+    np.testing.assert_array_equal(cache[(slice(0, 8, 2), 3)], data[0:8:2, 3])

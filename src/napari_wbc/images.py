@@ -203,6 +203,71 @@ def build_pyramid(level0: da.Array, min_size: int = 1024) -> list[da.Array]:
 
 # --------------------------------------------------------------------------- TIFF
 
+#: Bytes of decoded full-resolution TIFF tiles kept (least recently read
+#: dropped first). A classification reads each block with a halo, so a tile
+#: near a block's edge is read by two to four blocks; the next row of blocks
+#: finds its upper halo here if a whole row's windows fit (about 220 MB for a
+#: 20,000 px wide slide in 512 px tiles). On the 20,000² slide benchmark:
+#: reading 6.4 s without, 4.7 s with 192 MB, 3.8 s with this.
+TILE_CACHE_BYTES = 320 * 2**20
+
+
+class CachedChunks:
+    """An array read by chunk-aligned slices, the most recently read kept.
+
+    Wraps a zarr array (tifffile's store decodes a tile on every read) for
+    :func:`dask.array.from_array`: a read of exactly one chunk's slices is
+    kept, up to ``max_bytes`` in all, and handed out read-only (so no caller
+    can change what the next one gets); any other read goes straight through.
+    Thread-safe.
+    """
+
+    def __init__(self, array, max_bytes: int):
+        import threading
+        from collections import OrderedDict
+
+        self.array = array
+        self.shape = tuple(array.shape)
+        self.dtype = np.dtype(array.dtype)
+        self.ndim = len(self.shape)
+        self.max_bytes = int(max_bytes)
+        self._kept: OrderedDict = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self.reads = 0  # reads that went to the array (for tests and benchmarks)
+
+    def __getitem__(self, key):
+        k = self._key(key)
+        if k is not None:
+            with self._lock:
+                hit = self._kept.get(k)
+                if hit is not None:
+                    self._kept.move_to_end(k)
+                    return hit
+        value = np.asarray(self.array[key])
+        self.reads += 1
+        if k is not None and value.nbytes <= self.max_bytes:
+            value.flags.writeable = False
+            with self._lock:
+                if k not in self._kept:
+                    self._kept[k] = value
+                    self._bytes += value.nbytes
+                while self._bytes > self.max_bytes:
+                    _, old = self._kept.popitem(last=False)
+                    self._bytes -= old.nbytes
+        return value
+
+    def _key(self, key) -> tuple | None:
+        """``((start, stop), ...)`` for a tuple of plain slices, else None (not kept)."""
+        if not isinstance(key, tuple) or len(key) != self.ndim:
+            return None
+        out = []
+        for k, n in zip(key, self.shape, strict=True):
+            if not isinstance(k, slice) or k.step not in (None, 1):
+                return None
+            out.append(k.indices(n)[:2])
+        return tuple(out)
+
 
 def _read_tiff(path: Path, chunk: int) -> Smear:
     import tifffile
@@ -227,7 +292,18 @@ def _read_tiff(path: Path, chunk: int) -> Smear:
             arrays = [node]
         else:
             arrays = [node[str(i)] for i in range(len(series.levels))]
-        levels = [da.from_zarr(a) for a in arrays]
+        # Full resolution through a tile cache: neighbouring blocks' halos
+        # overlap, and a tile read for one block is read again by the next.
+        from dask.base import tokenize
+
+        token = f"{path.resolve()}-{path.stat().st_mtime_ns}"
+        levels = [
+            da.from_array(
+                CachedChunks(arrays[0], TILE_CACHE_BYTES),
+                chunks=arrays[0].chunks,
+                name=f"napari-wbc-tiff-{tokenize(token)}",
+            )
+        ] + [da.from_zarr(a) for a in arrays[1:]]
         conversions: list[str] = []
         levels = [_to_yxc(level, axes, path.name, conversions) for level in levels]
         # Tile-sized chunks for untiled TIFFs read as one strip.
