@@ -55,8 +55,17 @@ def main(argv=None) -> int:
     p.add_argument("-o", "--output", type=Path, required=True)
     p.add_argument("--per-class", type=int, default=100)
     p.add_argument("--filters", nargs="*", default=["BILINEAR", "BICUBIC", "LANCZOS"])
+    p.add_argument(
+        "--input-resize",
+        default=None,
+        help="also set the network input step's mode (napari_wbc.inference.INPUT_RESIZE)",
+    )
     args = p.parse_args(argv)
     configure_threads(2)
+    if args.input_resize:
+        import napari_wbc.inference as inference
+
+        inference.INPUT_RESIZE = args.input_resize
     table = dev_set(args.per_class)
     print("dev set:", table["label"].value_counts().to_dict(), flush=True)
     model = load_any(builtin_model_path("wbc-pbc"))
@@ -81,6 +90,7 @@ def main(argv=None) -> int:
                     {
                         "factor": factor,
                         "filter": name,
+                        "input_resize": args.input_resize or "bilinear",
                         "macro_f1": round(m["macro_f1"], 4),
                         "rbc_px": m.get("crop_scale", {}).get("rbc_diameter_px")
                         if isinstance(m.get("crop_scale"), dict)
@@ -89,7 +99,8 @@ def main(argv=None) -> int:
                 )
                 print(json.dumps(rows[-1]), flush=True)
     args.output.mkdir(parents=True, exist_ok=True)
-    (args.output / "resample.json").write_text(json.dumps(rows, indent=1))
+    name = f"resample-{args.input_resize}.json" if args.input_resize else "resample.json"
+    (args.output / name).write_text(json.dumps(rows, indent=1))
     return 0
 
 

@@ -749,6 +749,14 @@ def _check_crops(crops) -> np.ndarray | list[np.ndarray]:
     return crops
 
 
+#: How crops are resized to a member's input side (torch, antialiased), as
+#: training evaluated them. Bicubic here was worse on PBC crops outside the
+#: specialist's training and reported sets (scripts/resample_study.py
+#: --input-resize bicubic: 0.941 / 0.876 / 0.940 at 1x / 0.5x / 2x against
+#: 0.956 / 0.924 / 0.946).
+INPUT_RESIZE = "bilinear"
+
+
 def _to_input(batch, size: int, device: torch.device) -> torch.Tensor:
     """Turn uint8 HWC crops into a float NCHW tensor in [0, 1] of side ``size``."""
     if isinstance(batch, np.ndarray):
@@ -762,7 +770,7 @@ def _to_input(batch, size: int, device: torch.device) -> torch.Tensor:
         x = x.permute(0, 3, 1, 2).float().div_(255.0)
         if x.shape[-2:] != (size, size):
             x = F.interpolate(
-                x, size=(size, size), mode="bilinear", antialias=True, align_corners=False
+                x, size=(size, size), mode=INPUT_RESIZE, antialias=True, align_corners=False
             )
         out.append(x)
     return out[0] if len(out) == 1 else torch.cat(out)
