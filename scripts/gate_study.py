@@ -13,6 +13,7 @@ be replayed exactly (scripts/gate_policies.py) without running a network.
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -20,11 +21,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image
 
-from napari_wbc.datasets import load_lab_table, read_lab_crops, stratified_split
+sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+from bench_gate import lab_sets
+
 from napari_wbc.inference import TTA_SETS, _empty_sums, _iter_add_views, inference_model
-from napari_wbc.models.registry import PBC_CLASSES
 from napari_wbc.prediction import _iter_route_crops
 from napari_wbc.progress import run
 from napari_wbc.routing import load_model
@@ -32,19 +33,9 @@ from napari_wbc.threads import configure_threads
 
 
 def sets(folder: Path) -> dict[str, pd.DataFrame]:
-    pbc = load_lab_table("pbc", classes=PBC_CLASSES)
-    _, validation = stratified_split(pbc["label"].tolist(), 0.2, seed=0)
-    bccd = load_lab_table("bccd")
-    crops = read_lab_crops(bccd, size=256, fov_rbc=9.6)
-    paths = []
-    for i, crop in enumerate(crops):
-        paths.append(str(folder / f"bccd-{i:04d}.png"))
-        Image.fromarray(crop).save(paths[-1])
-    return {
-        "pbc": pbc.iloc[validation],
-        "lisc": load_lab_table("lisc"),
-        "bccd": pd.DataFrame({"path": paths, "label": bccd["label"].to_numpy()}),
-    }
+    """Every crop of the three sets benchmarks/bench_gate.py times (BCCD's cut into ``folder``)."""
+    named = lab_sets(0, folder)
+    return {"pbc": named["PBC validation"], "lisc": named["LISC"], "bccd": named["BCCD"]}
 
 
 def main(argv=None) -> int:
