@@ -189,7 +189,7 @@ def _add_crop_model_options(p) -> None:
     add_model_option(p)
     add_tta_option(p)
     add_threads_option(p)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=32, help="crops per forward pass")
     p.add_argument("--device", default="auto")
     p.add_argument(
         "--stain-source",

@@ -19,7 +19,7 @@ import pandas as pd
 from .datasets import IMAGE_SUFFIXES, load_labelled_crops
 from .errors import DataError
 from .images import list_image_files
-from .inference import Ensemble, iter_predict_crops
+from .inference import INFERENCE_BATCH, Ensemble, iter_predict_crops
 from .metrics import classification_metrics
 from .models.build import get_device
 from .progress import ProgressGen, run
@@ -48,7 +48,7 @@ def iter_predict_crop_files(
     model: str | os.PathLike | Ensemble,
     paths: Sequence[str | os.PathLike],
     tta: str | None = None,
-    batch_size: int = 64,
+    batch_size: int = INFERENCE_BATCH,
     device: str = "auto",
     stain_source: str = "auto",
     *,
@@ -180,7 +180,7 @@ def evaluate(
     model,
     data,
     tta: str | None = None,
-    batch_size: int = 64,
+    batch_size: int = INFERENCE_BATCH,
     device: str = "auto",
     stain_source: str = "auto",
     **options,
@@ -193,7 +193,7 @@ def iter_evaluate(
     model: str | os.PathLike | Ensemble,
     data: pd.DataFrame | str | os.PathLike,
     tta: str | None = None,
-    batch_size: int = 64,
+    batch_size: int = INFERENCE_BATCH,
     device: str = "auto",
     stain_source: str = "auto",
     *,

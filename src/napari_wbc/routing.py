@@ -105,7 +105,7 @@ class ModelRouter:
         return tuple(self.generalist.classes)
 
     def iter_choose(
-        self, crops: Sequence[np.ndarray] | np.ndarray, device=None, batch_size: int = 64
+        self, crops: Sequence[np.ndarray] | np.ndarray, device=None, batch_size: int = 32
     ) -> ProgressGen[tuple[Any, Route]]:
         """The ensemble for a source whose cells, cut for the specialist, are ``crops``.
 
