@@ -121,6 +121,34 @@ def test_classify_on_a_dask_cluster_matches_local(smear_dir, tiny_model_path, tm
     pd.testing.assert_frame_equal(a, b, check_exact=False, atol=1e-5)
 
 
+@pytest.mark.slow
+def test_a_tiled_tiff_on_a_dask_cluster_matches_local(smear_dir, tiny_model_path, tmp_path):
+    # A scanner's slide is a tiled TIFF: this process reads parts of it (scale,
+    # stain, model choice) while the cluster classifies the blocks.
+    import tifffile
+    from dask.distributed import LocalCluster
+    from PIL import Image
+
+    tiff = tmp_path / "slide.tif"
+    image = np.asarray(Image.open(smear_dir / "field3.png").convert("RGB"))
+    tifffile.imwrite(tiff, image, tile=(256, 256), photometric="rgb", compression="zlib")
+    args = ["--model", str(tiny_model_path), "--pixel-size", "0.1", "--format", "csv"]
+    args += ["--block", "512", "-q"]
+    assert main(["classify", str(tiff), "-o", str(tmp_path / "local"), *args]) == 0
+    with LocalCluster(
+        n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None
+    ) as cluster:
+        out = tmp_path / "remote"
+        remote = ["classify", str(tiff), "-o", str(out), "--scheduler", cluster.scheduler_address]
+        assert main([*remote, *args]) == 0
+    a = pd.read_csv(tmp_path / "local" / "slide.csv").sort_values(["y", "x"])
+    b = pd.read_csv(out / "slide.csv").sort_values(["y", "x"])
+    assert len(a) > 0
+    pd.testing.assert_frame_equal(
+        a.reset_index(drop=True), b.reset_index(drop=True), check_exact=False, atol=1e-5
+    )
+
+
 def test_bad_scheduler_address_is_one_clear_line(smear_dir, tiny_model_path, tmp_path, capsys):
     code = main(
         [

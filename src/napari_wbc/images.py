@@ -319,7 +319,8 @@ def _read_tiff(path: Path, chunk: int) -> Smear:
         raise ImageReadError(f"{path.name}: cannot read the TIFF image ({exc})") from exc
     # Touch one block so a truncated file fails now, not deep inside napari.
     try:
-        levels[-1][:1, :1].compute()
+        # (here, whatever the default scheduler: the tile store cannot travel)
+        levels[-1][:1, :1].compute(scheduler="sync")
     except Exception as exc:
         tif.close()
         raise ImageReadError(

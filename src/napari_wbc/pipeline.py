@@ -553,7 +553,7 @@ def _iter_remote(client, source_path, ensemble, model_input, config, jobs, detec
         for tile, own in jobs
     ]
     try:
-        for future in as_completed(futures):
+        for future in as_completed(futures, loop=client.loop):  # client: not the default
             yield future.result()
     finally:
         for future in futures:
