@@ -248,3 +248,46 @@ def test_tile_cache_keeps_at_most_its_bytes():
     assert cache.reads == 5
     # Anything but plain slices goes straight through.
     np.testing.assert_array_equal(cache[(slice(0, 8, 2), 3)], data[0:8:2, 3])
+
+
+def test_tiff_tiles_can_travel_to_another_process(tmp_path):
+    import pickle
+
+    from napari_wbc.images import CachedChunks
+
+    image = np.random.default_rng(5).integers(0, 256, (128, 128, 3), dtype=np.uint8)
+    path = tmp_path / "tiled.tif"
+    tifffile.imwrite(path, image, tile=(64, 64), photometric="rgb")
+    smear = read_smear(path)
+    try:
+        cache = next(v for v in smear.data.dask.values() if isinstance(v, CachedChunks))
+        back = pickle.loads(pickle.dumps(cache))  # as a dask worker receives it
+        np.testing.assert_array_equal(
+            back[(slice(64, 128), slice(0, 64), slice(0, 3))], image[64:, :64]
+        )
+        assert pickle.loads(pickle.dumps(cache)) is back  # the file is opened once
+    finally:
+        smear.close()
+    with pytest.raises(TypeError, match="cannot leave its process"):
+        pickle.dumps(CachedChunks(np.zeros((4, 4)), 100))
+
+
+@pytest.mark.slow
+def test_a_tiff_is_read_in_a_session_whose_default_scheduler_is_a_cluster(tmp_path):
+    from dask.distributed import Client, LocalCluster
+
+    image = np.random.default_rng(6).integers(0, 256, (256, 256, 3), dtype=np.uint8)
+    path = tmp_path / "tiled.tif"
+    tifffile.imwrite(path, image, tile=(64, 64), photometric="rgb", compression="zlib")
+    with (
+        LocalCluster(
+            n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None
+        ) as cluster,
+        Client(cluster),
+    ):  # the default scheduler from here on
+        smear = read_smear(path)
+        try:
+            window = smear.data[40:200, 10:170].compute()
+        finally:
+            smear.close()
+    np.testing.assert_array_equal(np.asarray(window), image[40:200, 10:170])

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -203,6 +204,32 @@ def build_pyramid(level0: da.Array, min_size: int = 1024) -> list[da.Array]:
 
 # --------------------------------------------------------------------------- TIFF
 
+_REOPENED: dict = {}
+_REOPEN_LOCK = threading.Lock()
+
+
+def _open_tiff_base(path: str, max_bytes: int) -> CachedChunks:
+    """A TIFF's full-resolution level as :class:`CachedChunks`, opened once per process.
+
+    How a pickled :class:`CachedChunks` comes back in another process: the
+    file stays open there as long as the process runs (a dask worker reads
+    many blocks of the same slide).
+    """
+    import os
+
+    import tifffile
+    import zarr
+
+    key = (path, os.stat(path).st_mtime_ns, int(max_bytes))
+    with _REOPEN_LOCK:
+        hit = _REOPENED.get(key)
+        if hit is None:
+            node = zarr.open(tifffile.TiffFile(path).series[0].aszarr(), mode="r")
+            array = node if isinstance(node, zarr.Array) else node["0"]
+            hit = _REOPENED[key] = CachedChunks(array, max_bytes, source=path)
+    return hit
+
+
 #: Bytes of decoded full-resolution TIFF tiles kept (least recently read
 #: dropped first). A classification reads each block with a halo, so a tile
 #: near a block's edge is read by two to four blocks; the next row of blocks
@@ -219,13 +246,15 @@ class CachedChunks:
     :func:`dask.array.from_array`: a read of exactly one chunk's slices is
     kept, up to ``max_bytes`` in all, and handed out read-only (so no caller
     can change what the next one gets); any other read goes straight through.
-    Thread-safe.
+    Thread-safe. With ``source`` (a TIFF file's path) it can be pickled: in
+    another process (a dask worker) it opens the file again, once per
+    process, so dask graphs over a slide can run on a cluster.
     """
 
-    def __init__(self, array, max_bytes: int):
-        import threading
+    def __init__(self, array, max_bytes: int, source: str | None = None):
         from collections import OrderedDict
 
+        self.source = source
         self.array = array
         self.shape = tuple(array.shape)
         self.dtype = np.dtype(array.dtype)
@@ -256,6 +285,11 @@ class CachedChunks:
                     _, old = self._kept.popitem(last=False)
                     self._bytes -= old.nbytes
         return value
+
+    def __reduce__(self):
+        if self.source is None:
+            raise TypeError("this array is read from an open file and cannot leave its process")
+        return _open_tiff_base, (self.source, self.max_bytes)
 
     def _key(self, key) -> tuple | None:
         """``((start, stop), ...)`` for a tuple of plain slices, else None (not kept)."""
@@ -299,7 +333,7 @@ def _read_tiff(path: Path, chunk: int) -> Smear:
         token = f"{path.resolve()}-{path.stat().st_mtime_ns}"
         levels = [
             da.from_array(
-                CachedChunks(arrays[0], TILE_CACHE_BYTES),
+                CachedChunks(arrays[0], TILE_CACHE_BYTES, source=str(path.resolve())),
                 chunks=arrays[0].chunks,
                 name=f"napari-wbc-tiff-{tokenize(token)}",
             )
