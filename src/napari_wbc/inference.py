@@ -373,25 +373,11 @@ def iter_predict_crops(
     m = len(prepared)
     sums = _empty_sums(ensemble, n)
     views = np.zeros((m, n), int)
-    if not gate:
-        yield from _iter_add_views(
-            ensemble,
-            prepared,
-            crops,
-            transforms,
-            range(m),
-            0,
-            sums,
-            np.arange(n),
-            batch_size,
-            device,
-            "classify",
-        )
-        views[:] = len(transforms)
-        return _combine(ensemble, sums, views)
-    order = member_order(ensemble)
+    # Every view of every member is the one-stage plan; the gate's plans
+    # take the cheapest members first.
+    order = member_order(ensemble) if gate else list(range(m))
     active = np.arange(n)
-    stages = GATE_STAGES if gate is True else gate
+    stages = GATE_STAGES if gate is True else (gate or [(None, None, None)])
     for i, (k, v, settle) in enumerate(_gate_plan(stages, m, len(transforms))):
         stage = "classify" if i == 0 else "doubtful"
         # The cells still in doubt have all come the same way: every member
