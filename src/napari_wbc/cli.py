@@ -122,7 +122,7 @@ def cmd_classify(args) -> int:
         try:
             # Not the default scheduler: the blocks go to the cluster explicitly,
             # and what this process reads itself (scale, stain, the model
-            # choice) stays local; a TIFF's tile store cannot travel.
+            # choice) stays local, with its tile cache.
             client = Client(args.scheduler, timeout="10s", set_as_default=False)
         except OSError as exc:
             raise WBCError(f"cannot reach the dask scheduler at {args.scheduler}: {exc}") from exc

@@ -204,6 +204,17 @@ def build_pyramid(level0: da.Array, min_size: int = 1024) -> list[da.Array]:
 
 # --------------------------------------------------------------------------- TIFF
 
+
+def _zarr_levels(series) -> list:
+    """A tifffile series' levels as zarr arrays, full resolution first."""
+    import zarr
+
+    node = zarr.open(series.aszarr(), mode="r")
+    if isinstance(node, zarr.Array):
+        return [node]
+    return [node[str(i)] for i in range(len(series.levels))]
+
+
 _REOPENED: dict = {}
 _REOPEN_LOCK = threading.Lock()
 
@@ -218,14 +229,12 @@ def _open_tiff_base(path: str, max_bytes: int) -> CachedChunks:
     import os
 
     import tifffile
-    import zarr
 
     key = (path, os.stat(path).st_mtime_ns, int(max_bytes))
     with _REOPEN_LOCK:
         hit = _REOPENED.get(key)
         if hit is None:
-            node = zarr.open(tifffile.TiffFile(path).series[0].aszarr(), mode="r")
-            array = node if isinstance(node, zarr.Array) else node["0"]
+            array = _zarr_levels(tifffile.TiffFile(path).series[0])[0]
             hit = _REOPENED[key] = CachedChunks(array, max_bytes, source=path)
     return hit
 
@@ -305,7 +314,6 @@ class CachedChunks:
 
 def _read_tiff(path: Path, chunk: int) -> Smear:
     import tifffile
-    import zarr
 
     try:
         tif = tifffile.TiffFile(path)
@@ -320,12 +328,7 @@ def _read_tiff(path: Path, chunk: int) -> Smear:
             )
         series = tif.series[0]
         axes = series.axes
-        store = series.aszarr()
-        node = zarr.open(store, mode="r")
-        if isinstance(node, zarr.Array):
-            arrays = [node]
-        else:
-            arrays = [node[str(i)] for i in range(len(series.levels))]
+        arrays = _zarr_levels(series)
         # Full resolution through a tile cache: neighbouring blocks' halos
         # overlap, and a tile read for one block is read again by the next.
         from dask.base import tokenize
@@ -353,7 +356,7 @@ def _read_tiff(path: Path, chunk: int) -> Smear:
         raise ImageReadError(f"{path.name}: cannot read the TIFF image ({exc})") from exc
     # Touch one block so a truncated file fails now, not deep inside napari.
     try:
-        # (here, whatever the default scheduler: the tile store cannot travel)
+        # (here, whatever the default scheduler: one pixel is not worth a cluster)
         levels[-1][:1, :1].compute(scheduler="sync")
     except Exception as exc:
         tif.close()
