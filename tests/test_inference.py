@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from napari_wbc.errors import DataError, ModelFileError
+from napari_wbc.errors import DataError, ModelFileError, WBCError
 from napari_wbc.inference import (
     TTA_SETS,
     D4Transform,
@@ -421,3 +421,71 @@ def test_members_are_folded_only_for_sets_worth_it(tiny_members, monkeypatch):
     monkeypatch.setattr(inference, "FOLD_MIN_CROPS", 1000)
     again = predict_crops(ensemble, crops)  # once folded, the copy is used
     np.testing.assert_allclose(again["probs"], many["probs"], atol=1e-6)
+
+
+def test_member_cost_counts_what_torch_counts(ensemble):
+    # The hook count equals torch's own FLOP counter on convolutional members.
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from napari_wbc.inference import member_cost
+
+    model = ensemble.members[0].model.eval()
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        model(torch.zeros(1, 3, 48, 48))
+    assert member_cost(model, 48) == pytest.approx(counter.get_total_flops(), rel=1e-9)
+    assert member_cost(model, 96) == pytest.approx(4 * member_cost(model, 48), rel=0.2)
+
+
+def _count_passes(monkeypatch):
+    """Crop × view × member passes run by the ensemble from now on."""
+    from napari_wbc import inference
+
+    count = [0]
+    real = inference._iter_add_views
+
+    def counted(ensemble, prepared, crops, transforms, members, first, sums, rows, *rest):
+        count[0] += len(rows) * len(transforms) * len(members)
+        return (
+            yield from real(
+                ensemble, prepared, crops, transforms, members, first, sums, rows, *rest
+            )
+        )
+
+    monkeypatch.setattr(inference, "_iter_add_views", counted)
+    return count
+
+
+@pytest.mark.parametrize("gate", [False, True])
+def test_earlier_passes_are_taken_not_run_again(ensemble, monkeypatch, gate):
+    from napari_wbc.inference import iter_predict_sums
+
+    crops = random_crops(40, seed=3)
+    rows = np.array([0, 5, 7, 20, 39])
+    known = run(iter_predict_sums(ensemble, crops[rows], tta="none"))._replace(rows=rows)
+    count = _count_passes(monkeypatch)
+    fresh = predict_crops(ensemble, crops, tta="d4", gate=gate)
+    ran = count[0]
+    count[0] = 0
+    reused = run(iter_predict_crops(ensemble, crops, tta="d4", gate=gate, known=known))
+    if not gate:  # every view of every member either way: the same numbers
+        np.testing.assert_allclose(reused["probs"], fresh["probs"], atol=1e-5)
+        assert count[0] == ran - len(rows) * 3
+    else:  # the known cells were seen by every member: they may settle sooner
+        assert count[0] <= ran
+        assert (reused["views"][:, rows] >= 1).all()
+        other = np.setdiff1d(np.arange(40), rows)
+        np.testing.assert_array_equal(reused["pred"][other], fresh["pred"][other])
+    assert reused["passes"].sum() >= count[0]
+
+
+def test_earlier_passes_of_another_model_or_view_are_refused(ensemble, tiny_members):
+    from napari_wbc.inference import iter_predict_sums
+
+    crops = random_crops(8, seed=4)
+    flips = run(iter_predict_sums(ensemble, crops, tta="flips"))
+    with pytest.raises(WBCError, match="first views"):
+        run(iter_predict_crops(ensemble, crops, tta="d4", known=flips))
+    other = Ensemble(list(tiny_members), tta="d4")
+    plain = run(iter_predict_sums(other, crops, tta="none"))
+    with pytest.raises(WBCError, match="another model"):
+        run(iter_predict_crops(ensemble, crops, tta="d4", known=plain))

@@ -141,3 +141,49 @@ def test_classify_command_records_the_model_each_image_went_to(tmp_path, capsys)
     )
     summary = pd.read_csv(out / "summary.csv")
     assert summary.loc[summary.image == "smear.tif", "model"].item() == SPECIALIST
+
+
+@pytest.mark.realdata
+def test_the_specialists_look_is_not_run_again_and_the_other_model_loads_when_needed(
+    data_dir, monkeypatch
+):
+    # The cells the specialist classified to decide (every member, the crop
+    # as it is) are the first views of its D4 run: taken, not run again; the
+    # three-lab model is loaded only when a source goes to it.
+    from napari_wbc import inference
+    from napari_wbc.datasets import balanced_subset, load_lab_table, stratified_split
+    from napari_wbc.prediction import evaluate
+    from napari_wbc.routing import ROUTE_CELLS
+
+    router = load_router()
+    assert router._generalist is None
+    table = load_lab_table("pbc", data_dir, classes=router.classes)
+    _, validation = stratified_split(table["label"].tolist(), 0.2, seed=0)
+    data = balanced_subset(table.iloc[validation], per_class=12, seed=3)
+    count = [0]
+    real = inference._iter_add_views
+
+    def counted(ensemble, prepared, crops, transforms, members, first, sums, rows, *rest):
+        count[0] += len(rows) * len(transforms) * len(members)
+        return (
+            yield from real(
+                ensemble, prepared, crops, transforms, members, first, sums, rows, *rest
+            )
+        )
+
+    monkeypatch.setattr(inference, "_iter_add_views", counted)
+    full = evaluate(router, data, exhaustive=True)
+    assert full["route"]["model"] == SPECIALIST
+    assert router._generalist is None  # never needed
+    members = len(router.specialist.members)
+    # Routing ran ROUTE_CELLS crops once per member; classification every
+    # view of every member of every crop except those.
+    assert count[0] == ROUTE_CELLS * members + len(data) * members * 8 - ROUTE_CELLS * members
+    assert full["passes_per_crop"] == 24
+    lisc = balanced_subset(load_lab_table("lisc", data_dir), per_class=4, seed=1)
+    route = evaluate(router, lisc, tta="none")["route"]
+    assert route["model"] == GENERALIST
+    assert router._generalist is not None
+    # Half the sample beyond the threshold already decides: the rest is not run.
+    assert route["cells"] == (len(lisc) + 1) // 2
+    assert route["specialist_ood_share"] > ROUTE_MAX_OOD_SHARE

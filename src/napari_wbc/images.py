@@ -23,11 +23,14 @@ import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import dask.array as da
 import numpy as np
 
 from .errors import DataError, ImageReadError
+
+if TYPE_CHECKING:
+    import dask.array as da
 
 log = logging.getLogger(__name__)
 
@@ -313,6 +316,7 @@ class CachedChunks:
 
 
 def _read_tiff(path: Path, chunk: int) -> Smear:
+    import dask.array as da
     import tifffile
 
     try:
@@ -385,6 +389,8 @@ def _check_tiff_complete(tif, series, path: Path) -> None:
 
 def _to_yxc(arr: da.Array, axes: str, name: str, conversions: list[str]) -> da.Array:
     """Reorder a TIFF series to (Y, X, C), dropping singleton extra axes."""
+    import dask.array as da
+
     axes = axes.upper()
     index = []
     kept = []
@@ -446,6 +452,7 @@ def _tiff_pixel_size(tif) -> float | None:
 
 
 def _read_plain(path: Path, chunk: int) -> Smear:
+    import dask.array as da
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -491,6 +498,8 @@ def as_rgb8(image, name: str = "image") -> tuple[da.Array | np.ndarray, list[str
     Returns the converted array (same kind as the input) and the list of
     conversions made. Raises :class:`ImageReadError` for unusable inputs.
     """
+    import dask.array as da
+
     is_numpy = isinstance(image, np.ndarray)
     arr = da.asarray(image) if is_numpy else image
     if arr.ndim == 2:
@@ -508,6 +517,8 @@ def as_rgb8(image, name: str = "image") -> tuple[da.Array | np.ndarray, list[str
 
 def _to_rgb8(levels: list[da.Array], name: str, conversions: list[str]) -> list[da.Array]:
     """Apply the documented conversions to every level, or refuse."""
+    import dask.array as da
+
     first = levels[0]
     if first.ndim != 3:
         raise ImageReadError(f"{name}: expected a 2-D image, got shape {first.shape}")
@@ -546,6 +557,8 @@ def _to_rgb8(levels: list[da.Array], name: str, conversions: list[str]) -> list[
 
 def _dtype_scale(dtype: np.dtype, smallest: da.Array, name: str, conversions: list[str]):
     """Factor that maps the pixel type to 0–255, or None for uint8."""
+    import dask.array as da
+
     if dtype == np.uint8:
         return None
     if dtype == np.uint16:

@@ -294,6 +294,7 @@ def iter_predict_crops(
     tta: str | None = None,
     device: str | torch.device | None = None,
     gate: bool | Sequence[tuple[int | None, int | None, float | None]] = False,
+    known: ViewSums | None = None,
 ) -> ProgressGen[dict[str, Any]]:
     """Classify crops with an ensemble, yielding progress after each batch and member.
 
@@ -322,6 +323,11 @@ def iter_predict_crops(
         confidence ≥ 0.6. A cell that reaches the last stage gets exactly the
         result of the full TTA set. False: every view of every cell. A
         sequence of stages instead of True replaces :data:`GATE_STAGES`.
+    known : ViewSums, optional
+        Passes this ensemble already made over some of these crops (the
+        model choice's look at a sample, :func:`iter_predict_sums`), taken
+        as they are instead of being run again. Their views must be the
+        first views of ``tta``'s set.
 
     Yields
     ------
@@ -348,6 +354,36 @@ def iter_predict_crops(
         (:class:`napari_wbc.trust.TrustStats`), averaged over the members
         that saw the crop.
     """
+    sums = yield from iter_predict_sums(ensemble, crops, batch_size, tta, device, gate, known)
+    return _combine(ensemble, sums.sums, sums.views)
+
+
+class ViewSums(NamedTuple):
+    """An ensemble's outputs summed over the views it ran (what :func:`_combine` needs).
+
+    ``rows``: which crops of a larger set these are (None: all of them, in
+    order); ``views`` (M, N): how many views, the first of the TTA set, each
+    member ran on each crop; ``sums``: as :func:`_empty_sums`; ``tta``: the
+    TTA set the views come from.
+    """
+
+    ensemble: Ensemble
+    tta: str
+    views: np.ndarray
+    sums: dict[str, Any]
+    rows: np.ndarray | None = None
+
+
+def iter_predict_sums(
+    ensemble: Ensemble,
+    crops: np.ndarray | Sequence[np.ndarray],
+    batch_size: int = INFERENCE_BATCH,
+    tta: str | None = None,
+    device: str | torch.device | None = None,
+    gate: bool | Sequence[tuple[int | None, int | None, float | None]] = False,
+    known: ViewSums | None = None,
+) -> ProgressGen[ViewSums]:
+    """:func:`iter_predict_crops` before its outputs are combined: per-member view sums."""
     crops = _check_crops(crops)
     if not isinstance(batch_size, int) or batch_size < 1:
         raise WBCError(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -373,6 +409,8 @@ def iter_predict_crops(
     m = len(prepared)
     sums = _empty_sums(ensemble, n)
     views = np.zeros((m, n), int)
+    if known is not None:
+        _add_known(ensemble, known, transforms, sums, views)
     # Every view of every member is the one-stage plan; the gate's plans
     # take the cheapest members first.
     order = member_order(ensemble) if gate else list(range(m))
@@ -380,15 +418,17 @@ def iter_predict_crops(
     stages = GATE_STAGES if gate is True else (gate or [(None, None, None)])
     for i, (k, v, settle) in enumerate(_gate_plan(stages, m, len(transforms))):
         stage = "classify" if i == 0 else "doubtful"
-        # The cells still in doubt have all come the same way: every member
-        # has seen the same views of each. Members that need the same views
-        # run together (each batch is resized once for them).
-        need: dict[int, list[int]] = {}
+        # Members that need the same views of the same cells run together
+        # (each batch is resized once for them). Cells still in doubt have
+        # mostly come the same way; those seen earlier (``known``) may be
+        # further along.
+        need: dict[tuple[int, bytes], tuple[np.ndarray, list[int]]] = {}
         for j in order[:k]:
-            have = int(views[j, active[0]]) if len(active) else v
-            if have < v:
-                need.setdefault(have, []).append(j)
-        for have, members in need.items():
+            for have in np.unique(views[j, active]):
+                if have < v:
+                    rows = active[views[j, active] == have]
+                    need.setdefault((int(have), rows.tobytes()), (rows, []))[1].append(j)
+        for (have, _), (rows, members) in need.items():
             yield from _iter_add_views(
                 ensemble,
                 prepared,
@@ -397,20 +437,41 @@ def iter_predict_crops(
                 members,
                 have,
                 sums,
-                active,
+                rows,
                 batch_size,
                 device,
                 stage,
             )
-            views[np.ix_(members, active)] = v
+            views[np.ix_(members, rows)] = v
         if settle is None or not len(active):
             break
-        out = _combine(ensemble, _take(sums, active), views[:, active])
+        out = _combine(ensemble, _take(sums, active), views[:, active], ood=False)
         members = views[:, active] > 0
         agree = (out["member_probs"].argmax(-1) == out["pred"][None]) | ~members
         sure = agree.all(axis=0) & (out["confidence"] >= settle)
         active = active[~sure]
-    return _combine(ensemble, sums, views)
+    return ViewSums(ensemble, tta, views, sums)
+
+
+def _add_known(ensemble, known: ViewSums, transforms, sums, views) -> None:
+    """Copy earlier passes (``known``) into this run's ``sums`` and ``views``."""
+    if known.ensemble is not ensemble:
+        raise WBCError("earlier passes come from another model; they cannot be reused")
+    ran = TTA_SETS[known.tta]
+    if int(known.views.max(initial=0)) > len(transforms) or ran[
+        : known.views.max(initial=0)
+    ] != list(transforms[: known.views.max(initial=0)]):
+        raise WBCError(f"earlier passes used TTA {known.tta!r}, not the first views of this set")
+    rows = np.arange(known.views.shape[1]) if known.rows is None else np.asarray(known.rows)
+    views[:, rows] = known.views
+    sums["probs"][:, rows] = known.sums["probs"]
+    if sums["logits"] is not None:
+        sums["logits"][:, rows] = known.sums["logits"]
+        for j, f in enumerate(known.sums["features"]):
+            if f is not None:
+                if sums["features"][j] is None:
+                    sums["features"][j] = np.zeros((views.shape[1], f.shape[1]), np.float32)
+                sums["features"][j][rows] = f
 
 
 #: How ``gate=True`` spends passes: stages of (members, views, settle).
@@ -447,21 +508,43 @@ _COST: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def member_cost(model: torch.nn.Module, input_size: int) -> float:
-    """Floating-point operations of one forward pass of one crop (counted once, kept)."""
-    from torch.utils.flop_counter import FlopCounterMode
+    """Floating-point operations of one forward pass of one crop (counted once, kept).
 
+    Counted by hooks on the convolutions and linear layers during one pass
+    (2 per multiply-add; the same total as torch's FlopCounterMode for the
+    convolutional members, in a quarter of its time). Products inside
+    attention are not counted: the figure orders members, it is not a
+    profile.
+    """
     key = int(input_size)
     known = _COST.get(model, {})
     if key not in known:
+        total = [0.0]
+
+        def conv(mod, args, out):
+            k = int(np.prod(mod.kernel_size))
+            total[0] += 2.0 * out.numel() * (mod.in_channels // mod.groups) * k
+
+        def linear(mod, args, out):
+            total[0] += 2.0 * out.numel() * mod.in_features
+
+        hooks = []
+        for mod in model.modules():
+            if isinstance(mod, torch.nn.Conv2d):
+                hooks.append(mod.register_forward_hook(conv))
+            elif isinstance(mod, torch.nn.Linear):
+                hooks.append(mod.register_forward_hook(linear))
         was_training = model.training
         device = _model_device(model)
         try:
             model.eval()
-            with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+            with torch.inference_mode():
                 model(torch.zeros(1, 3, key, key, device=device))
         finally:
             model.train(was_training)
-        known[key] = float(counter.get_total_flops())
+            for hook in hooks:
+                hook.remove()
+        known[key] = total[0]
         _COST[model] = known
     return known[key]
 
@@ -672,11 +755,15 @@ def _iter_add_views(
                 )
 
 
-def _combine(ensemble: Ensemble, sums: dict, views: np.ndarray) -> dict[str, Any]:
+def _combine(
+    ensemble: Ensemble, sums: dict, views: np.ndarray, ood: bool = True
+) -> dict[str, Any]:
     """The prediction dict of :func:`iter_predict_crops` from per-view sums.
 
     ``views`` (M, N): how many views each member saw of each crop; a member
     with 0 was not run on that crop and is left out of its ensemble.
+    ``ood``: also the out-of-distribution distance (not needed to settle a
+    cell, and the costliest part).
     """
     trust = ensemble.trust
     views = np.asarray(views, np.int64)
@@ -692,7 +779,7 @@ def _combine(ensemble: Ensemble, sums: dict, views: np.ndarray) -> dict[str, Any
         member_logits = (sums["logits"] / per_view).astype(np.float32)
         for j in range(m):
             member_probs[j] = softmax(member_logits[j], trust.temperature) if n else 0
-        if trust.features and n and sums["features"] is not None:
+        if ood and trust.features and n and sums["features"] is not None:
             distance = np.zeros((m, n))
             for j, (stats, f) in enumerate(zip(trust.features, sums["features"], strict=True)):
                 if f is not None:

@@ -9,11 +9,22 @@ about red cells or models; :mod:`napari_wbc.scale` (the ruler) and
 from __future__ import annotations
 
 import math
+import sys
+from typing import TYPE_CHECKING
 
-import dask.array as da
 import numpy as np
 
 from .errors import ScaleError
+
+if TYPE_CHECKING:
+    import dask.array as da
+
+
+def is_dask(x) -> bool:
+    """Whether ``x`` is a dask array (dask is imported only where an image is lazy)."""
+    da = sys.modules.get("dask.array")
+    return da is not None and isinstance(x, da.Array)
+
 
 __all__ = [
     "as_dask_rgb",
@@ -33,7 +44,7 @@ def as_rgb_image(image, name: str = "image"):
     """The (Y, X, 3) uint8 array behind ``image`` (numpy, dask or a Smear), not computed."""
     if hasattr(image, "levels"):  # a napari_wbc.images.Smear
         image = image.data
-    if not isinstance(image, np.ndarray | da.Array):
+    if not (isinstance(image, np.ndarray) or is_dask(image)):
         image = np.asarray(image)
     if image.ndim == 3 and image.shape[-1] == 3 and image.dtype == np.uint8:
         if 0 in image.shape:
@@ -57,11 +68,13 @@ def as_dask_rgb(image, chunk: int = 2048) -> da.Array:
 
     if hasattr(image, "levels"):  # a napari_wbc.images.Smear
         image = image.data
-    if isinstance(image, da.Array):
+    if is_dask(image):
         return image
     arr = np.asarray(image)
     if arr.ndim != 3 or arr.shape[-1] != 3 or arr.dtype != np.uint8:
         raise WBCError(f"expected an 8-bit RGB image (Y, X, 3), got {arr.dtype} {arr.shape}")
+    import dask.array as da
+
     return da.from_array(arr, chunks=(chunk, chunk, 3))
 
 
@@ -91,7 +104,7 @@ def read_window(image, box) -> np.ndarray:
     """Pixels of ``image`` inside ``box = (y0, y1, x0, x1)`` as a numpy array."""
     y0, y1, x0, x1 = box
     block = image[y0:y1, x0:x1]
-    if isinstance(block, da.Array):
+    if is_dask(block):
         block = block.compute()
     return np.asarray(block)
 

@@ -106,16 +106,23 @@ def iter_predict_crop_files(
         raise DataError("no crops to classify")
     route = None
     normalizer = "fit"
+    reader = known = None
     if isinstance(ensemble, ModelRouter):
         # The scale is the set's, whichever model reads it: measured once.
         found = ensemble.specialist.preprocessor.resolve_crop_scale(paths, scale)
-        ensemble, route, normalizer = yield from _iter_route_crops(
+        ensemble, route, normalizer, reader = yield from _iter_route_crops(
             ensemble, paths, stain_source, found, device, batch_size
         )
+        if not adapt and route.passes is not None and ensemble is route.passes.ensemble:
+            known = route.passes
     else:
         found = ensemble.preprocessor.resolve_crop_scale(paths, scale)
     crops = yield from ensemble.preprocessor.iter_read_crop_files(
-        paths, stain_source, None if found is None else found.rbc_diameter_px, normalizer
+        paths,
+        stain_source,
+        None if found is None else found.rbc_diameter_px,
+        normalizer,
+        reader=reader,
     )
     adapted = None
     if adapt:
@@ -132,6 +139,7 @@ def iter_predict_crop_files(
         tta=tta,
         device=get_device(device),
         gate=not exhaustive,
+        known=known,
     )
     result["paths"] = paths
     result["tta"] = tta if tta is not None else ensemble.tta
@@ -160,20 +168,30 @@ def _iter_route_crops(router, paths, stain_source, found, device, batch_size):
     """The ensemble the router picks for these crop files (an even spread of them is read).
 
     ``found`` is the set's scale (:meth:`Preprocessor.resolve_crop_scale`).
-    Returns the ensemble, the :class:`~napari_wbc.routing.Route` and the stain
-    normalizer to read the whole set with: the one fitted for the specialist
-    when it is chosen (it was found on the whole set), else "fit".
+    Returns the ensemble, the :class:`~napari_wbc.routing.Route` (its
+    ``passes`` rows index ``paths``), the stain normalizer to read the whole
+    set with (the one fitted for the specialist when it is chosen: it was
+    found on the whole set; else "fit") and the crop reader (the
+    specialist's, holding the crops read so far, when it is chosen).
     """
     pick = np.unique(np.linspace(0, len(paths) - 1, min(len(paths), ROUTE_CELLS)).astype(int))
     sample = [paths[i] for i in pick]
     specialist = router.specialist.preprocessor
     rbc = None if found is None else found.rbc_diameter_px
-    normalizer = specialist.crop_files_normalizer(paths, stain_source, rbc)
-    crops = yield from specialist.iter_read_crop_files(sample, stain_source, rbc, normalizer)
+    reader = specialist.crop_file_reader(rbc)
+    normalizer = specialist.crop_files_normalizer(paths, stain_source, rbc, reader=reader)
+    crops = yield from specialist.iter_read_crop_files(
+        sample, stain_source, rbc, normalizer, reader=reader
+    )
     ensemble, route = yield from router.iter_choose(
         crops, device=get_device(device), batch_size=batch_size
     )
-    return ensemble, route, (normalizer if ensemble is router.specialist else "fit")
+    if route.passes is not None:
+        rows = np.arange(len(pick)) if route.passes.rows is None else route.passes.rows
+        route.passes = route.passes._replace(rows=pick[rows])
+    if ensemble is router.specialist:
+        return ensemble, route, normalizer, reader
+    return ensemble, route, "fit", None
 
 
 def evaluate(

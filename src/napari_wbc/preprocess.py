@@ -330,8 +330,12 @@ class Preprocessor:
             logger.warning("%s; classifying the crops as they are", exc)
             return None
 
-    def _crop_reader(self, rbc_diameter_px: float | None) -> Callable[[str], np.ndarray]:
-        """``read(path)``: a crop file decoded, at the model's field of view, memoised."""
+    def crop_file_reader(self, rbc_diameter_px: float | None) -> Callable[[str], np.ndarray]:
+        """``read(path)``: a crop file decoded, at the model's field of view, memoised.
+
+        One reader shared by :meth:`crop_files_normalizer` and
+        :meth:`iter_read_crop_files` (``reader=``) decodes each file once.
+        """
         from .crop_scale import to_field_of_view
         from .datasets import CropCache, decode_image
 
@@ -353,10 +357,15 @@ class Preprocessor:
         paths: Sequence[str],
         stain_source: str = "auto",
         rbc_diameter_px: float | None = None,
+        *,
+        reader: Callable[[str], np.ndarray] | None = None,
     ) -> StainNormalizer | None:
-        """:meth:`crop_normalizer` for a set of crop files, read as :meth:`iter_read_crop_files` does."""
+        """:meth:`crop_normalizer` for a set of crop files, read as :meth:`iter_read_crop_files` does.
+
+        ``reader``: a :meth:`crop_file_reader` for ``rbc_diameter_px`` to share.
+        """
         paths = [str(p) for p in paths]
-        read = self._crop_reader(rbc_diameter_px)
+        read = reader or self.crop_file_reader(rbc_diameter_px)
         return self.crop_normalizer(lambda i: read(paths[i]), len(paths), stain_source)
 
     def iter_read_crop_files(
@@ -365,6 +374,8 @@ class Preprocessor:
         stain_source: str = "auto",
         rbc_diameter_px: float | None = None,
         normalizer: StainNormalizer | str | None = "fit",
+        *,
+        reader: Callable[[str], np.ndarray] | None = None,
     ) -> ProgressGen[np.ndarray]:
         """Decode crop files as training did and normalise their stains; (N, S, S, 3) uint8.
 
@@ -375,9 +386,11 @@ class Preprocessor:
         without it, crops are squared and resized as they are. ``normalizer``:
         "fit" (default) finds it for these files (:meth:`crop_files_normalizer`);
         pass one already found for the set (or None) when reading part of it.
+        ``reader``: a :meth:`crop_file_reader` for ``rbc_diameter_px`` to
+        share (files it has read are not decoded again).
         """
         paths = [str(p) for p in paths]
-        read = self._crop_reader(rbc_diameter_px)
+        read = reader or self.crop_file_reader(rbc_diameter_px)
         if isinstance(normalizer, str):
             if normalizer != "fit":
                 raise WBCError(

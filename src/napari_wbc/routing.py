@@ -27,8 +27,9 @@ figure depends on the choice (their shares are 72-100 %).
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -61,6 +62,11 @@ class Route:
     model: str
     cells: int
     ood_share: float | None
+    #: The specialist's passes over the cells it looked at
+    #: (:class:`napari_wbc.inference.ViewSums`, rows: their indices among the
+    #: crops given to :meth:`ModelRouter.iter_choose`), so that classifying
+    #: the source with it need not run them again.
+    passes: Any = field(default=None, repr=False, compare=False)
 
     @property
     def note(self) -> str:
@@ -95,14 +101,34 @@ class ModelRouter:
     path = None
 
     def __init__(self, specialist, generalist):
-        if list(specialist.classes) != list(generalist.classes):
-            raise ValueError("the routed models must share their classes, in order")
+        """``generalist``: the three-lab ensemble, or a function that loads it when first needed."""
         self.specialist = specialist
-        self.generalist = generalist
+        self._generalist = None
+        self._load_generalist = None
+        self._lock = threading.Lock()
+        if hasattr(generalist, "classes"):
+            self._check(generalist)
+            self._generalist = generalist
+        else:
+            self._load_generalist = generalist
+
+    def _check(self, generalist) -> None:
+        if list(self.specialist.classes) != list(generalist.classes):
+            raise ValueError("the routed models must share their classes, in order")
+
+    @property
+    def generalist(self):
+        """The three-lab ensemble (loaded the first time a source needs it)."""
+        with self._lock:
+            if self._generalist is None:
+                generalist = self._load_generalist()
+                self._check(generalist)
+                self._generalist = generalist
+            return self._generalist
 
     @property
     def classes(self) -> tuple[str, ...]:
-        return tuple(self.generalist.classes)
+        return tuple(self.specialist.classes)
 
     def iter_choose(
         self, crops: Sequence[np.ndarray] | np.ndarray, device=None, batch_size: int = 32
@@ -112,7 +138,7 @@ class ModelRouter:
         ``crops`` may hold more than :data:`ROUTE_CELLS`; an even spread of
         them is looked at.
         """
-        from .inference import iter_predict_crops
+        from .inference import _combine, iter_predict_sums
 
         n = len(crops)
         trust = self.specialist.trust
@@ -121,21 +147,56 @@ class ModelRouter:
             yield Progress("route", 1, 1, route.note)
             return self.generalist, route
         pick = np.unique(np.linspace(0, n - 1, min(n, ROUTE_CELLS)).round().astype(int))
-        sample = np.stack([crops[i] for i in pick])
-        result = yield from iter_predict_crops(
-            self.specialist, sample, batch_size=batch_size, tta="none", device=device
-        )
-        distance = result.get("ood_distance")
-        if distance is None:
-            route = Route(GENERALIST, len(pick), None)
-            yield Progress("route", 1, 1, route.note)
-            return self.generalist, route
-        share = float(np.mean(np.asarray(distance, float) > trust.ood_threshold))
+        # Every other cell first (still an even spread): when that half
+        # alone already puts more than the threshold's share of all the
+        # sample beyond the threshold, the rest cannot change the choice.
+        halves = [pick[0::2], pick[1::2]]
+        seen = np.zeros(0, int)
+        passes = None
+        beyond = 0
+        for half in halves:
+            if not len(half):
+                continue
+            more = yield from iter_predict_sums(
+                self.specialist,
+                np.stack([crops[i] for i in half]),
+                batch_size=batch_size,
+                tta="none",
+                device=device,
+            )
+            distance = _combine(self.specialist, more.sums, more.views).get("ood_distance")
+            if distance is None:
+                route = Route(GENERALIST, len(half), None)
+                yield Progress("route", 1, 1, route.note)
+                return self.generalist, route
+            beyond += int(np.count_nonzero(np.asarray(distance, float) > trust.ood_threshold))
+            seen = np.concatenate([seen, half])
+            passes = more if passes is None else _join(passes, more)
+            if beyond > ROUTE_MAX_OOD_SHARE * len(pick):
+                break
+        share = beyond / len(seen)
         chosen = SPECIALIST if share <= ROUTE_MAX_OOD_SHARE else GENERALIST
-        route = Route(chosen, len(pick), share)
+        route = Route(chosen, len(seen), share, passes._replace(rows=seen))
         log.info("model chosen: %s", route.note)
         yield Progress("route", 1, 1, route.note)
         return (self.specialist if chosen == SPECIALIST else self.generalist), route
+
+
+def _join(a, b):
+    """Two :class:`~napari_wbc.inference.ViewSums` of the same model over different cells, as one."""
+    sums = {
+        "probs": np.concatenate([a.sums["probs"], b.sums["probs"]], axis=1),
+        "logits": None
+        if a.sums["logits"] is None
+        else np.concatenate([a.sums["logits"], b.sums["logits"]], axis=1),
+        "features": None
+        if a.sums["features"] is None
+        else [
+            None if f is None or g is None else np.concatenate([f, g])
+            for f, g in zip(a.sums["features"], b.sums["features"], strict=True)
+        ],
+    }
+    return a._replace(views=np.concatenate([a.views, b.views], axis=1), sums=sums)
 
 
 def load_router(device="cpu") -> ModelRouter:
@@ -151,7 +212,8 @@ def load_router(device="cpu") -> ModelRouter:
             f"--model auto needs the built-in models, and this napari-wbc has not both "
             f"({exc}); pass a model file with --model (napari-wbc train makes one)"
         ) from exc
-    return ModelRouter(load_any(files[0], device), load_any(files[1], device))
+    # The three-lab model is loaded only when a source goes to it.
+    return ModelRouter(load_any(files[0], device), lambda: load_any(files[1], device))
 
 
 def load_model(model, device="cpu"):

@@ -46,13 +46,17 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
-import dask.array as da
 import numpy as np
 
 from .errors import StainError
+from .pixels import is_dask as _is_dask
 from .progress import Progress, ProgressGen, run
+
+if TYPE_CHECKING:
+    import dask.array as da
+
 
 log = logging.getLogger(__name__)
 
@@ -789,9 +793,12 @@ def iter_sample_pixels(
     random pixels from each: fitting a whole slide reads a small part of it.
     Yields one :class:`Progress` per window and returns an N×3 uint8 array.
     """
-    arr = (
-        image if isinstance(image, da.Array) else da.from_array(image, chunks=(window, window, -1))
-    )
+    if _is_dask(image):
+        arr = image
+    else:
+        import dask.array as da
+
+        arr = da.from_array(image, chunks=(window, window, -1))
     rng = np.random.default_rng(seed)
     height, width = arr.shape[:2]
     corners = [(y, x) for y in range(0, height, window) for x in range(0, width, window)]
@@ -971,7 +978,7 @@ class StainNormalizer:
 
 def normalize_array(image, normalizer: StainNormalizer):
     """Apply a normalizer to a numpy array (eagerly) or a dask array (lazily, per block)."""
-    if isinstance(image, da.Array):
+    if _is_dask(image):
         if image.ndim != 3 or image.shape[-1] != 3:
             raise StainError(f"expected a (Y, X, 3) RGB image, got shape {image.shape}")
         image = image.rechunk({2: -1})
@@ -1022,7 +1029,7 @@ def iter_normalize(
     list
         Normalized levels, in the same order and of the same kinds as the input.
     """
-    if isinstance(levels, np.ndarray | da.Array):
+    if isinstance(levels, np.ndarray) or _is_dask(levels):
         levels = [levels]
     normalizer = yield from iter_prepare_normalizer(
         levels, method, reference, source, max_pixels=max_pixels, seed=seed
