@@ -67,6 +67,19 @@ def test_reader_and_sample_hooks_do_not_import_torch():
     assert "torch" not in mods
 
 
+def test_classifying_crops_does_not_import_dask():
+    # dask.array takes 0.3 s to import; crop files are never lazy images.
+    mods = _imported_after(
+        "import napari_wbc.cli, napari_wbc.cli_models, napari_wbc.prediction, napari_wbc.routing"
+    )
+    assert "napari_wbc.inference" in mods
+    assert "dask.array" not in mods
+    lazy = (
+        "import numpy, napari_wbc.images\nnapari_wbc.images.as_rgb8(numpy.zeros((4, 4, 3), 'u1'))"
+    )
+    assert "dask.array" in _imported_after(lazy)  # where an image is made lazy, it is
+
+
 def test_core_imports_no_gui():
     code = "\n".join(f"import {m}" for m in CORE_MODULES)
     mods = _imported_after(code)

@@ -9,21 +9,15 @@ about red cells or models; :mod:`napari_wbc.scale` (the ruler) and
 from __future__ import annotations
 
 import math
-import sys
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .errors import ScaleError
+from .lazy import is_dask
 
 if TYPE_CHECKING:
     import dask.array as da
-
-
-def is_dask(x) -> bool:
-    """Whether ``x`` is a dask array (dask is imported only where an image is lazy)."""
-    da = sys.modules.get("dask.array")
-    return da is not None and isinstance(x, da.Array)
 
 
 __all__ = [

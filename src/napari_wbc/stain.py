@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING, ClassVar
 import numpy as np
 
 from .errors import StainError
-from .pixels import is_dask as _is_dask
+from .lazy import is_dask as _is_dask
 from .progress import Progress, ProgressGen, run
 
 if TYPE_CHECKING:
