@@ -97,3 +97,38 @@ def test_one_thread_count_for_torch_blas_and_dask(monkeypatch):
     assert default_threads() == 3
     monkeypatch.setattr(os, "getloadavg", lambda: (9.0, 9.0, 9.0))
     assert default_threads() == 1
+
+
+def test_the_command_ends_with_mains_code_and_all_its_output(tmp_path):
+    # `napari-wbc` skips the interpreter's slow teardown: its exit code, its
+    # output (even a large one, into a pipe) and exit handlers must survive.
+    script = (
+        "import atexit, sys\n"
+        "from pathlib import Path\n"
+        "import napari_wbc.cli as cli\n"
+        "atexit.register(lambda: Path(sys.argv[1]).write_text('ran'))\n"
+        "cli.main = lambda: (print('x' * 200_000), print('bad', file=sys.stderr), 2)[-1]\n"
+        "cli.console_main()\n"
+    )
+    marker = tmp_path / "exit-handler"
+    out = subprocess.run(
+        [sys.executable, "-c", script, str(marker)], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 2
+    assert out.stdout == "x" * 200_000 + "\n"
+    assert out.stderr == "bad\n"
+    assert marker.read_text() == "ran"
+    for argv, code in ((["--version"], 0), (["evaluate"], 2)):
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "from napari_wbc.cli import console_main; console_main()",
+                *argv,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert out.returncode == code, out.stderr
+    assert "required" in out.stderr

@@ -69,7 +69,7 @@ def test_wheel_contains_manifest_and_resources(wheel):
         entry_points = next(n for n in names if n.endswith("entry_points.txt"))
         text = zf.read(entry_points).decode()
     assert "napari-wbc = napari_wbc:napari.yaml" in text
-    assert "napari-wbc = napari_wbc.cli:main" in text
+    assert "napari-wbc = napari_wbc.cli:console_main" in text
     models = {n for n in names if n.startswith("napari_wbc/resources/models/")}
     assert "napari_wbc/resources/models/wbc-lite.json" in models
     assert "napari_wbc/resources/models/wbc-pbc.json" in models
