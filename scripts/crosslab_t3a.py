@@ -66,14 +66,87 @@ def t3a(features, logits, weights, m: int):
     return (z @ np.stack(protos).T).argmax(1)
 
 
+def adapted_probs(features, logits, weights, m: int):
+    """Probabilities of the prototype classifier as a linear layer (what an adapted model computes).
+
+    Prototypes (unit length) scaled to the classifier's mean weight norm, no
+    bias: its argmax is T3A's cosine one.
+    """
+    z = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
+    w = weights / np.maximum(np.linalg.norm(weights, axis=1, keepdims=True), 1e-12)
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    entropy = -(p * np.log(np.maximum(p, 1e-12))).sum(1)
+    pred = logits.argmax(1)
+    protos = []
+    for k in range(len(w)):
+        idx = np.flatnonzero(pred == k)
+        idx = idx[np.argsort(entropy[idx], kind="stable")[:m]]
+        proto = w[k] + z[idx].sum(0)
+        protos.append(proto / max(np.linalg.norm(proto), 1e-12))
+    scale = float(np.linalg.norm(weights, axis=1).mean())
+    out = features @ (np.stack(protos) * scale).T
+    out = np.exp(out - out.max(1, keepdims=True))
+    return out / out.sum(1, keepdims=True)
+
+
+def ensemble_rows(roots, supports=(0, 20, 50, 100)):
+    """Fold models of the same held-out lab from several roots, averaged; PBC validation too."""
+    from collections import defaultdict
+
+    from napari_wbc.datasets import stratified_split
+    from napari_wbc.models.registry import PBC_CLASSES
+
+    folds = defaultdict(list)
+    for root in roots:
+        for file in sorted(root.glob("*-*/model.safetensors")):
+            model, config = load_model(file, cache=False)
+            folds[config.training.get("holdout")].append((model, config))
+    rows = []
+    for lab, members in folds.items():
+        classes = tuple(members[0][1].spec.classes)
+        sets = {lab: cached_lab_crops(lab, "outputs/crosslab/cache", 128, 4.8)}
+        table, crops = cached_lab_crops("pbc", "outputs/crosslab/cache", 128, 4.8, PBC_CLASSES)
+        _, val = stratified_split(table["label"].tolist(), 0.2, seed=0)
+        sets["pbc validation"] = (table.iloc[val].reset_index(drop=True), crops[val])
+        for name, (tab, cr) in sets.items():
+            labels = tab["label"].tolist()
+            for tta in (False, True):
+                outs = [
+                    features_and_logits(model, to_input(cr, config), tta)
+                    for model, config in members
+                ]
+                row = {"fold": lab, "test": name, "tta": tta, "members": len(members)}
+                for m in supports:
+                    probs = []
+                    for (model, _), (f, lg) in zip(members, outs, strict=True):
+                        w = model.get_classifier().weight.detach().numpy()
+                        if m == 0:
+                            e = np.exp(lg - lg.max(1, keepdims=True))
+                            probs.append(e / e.sum(1, keepdims=True))
+                        else:
+                            probs.append(adapted_probs(f, lg, w, m))
+                    row["base" if m == 0 else str(m)] = score(np.mean(probs, 0), labels, classes)[
+                        "macro_f1"
+                    ]
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("root", type=Path)
+    p.add_argument("root", type=Path, nargs="+")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(2)
+    if len(args.root) > 1:
+        rows = ensemble_rows(args.root)
+        if args.json:
+            args.json.write_text(json.dumps(rows, indent=1))
+        return 0
     rows = []
-    for file in sorted(args.root.glob("*-*/model.safetensors")):
+    for file in sorted(args.root[0].glob("*-*/model.safetensors")):
         model, config = load_model(file, cache=False)
         lab = config.training.get("holdout")
         classes = tuple(config.spec.classes)

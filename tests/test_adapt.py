@@ -121,7 +121,7 @@ def test_adapted_ensemble_is_a_new_object_and_saves_as_new_files(tiny_model_path
     digest = hashlib.sha256(tiny_model_path.read_bytes()).hexdigest()
     before = _bn_means(base.members[0].model)
     crops = np.random.default_rng(0).integers(0, 255, (40, 48, 48, 3), dtype=np.uint8)
-    adapted = adapt_ensemble(base, crops)
+    adapted = adapt_ensemble(base, crops, method="adabn")
     assert adapted is not base and adapted.path is None
     assert adapted.metrics["adapted"]["cells"] == 40
     assert any(
@@ -175,3 +175,106 @@ def test_smear_adaptation_changes_the_answers_and_needs_enough_cells(tiny_model_
     assert few.attrs["adapted_cells"] == 0
     assert "not adapted" in few.attrs["warning"]
     assert len(few) == 10
+
+
+# -- prototypes (T3A) -------------------------------------------------------------
+
+
+class _Features(torch.nn.Module):
+    """A "network" whose input is its feature vector, with timm's head interface."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.fc = torch.nn.Linear(weight.shape[1], weight.shape[0])
+        with torch.no_grad():
+            self.fc.weight.copy_(weight)
+            self.fc.bias.zero_()
+
+    def forward_features(self, x):
+        return x
+
+    def forward_head(self, x, pre_logits: bool = False):
+        return x if pre_logits else self.fc(x)
+
+    def get_classifier(self):
+        return self.fc
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+def _rotated_lab(n_per_class: int = 40, turn_deg: float = 50.0, seed: int = 0):
+    """Three classes 120° apart on a circle; a classifier trained on a lab turned ``turn_deg``."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    centres = np.deg2rad([0.0, 120.0, 240.0])
+    x, y = [], []
+    for k, a in enumerate(centres):
+        angles = a + rng.normal(0, 0.35, n_per_class)
+        radius = rng.uniform(0.8, 1.2, n_per_class)
+        x.append(np.column_stack([np.cos(angles), np.sin(angles)]) * radius[:, None])
+        y += [k] * n_per_class
+    turn = np.deg2rad(turn_deg)
+    weight = np.column_stack([np.cos(centres + turn), np.sin(centres + turn)]) * 3.0
+    return (
+        torch.tensor(np.concatenate(x), dtype=torch.float32),
+        np.array(y),
+        torch.tensor(weight, dtype=torch.float32),
+    )
+
+
+def test_prototypes_move_the_classifier_to_where_the_new_labs_cells_lie():
+    from napari_wbc.adapt import adapt_prototypes
+
+    x, y, weight = _rotated_lab()
+    model = _Features(weight)
+    before = model.fc.weight.clone()
+    with torch.no_grad():
+        base_acc = float((model(x).argmax(1).numpy() == y).mean())
+    adapted = adapt_prototypes(model, x, support=20)
+    with torch.no_grad():
+        acc = float((adapted(x).argmax(1).numpy() == y).mean())
+    assert base_acc < 0.75  # measured 0.69: the lab's cells lie 50° from the classifier
+    assert acc > 0.88  # measured 0.91
+    assert torch.equal(model.fc.weight, before)  # the model itself is untouched
+    assert torch.all(adapted.fc.bias == 0)
+    # The prototypes keep the classifier's scale.
+    assert float(adapted.fc.weight.norm(dim=1).mean()) == pytest.approx(
+        float(before.norm(dim=1).mean()), rel=1e-5
+    )
+    again = adapt_prototypes(model, x, support=20)
+    assert torch.equal(again.fc.weight, adapted.fc.weight)  # deterministic
+    with pytest.raises(AdaptationError, match=f"at least {MIN_CELLS}"):
+        adapt_prototypes(model, x[: MIN_CELLS - 1])
+
+
+def test_prototype_adaptation_of_an_ensemble_saves_as_new_files(tiny_model_path, tmp_path):
+    import numpy as np
+
+    from napari_wbc.adapt import adapt_ensemble, adapt_method, save_adapted_ensemble
+    from napari_wbc.inference import load_any
+    from napari_wbc.models.files import read_model_config
+
+    base = load_any(tiny_model_path)
+    head = base.members[0].model.get_classifier().weight.clone()
+    before = _bn_means(base.members[0].model)
+    crops = np.random.default_rng(1).integers(0, 255, (40, 48, 48, 3), dtype=np.uint8)
+    adapted = adapt_ensemble(base, crops)  # the default method
+    assert adapt_method(True) == "prototypes"
+    assert adapted.metrics["adapted"] == {"method": "prototypes", "cells": 40}
+    new_head = adapted.members[0].model.get_classifier().weight
+    assert not torch.allclose(new_head, head)
+    assert torch.equal(base.members[0].model.get_classifier().weight, head)
+    # Only the classifier moves: the features' batch norms are as they were.
+    assert all(
+        torch.equal(a, b) for a, b in zip(before, _bn_means(adapted.members[0].model), strict=True)
+    )
+    out = save_adapted_ensemble(tmp_path / "adapted", adapted, "random crops")
+    config = read_model_config(out)
+    assert config.training["adapted"]["method"] == "prototypes"
+    assert "T3A" in config.notes
+    reloaded, _ = load_model(out, cache=False)
+    assert torch.allclose(reloaded.get_classifier().weight, new_head)
+    with pytest.raises(AdaptationError, match="unknown adaptation"):
+        adapt_method("tent")

@@ -253,7 +253,11 @@ def test_predict_adapt_saves_a_new_model_and_keeps_the_base(
     assert hashlib.sha256(model_path.read_bytes()).hexdigest() == digest
     adapted = read_model_config(out)
     assert adapted.training["adapted"]["cells"] == len(list(disc_dir.rglob("*.png")))
+    assert adapted.training["adapted"]["method"] == "prototypes"  # --adapt's default
     assert plain.read_text() != table.read_text()
+    bn = tmp_path / "adabn.safetensors"
+    assert cli([*argv, "--adapt", "--adapt-method", "adabn", "--save-adapted", str(bn)]) == 0
+    assert read_model_config(bn).training["adapted"]["method"] == "adabn"
     capsys.readouterr()
     # Never over an existing file, and only with --adapt.
     assert cli([*argv, "--adapt", "--save-adapted", str(out)]) == 2

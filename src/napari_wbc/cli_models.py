@@ -86,7 +86,7 @@ def smear_setup(args, model, **options):
         stain_normalize=args.stain_normalization,
         tta=args.tta,
         device=args.device,
-        adapt=getattr(args, "adapt", False),
+        adapt=adapt_of(args),
         exhaustive=getattr(args, "exhaustive", False),
         **options,
     )
@@ -108,16 +108,31 @@ def add_scale_options(p) -> None:
 
 
 def add_adapt_option(p) -> None:
-    """``--adapt``: label-free adaptation (AdaBN) to the cells at hand."""
+    """``--adapt [METHOD]``: label-free adaptation to the cells at hand."""
     from .settings import ADAPT_MIN_CELLS as MIN_CELLS
 
     p.add_argument(
         "--adapt",
         action="store_true",
-        help="adapt the model to these cells without labels first (AdaBN; needs "
-        f"{MIN_CELLS} cells or more of one source; off by default: it helped on one "
-        "held-out lab and hurt on another, see MODEL_CARD.md)",
+        help="adapt the model to these cells without labels first, for cells from a lab "
+        f"the models never saw (needs {MIN_CELLS} cells or more of one source). Off by "
+        "default: leave one lab out it raised macro-F1 on both held-out labs, but on a lab "
+        "the models were trained on it costs accuracy (docs/results.md)",
     )
+    p.add_argument(
+        "--adapt-method",
+        choices=("prototypes", "adabn"),
+        default="prototypes",
+        help="with --adapt: 'prototypes' (default; the classifier moves to where this "
+        "lab's cells lie, T3A) or 'adabn' (batch-norm statistics re-estimated)",
+    )
+
+
+def adapt_of(args):
+    """The ``adapt`` argument of the classifying functions from ``--adapt``/``--adapt-method``."""
+    if not getattr(args, "adapt", False):
+        return False
+    return getattr(args, "adapt_method", None) or True
 
 
 def crop_scale_of(args) -> str | float:
@@ -318,7 +333,7 @@ def cmd_evaluate(args) -> int:
             device=args.device,
             stain_source=args.stain_source,
             scale=crop_scale_of(args),
-            adapt=args.adapt,
+            adapt=adapt_of(args),
             exhaustive=args.exhaustive,
         ),
         args.quiet or args.json,
@@ -344,7 +359,7 @@ def cmd_evaluate(args) -> int:
     if metrics.get("route"):
         print(f"model chosen: {_route_note(metrics['route'])}")
     if metrics.get("adapted"):
-        print(f"adapted (AdaBN) to {metrics['adapted']} crops")
+        print(f"adapted ({args.adapt_method}) to {metrics['adapted']} crops")
     print(f"{'class':<16}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>10}")
     for name, row in metrics["per_class"].items():
         print(
@@ -426,7 +441,7 @@ def cmd_predict(args) -> int:
             args.device,
             args.stain_source,
             scale=crop_scale_of(args),
-            adapt=args.adapt,
+            adapt=adapt_of(args),
             exhaustive=args.exhaustive,
         ),
         args.quiet or args.output is None,

@@ -75,9 +75,10 @@ class ClassifyConfig:
         ensemble are flagged ``needs_review``.
     device : str
         "auto", "cpu", "cuda", "mps".
-    adapt : bool
+    adapt : bool or {"prototypes", "adabn"}
         Adapt the classifier to this smear's own cells first, without labels
-        (AdaBN, :func:`napari_wbc.adapt.adapt_ensemble`): the cells are found
+        (:func:`napari_wbc.adapt.adapt_ensemble`; True: its default method,
+        the prototype classifier): the cells are found
         and cut once for it, then classified by the adapted copy. With fewer
         than :data:`napari_wbc.adapt.MIN_CELLS` cells the smear is classified
         without adaptation, and a warning says so. Not available on a cluster.
@@ -99,7 +100,7 @@ class ClassifyConfig:
     review_confidence: float = 0.6
     review_disagreement: float = 0.0
     device: str = "auto"
-    adapt: bool = False
+    adapt: bool | str = False
     exhaustive: bool = False
     extra: dict = field(default_factory=dict)
 
@@ -221,7 +222,10 @@ def iter_classify_smear(
     yield Progress("scale", 1, 1, f"red cell ≈ {rbc_px:.0f} px ({scale.note}); crops {side} px")
     tiles = _tiles((height, width), side, rbc_px, detector, config)
     adapted_cells, notes = 0, []
-    if config.adapt:
+    from .adapt import adapt_method
+
+    method = adapt_method(config.adapt)
+    if method:
         if client is not None:
             raise WBCError(
                 "adaptation runs on this machine only; adapt once (napari-wbc predict --adapt "
@@ -229,7 +233,7 @@ def iter_classify_smear(
             )
         with timer("adapt"):
             ensemble, adapted_cells, note = yield from _iter_adapt(
-                arr, tiles, given, detector, model_input, ensemble
+                arr, tiles, given, detector, model_input, ensemble, method
             )
         if note:
             notes.append(note)
@@ -374,7 +378,7 @@ def _iter_cut_cells(arr, tiles, given, detector, model_input, stage, purpose, li
     return crops
 
 
-def _iter_adapt(arr, tiles, given, detector, model_input, ensemble):
+def _iter_adapt(arr, tiles, given, detector, model_input, ensemble, method):
     """Find and cut every cell of the smear, and adapt ``ensemble`` to them.
 
     Returns the ensemble to classify with, the number of cells it was
@@ -392,7 +396,7 @@ def _iter_adapt(arr, tiles, given, detector, model_input, ensemble):
         )
         log.warning("%s", note)
         return ensemble, 0, note
-    adapted = adapt_ensemble(ensemble, crops)
+    adapted = adapt_ensemble(ensemble, crops, method=method)
     return adapted, adapted.metrics["adapted"]["cells"], None
 
 

@@ -53,7 +53,7 @@ def iter_predict_crop_files(
     stain_source: str = "auto",
     *,
     scale: str | float = "auto",
-    adapt: bool = False,
+    adapt: bool | str = False,
     exhaustive: bool = False,
 ) -> ProgressGen[dict[str, Any]]:
     """Classify crop image files with a model or ensemble, as it was trained.
@@ -82,9 +82,9 @@ def iter_predict_crop_files(
         How the crops' magnification is found and matched to the model's
         field of view (a number: the red-cell diameter in px); see
         :meth:`napari_wbc.preprocess.Preprocessor.resolve_crop_scale`.
-    adapt : bool
+    adapt : bool or {"prototypes", "adabn"}
         Adapt the ensemble to these crops first, without labels
-        (:func:`napari_wbc.adapt.adapt_ensemble`; needs
+        (:func:`napari_wbc.adapt.adapt_ensemble`; True: its default method; needs
         :data:`napari_wbc.adapt.MIN_CELLS` crops). The model files are not
         touched; the adapted ensemble is returned as ``adapted``.
     exhaustive : bool
@@ -100,6 +100,9 @@ def iter_predict_crop_files(
         ``crop_scale`` (red-cell px and method, or None when taken as they
         are) and, with ``adapt``, ``adapted``.
     """
+    from .adapt import adapt_method
+
+    method = adapt_method(adapt)
     ensemble = _loaded(model, device)
     paths = [str(p) for p in paths]
     if not paths:
@@ -113,7 +116,7 @@ def iter_predict_crop_files(
         ensemble, route, normalizer, reader = yield from _iter_route_crops(
             ensemble, paths, stain_source, found, device, batch_size
         )
-        if not adapt and route.passes is not None and ensemble is route.passes.ensemble:
+        if not method and route.passes is not None and ensemble is route.passes.ensemble:
             known = route.passes
     else:
         found = ensemble.preprocessor.resolve_crop_scale(paths, scale)
@@ -125,12 +128,12 @@ def iter_predict_crop_files(
         reader=reader,
     )
     adapted = None
-    if adapt:
+    if method:
         from .adapt import adapt_ensemble
         from .progress import Progress
 
-        yield Progress("adapt", 0, 1, f"adapting the model to {len(crops)} crops")
-        ensemble = adapted = adapt_ensemble(ensemble, crops)
+        yield Progress("adapt", 0, 1, f"adapting the model to {len(crops)} crops ({method})")
+        ensemble = adapted = adapt_ensemble(ensemble, crops, method=method)
         yield Progress("adapt", 1, 1, "adapted")
     result = yield from iter_predict_crops(
         ensemble,

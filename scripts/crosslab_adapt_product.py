@@ -1,0 +1,70 @@
+"""Leave-one-lab-out through the product's own path, with and without label-free adaptation (#12).
+
+    python scripts/crosslab_adapt_product.py outputs/lolo8c outputs/lolo8c-s1
+
+The fold models of each held-out lab (one per root: seeds) make one
+ensemble, as the built-in models are ensembles. It classifies the held-out
+lab's crops as ``napari-wbc evaluate`` does (files read, scale measured,
+stain fitted, doubt-gated D4), with ``adapt`` off, ``"prototypes"`` and
+``"adabn"``; and PBC's validation split, a lab it was trained on, off and
+with prototypes. BCCD's cells are cut from their fields at twice the field
+of view (as benchmarks/bench_gate.py does). No label of a held-out lab is
+read except to score.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+from bench_gate import lab_sets
+
+from napari_wbc.inference import Ensemble, EnsembleMember
+from napari_wbc.models.files import load_model
+from napari_wbc.prediction import evaluate
+from napari_wbc.threads import configure_threads
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("roots", type=Path, nargs="+")
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args(argv)
+    configure_threads(2)
+    tmp = tempfile.TemporaryDirectory()
+    sets = lab_sets(0, Path(tmp.name))
+    names = {"lisc": "LISC", "bccd": "BCCD"}
+    rows = []
+    for lab in ("bccd", "lisc"):
+        members = []
+        for root in args.roots:
+            model, config = load_model(root / f"dr-{lab}" / "model.safetensors", cache=False)
+            members.append(EnsembleMember(model, config, 1.0))
+        ensemble = Ensemble(members, tta="d4", name=f"fold {lab}")
+        plan = [(names[lab], a) for a in (False, "prototypes", "adabn")]
+        plan += [("PBC validation", a) for a in (False, "prototypes")]
+        for test, adapt in plan:
+            table = sets[test][["path", "label"]]
+            m = evaluate(ensemble, table, adapt=adapt)
+            row = {
+                "fold": lab,
+                "test": test,
+                "adapt": adapt or "none",
+                "n": int(m["n"]),
+                "macro_f1": round(float(m["macro_f1"]), 4),
+                "balanced_accuracy": round(float(m["balanced_accuracy"]), 4),
+                "per_class_f1": {c: round(float(v["f1"]), 3) for c, v in m["per_class"].items()},
+            }
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
