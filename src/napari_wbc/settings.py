@@ -22,6 +22,8 @@ def data_root() -> Path:
 #: (BCCD) and 0.60-0.69 (LISC); the worst of 5 samples was 0.35 and 0.60 at 8
 #: cells, 0.49 and 0.63 at 32, 0.52 and 0.67 at 256 (benchmarks/bench_adapt_cells.py,
 #: docs/crosslab/adapt-cells.md). 32 is where the worst case stops falling apart.
+#: The prototype adaptation (the default method) uses the same minimum; its
+#: own spread against the number of cells is not measured yet.
 ADAPT_MIN_CELLS = 32
 #: Most cells the statistics are estimated on (a seeded sample of larger
 #: sets): more adds time, not accuracy.
