@@ -278,3 +278,55 @@ def test_prototype_adaptation_of_an_ensemble_saves_as_new_files(tiny_model_path,
     assert torch.allclose(reloaded.get_classifier().weight, new_head)
     with pytest.raises(AdaptationError, match="unknown adaptation"):
         adapt_method("tent")
+
+
+def test_a_folder_of_camera_fields_is_adapted_once_to_all_their_cells(tiny_model_path, tmp_path):
+    # Each field holds fewer cells than adaptation needs; the folder, one
+    # microscope and stain, holds enough: the model is adapted once to all
+    # of them, and every field is classified by the adapted copy.
+    import numpy as np
+    import pandas as pd
+    from PIL import Image
+
+    from napari_wbc.inference import load_any
+    from napari_wbc.pipeline import ClassifyConfig
+    from napari_wbc.progress import run
+    from napari_wbc.smears import iter_classify_files
+    from napari_wbc.synthetic import make_smear
+
+    folder = tmp_path / "fields"
+    folder.mkdir()
+    for seed in (1, 2, 3):
+        field = make_smear((1280, 1280), seed=seed, wbc_per_mpx=9.0)
+        Image.fromarray(field).save(folder / f"field-{seed}.png")
+    ensemble = load_any(tiny_model_path)
+    config = dict(tta="none", stain_normalize=False)
+    plain = run(
+        iter_classify_files([folder], ensemble, tmp_path / "plain", ClassifyConfig(**config))
+    )
+    per_field = plain["total"].iloc[:-1].to_numpy()
+    assert (per_field < MIN_CELLS).all() and per_field.sum() >= MIN_CELLS, per_field
+    events = []
+    adapted = run(
+        iter_classify_files(
+            [folder], ensemble, tmp_path / "adapted", ClassifyConfig(**config, adapt=True)
+        ),
+        events.append,
+    )
+    assert [e for e in events if e.stage == "adapt"]
+    # The same cells, other probabilities: every field went through the adapted model.
+    assert adapted["total"].tolist() == plain["total"].tolist()
+    for seed in (1, 2, 3):
+        a = pd.read_csv(tmp_path / "adapted" / f"field-{seed}.csv")
+        b = pd.read_csv(tmp_path / "plain" / f"field-{seed}.csv")
+        p = [c for c in a.columns if c.startswith("p_")]
+        assert p and not np.allclose(a[p].to_numpy(), b[p].to_numpy(), atol=1e-4)
+    # One field alone (its own scale): too few cells, classified as it is.
+    field = [folder / "field-1.png"]
+    for name, adapt in (("one", True), ("one-plain", False)):
+        cfg = ClassifyConfig(**config, adapt=adapt)
+        run(iter_classify_files(field, ensemble, tmp_path / name, cfg))
+    a = pd.read_csv(tmp_path / "one" / "field-1.csv")
+    b = pd.read_csv(tmp_path / "one-plain" / "field-1.csv")
+    p = [c for c in a.columns if c.startswith("p_")]
+    assert len(a) == len(b) and np.allclose(a[p].to_numpy(), b[p].to_numpy(), atol=1e-6)

@@ -22,6 +22,7 @@ import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -124,69 +125,21 @@ class StageTimer:
         return {k: round(v, 3) for k, v in self.seconds.items()}
 
 
-def iter_classify_smear(
-    image,
-    ensemble,
-    config: ClassifyConfig | None = None,
-    points: np.ndarray | None = None,
-    labels=None,
-    client=None,
-    source_path=None,
-    file_pixel_size_um: float | None = None,
-    detector=None,
-) -> ProgressGen[pd.DataFrame]:
-    """Find and classify the white cells of a smear of any size.
+class _Prepared(NamedTuple):
+    arr: Any
+    scale: Any
+    rbc_px: float
+    given: pd.DataFrame | None
+    detector: Any
+    ensemble: Any
+    route: Any
+    model_input: Any
+    side: int
+    tiles: list
 
-    Parameters
-    ----------
-    image : ndarray, dask array or Smear
-        Full-resolution (Y, X, 3) uint8 RGB.
-    ensemble : napari_wbc.inference.Ensemble or napari_wbc.routing.ModelRouter
-        The classifier (see :func:`napari_wbc.inference.load_any`); a router
-        picks one of its ensembles for this smear first (``df.attrs``
-        ``model`` and ``route`` say which and why).
-    config : ClassifyConfig
-    points : ndarray (N, 2), optional
-        Cell centres (y, x) in pixels to classify instead of detecting.
-    labels : array-like (Y, X), optional
-        A label image of cell masks (0 = background), one cell per label, to
-        classify instead of detecting.
-    client : dask.distributed.Client, optional
-        Run the blocks on this cluster. Workers read their windows from
-        ``source_path`` and load the model from the ensemble's file, so both
-        must be reachable from the workers.
-    source_path : path, optional
-        The image file, needed with ``client``.
-    file_pixel_size_um : float, optional
-        The pixel size the image file records; used when ``config`` gives no
-        scale (see :func:`napari_wbc.scale.iter_resolve_scale`). Taken from
-        ``image`` when it is a Smear.
-    detector : napari_wbc.detection.Detector, optional
-        What finds the cells; default the nuclear-stain
-        :class:`~napari_wbc.detection.ClassicalDetector`.
 
-    Yields
-    ------
-    Progress
-        Stages "scale", "stain", ("route" with ``--model auto``), "blocks"; each "blocks" event carries the
-        running differential count in ``info["counts"]`` and the cells of the
-        finished block in ``info["cells"]``.
-
-    Returns
-    -------
-    DataFrame
-        One row per cell: y, x, diameter, class, confidence, needs_review,
-        disagreement, p_<class> for every class. ``df.attrs`` holds the scale
-        used (``rbc_diameter_px``, ``pixel_size_um`` when known, ``scale``,
-        ``scale_source``), ``crop_px``, ``stain_normalized`` and ``classes``;
-        ``seconds``, the time spent per stage ("scale", "detector setup",
-        "model choice", "stain fit", "adapt", and summed over blocks "read",
-        "detect", "cut crops", "classify", "table"); with a router, ``model``
-        and ``route`` (which model classified the smear, and why). The
-        ``passes`` column holds each cell's forward passes.
-    """
-    config = config or ClassifyConfig()
-    timer = StageTimer()
+def _iter_prepare(image, ensemble, config, points, labels, file_pixel_size_um, detector, timer):
+    """What every pass over a smear needs: scale, detector, model choice, stain, blocks."""
     if file_pixel_size_um is None and hasattr(image, "levels"):
         file_pixel_size_um = image.pixel_size_um
     arr = as_dask_rgb(image)
@@ -221,7 +174,113 @@ def iter_classify_smear(
     side = model_input.side
     yield Progress("scale", 1, 1, f"red cell ≈ {rbc_px:.0f} px ({scale.note}); crops {side} px")
     tiles = _tiles((height, width), side, rbc_px, detector, config)
+    return _Prepared(
+        arr, scale, rbc_px, given, detector, ensemble, route, model_input, side, tiles
+    )
+
+
+def iter_smear_cells(
+    image,
+    ensemble,
+    config: ClassifyConfig | None = None,
+    file_pixel_size_um: float | None = None,
+    detector=None,
+) -> ProgressGen[tuple[list[np.ndarray], Any]]:
+    """Find and cut every white cell of a smear as the classifier will see them.
+
+    For adapting one model to the cells of several images (a folder of
+    camera fields, each with too few cells on its own). Returns the crops
+    and the ensemble they were cut for (with a router: the one it chose for
+    this smear).
+    """
+    config = config or ClassifyConfig()
+    prep = yield from _iter_prepare(
+        image, ensemble, config, None, None, file_pixel_size_um, detector, StageTimer()
+    )
+    crops = yield from _iter_cut_cells(
+        prep.arr, prep.tiles, prep.given, prep.detector, prep.model_input, "adapt", "to adapt to"
+    )
+    return crops, prep.ensemble
+
+
+def iter_classify_smear(
+    image,
+    ensemble,
+    config: ClassifyConfig | None = None,
+    points: np.ndarray | None = None,
+    labels=None,
+    client=None,
+    source_path=None,
+    file_pixel_size_um: float | None = None,
+    detector=None,
+    adapted: dict | None = None,
+) -> ProgressGen[pd.DataFrame]:
+    """Find and classify the white cells of a smear of any size.
+
+    Parameters
+    ----------
+    image : ndarray, dask array or Smear
+        Full-resolution (Y, X, 3) uint8 RGB.
+    ensemble : napari_wbc.inference.Ensemble or napari_wbc.routing.ModelRouter
+        The classifier (see :func:`napari_wbc.inference.load_any`); a router
+        picks one of its ensembles for this smear first (``df.attrs``
+        ``model`` and ``route`` say which and why).
+    config : ClassifyConfig
+    points : ndarray (N, 2), optional
+        Cell centres (y, x) in pixels to classify instead of detecting.
+    labels : array-like (Y, X), optional
+        A label image of cell masks (0 = background), one cell per label, to
+        classify instead of detecting.
+    client : dask.distributed.Client, optional
+        Run the blocks on this cluster. Workers read their windows from
+        ``source_path`` and load the model from the ensemble's file, so both
+        must be reachable from the workers.
+    source_path : path, optional
+        The image file, needed with ``client``.
+    file_pixel_size_um : float, optional
+        The pixel size the image file records; used when ``config`` gives no
+        scale (see :func:`napari_wbc.scale.iter_resolve_scale`). Taken from
+        ``image`` when it is a Smear.
+    detector : napari_wbc.detection.Detector, optional
+        What finds the cells; default the nuclear-stain
+        :class:`~napari_wbc.detection.ClassicalDetector`.
+    adapted : dict, optional
+        Copies already adapted to a larger source (``id(ensemble)`` → the
+        adapted ensemble; :func:`iter_smear_cells` cut the cells): the model
+        chosen for this smear is replaced by its copy, when it has one.
+
+    Yields
+    ------
+    Progress
+        Stages "scale", "stain", ("route" with ``--model auto``), "blocks"; each "blocks" event carries the
+        running differential count in ``info["counts"]`` and the cells of the
+        finished block in ``info["cells"]``.
+
+    Returns
+    -------
+    DataFrame
+        One row per cell: y, x, diameter, class, confidence, needs_review,
+        disagreement, p_<class> for every class. ``df.attrs`` holds the scale
+        used (``rbc_diameter_px``, ``pixel_size_um`` when known, ``scale``,
+        ``scale_source``), ``crop_px``, ``stain_normalized`` and ``classes``;
+        ``seconds``, the time spent per stage ("scale", "detector setup",
+        "model choice", "stain fit", "adapt", and summed over blocks "read",
+        "detect", "cut crops", "classify", "table"); with a router, ``model``
+        and ``route`` (which model classified the smear, and why). The
+        ``passes`` column holds each cell's forward passes.
+    """
+    config = config or ClassifyConfig()
+    timer = StageTimer()
+    prep = yield from _iter_prepare(
+        image, ensemble, config, points, labels, file_pixel_size_um, detector, timer
+    )
+    arr, scale, rbc_px, given, detector, ensemble, route, model_input, side, tiles = prep
     adapted_cells, notes = 0, []
+    if adapted is not None and not config.adapt and id(ensemble) in adapted:
+        # Adapted once to a larger source (a folder, napari_wbc.smears): the
+        # chosen model's adapted copy classifies this image.
+        ensemble = adapted[id(ensemble)]
+        adapted_cells = int(ensemble.metrics["adapted"]["cells"])
     from .adapt import adapt_method
 
     method = adapt_method(config.adapt)

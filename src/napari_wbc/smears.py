@@ -62,15 +62,34 @@ def iter_classify_files(
     scales, unmeasured = {}, {}
     if config.rbc_diameter_px is None and config.pixel_size_um is None:
         scales, unmeasured = yield from _iter_folder_scales(paths)
+
+    def own_config(path):
+        scale = scales.get(path)
+        return config if scale is None else replace(config, rbc_diameter_px=scale.rbc_diameter_px)
+
+    from .adapt import adapt_method
+
+    adapted = None
+    method = adapt_method(config.adapt)
+    if len(paths) > 1 and method and client is None:
+        # One microscope, one stain: the folder is one source, adapted once
+        # to the cells of all its images (a camera field alone holds too few).
+        config = replace(config, adapt=False)
+        adapted = yield from _iter_adapt_folder(
+            [p for p in paths if not (p in unmeasured and p not in scales)],
+            ensemble,
+            own_config,
+            method,
+        )
     for i, path in enumerate(paths):
         if path in unmeasured and path not in scales:
             fail(path, WBCError(f"{unmeasured[path]}; give --pixel-size or --rbc-diameter-px"))
             continue
         scale = scales.get(path)
-        own = config if scale is None else replace(config, rbc_diameter_px=scale.rbc_diameter_px)
+        own = own_config(path)
         try:
             cells = yield from _iter_classify_file(
-                path, ensemble, own, client, out_dir, formats, (i, len(paths)), scale
+                path, ensemble, own, client, out_dir, formats, (i, len(paths)), scale, adapted
             )
         except Exception as exc:  # one bad file must not end a batch; recorded
             fail(path, exc)
@@ -144,11 +163,62 @@ def _iter_folder_scales(paths) -> ProgressGen[tuple[dict, dict]]:
     return folder_scales(estimates), unmeasured
 
 
-def _iter_classify_file(path, ensemble, config, client, out_dir, formats, position, scale=None):
+def _iter_adapt_folder(paths, ensemble, own_config, method: str) -> ProgressGen[dict]:
+    """Adapt the model of a folder's images to all their cells; ``id(model)`` → adapted copy.
+
+    Each image's cells are cut as its classification will cut them (with a
+    router, for the model it chooses for that image); each chosen model is
+    adapted to the cells of its images, when they are at least
+    :data:`napari_wbc.adapt.MIN_CELLS`. Images that cannot be read are left
+    to the classification pass, which records why.
+    """
+    from .adapt import MIN_CELLS, adapt_ensemble
+    from .pipeline import iter_smear_cells
+
+    pooled: dict[int, tuple[object, list]] = {}
+    for i, path in enumerate(paths):
+        try:
+            smear = read_smear(path)
+        except Exception:  # reported when the image is classified
+            continue
+        try:
+            crops, chosen = yield from relabel(
+                iter_smear_cells(
+                    smear.levels[0],
+                    ensemble,
+                    own_config(path),
+                    file_pixel_size_um=smear.pixel_size_um,
+                ),
+                lambda e, i=i, name=path.name: Progress(
+                    "adapt", i, len(paths), f"{name}: cells to adapt to"
+                ),
+            )
+        except Exception:  # likewise: the classification pass says what went wrong
+            continue
+        finally:
+            smear.close()
+        pooled.setdefault(id(chosen), (chosen, []))[1].extend(crops)
+        yield Progress("adapt", i + 1, len(paths), f"{path.name}: {len(crops)} cells")
+    adapted = {}
+    for key, (chosen, crops) in pooled.items():
+        if len(crops) < MIN_CELLS:
+            log.warning(
+                "not adapted: %d cells in these images, adaptation needs %d", len(crops), MIN_CELLS
+            )
+            continue
+        adapted[key] = adapt_ensemble(chosen, np.stack(crops), method=method)
+        log.info("%s adapted to %d cells of %d images", chosen.name, len(crops), len(paths))
+    return adapted
+
+
+def _iter_classify_file(
+    path, ensemble, config, client, out_dir, formats, position, scale=None, adapted=None
+):
     """Classify one image and write its tables; returns the cells.
 
     ``scale`` is the folder's measured scale for this image (its
     ``rbc_diameter_px`` is already in ``config``): it only names the scale.
+    ``adapted``: the folder's adapted models (:func:`_iter_adapt_folder`).
     """
     from .export import cells_to_csv, cells_to_geojson
 
@@ -163,6 +233,7 @@ def _iter_classify_file(path, ensemble, config, client, out_dir, formats, positi
                 client=client,
                 source_path=path,
                 file_pixel_size_um=smear.pixel_size_um,
+                adapted=adapted,
             ),
             lambda e: Progress("images", i, n, f"{path.name}: {e.stage} {e.done}/{e.total}"),
         )
