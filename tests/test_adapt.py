@@ -330,3 +330,61 @@ def test_a_folder_of_camera_fields_is_adapted_once_to_all_their_cells(tiny_model
     b = pd.read_csv(tmp_path / "one-plain" / "field-1.csv")
     p = [c for c in a.columns if c.startswith("p_")]
     assert len(a) == len(b) and np.allclose(a[p].to_numpy(), b[p].to_numpy(), atol=1e-6)
+
+
+def test_evaluating_a_folder_of_fields_adapts_once_to_all_their_cells(
+    tiny_model_path, tmp_path, monkeypatch
+):
+    # `napari-wbc evaluate boxes.csv --adapt`: as `classify`, one adaptation
+    # for the folder's fields, then every field classified by the adapted copy.
+    import pandas as pd
+    from PIL import Image
+
+    from napari_wbc.inference import load_any
+    from napari_wbc.pipeline import ClassifyConfig
+    from napari_wbc.progress import run
+    from napari_wbc.smears import iter_evaluate_smears
+    from napari_wbc.synthetic import make_smear, smear_truth
+
+    rows = []
+    for seed in (1, 2, 3):
+        path = tmp_path / f"field-{seed}.png"
+        Image.fromarray(make_smear((1280, 1280), seed=seed, wbc_per_mpx=9.0)).save(path)
+        truth = smear_truth((1280, 1280), seed=seed, wbc_per_mpx=9.0)
+        for t in truth[truth["kind"] == "wbc"].itertuples():
+            r = t.diameter / 2
+            rows.append(
+                {
+                    "path": str(path),
+                    "label": t.label,
+                    "x": t.x - r,
+                    "y": t.y - r,
+                    "w": 2 * r,
+                    "h": 2 * r,
+                }
+            )
+    boxes = pd.DataFrame(rows)
+    ensemble = load_any(tiny_model_path)
+    config = dict(tta="none", stain_normalize=False)
+    plain = run(iter_evaluate_smears(boxes, ensemble, ClassifyConfig(**config)))
+    import napari_wbc.adapt as adapt
+
+    calls = []
+    real = adapt.adapt_ensemble
+
+    def recorded(ens, crops, *args, **kwargs):
+        calls.append(len(crops))
+        return real(ens, crops, *args, **kwargs)
+
+    monkeypatch.setattr(adapt, "adapt_ensemble", recorded)
+    events = []
+    adapted = run(
+        iter_evaluate_smears(boxes, ensemble, ClassifyConfig(**config, adapt=True)), events.append
+    )
+    adapting = [e for e in events if e.stage == "adapt"]
+    assert adapting and adapting[-1].done == 3
+    assert adapted["detection"] == plain["detection"]  # the same cells found
+    assert adapted["n"] == plain["n"] > 0
+    # Once, to the cells found in all three fields (each alone has fewer than needed).
+    found = plain["detection"]["tp"] + plain["detection"]["fp"]
+    assert calls == [found] and found >= MIN_CELLS

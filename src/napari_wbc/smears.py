@@ -300,8 +300,10 @@ def iter_evaluate_smears(
     Classification metrics are computed over matched cells whose box has a real
     class (``ambiguous`` / ``unlabeled`` boxes count for detection only).
     Unless the scale is given, the images share the folder's measured scale
-    as in :func:`iter_classify_files`.
+    as in :func:`iter_classify_files`; with ``config.adapt`` the model is
+    adapted once to the cells of all the images, as there too.
     """
+    from .adapt import adapt_method
     from .detection import match_detections
     from .metrics import classification_metrics
 
@@ -313,12 +315,21 @@ def iter_evaluate_smears(
     scales = {}
     if config.rbc_diameter_px is None and config.pixel_size_um is None:
         scales, _ = yield from _iter_folder_scales([Path(p) for p in images])
+
+    def own_config(path):
+        scale = scales.get(Path(path))
+        return config if scale is None else replace(config, rbc_diameter_px=scale.rbc_diameter_px)
+
+    adapted = None
+    method = adapt_method(config.adapt)
+    if len(images) > 1 and method:
+        config = replace(config, adapt=False)
+        adapted = yield from _iter_adapt_folder(
+            [Path(p) for p in images], ensemble, own_config, method
+        )
     for i, path in enumerate(images):
         own = boxes[boxes["path"] == path].reset_index(drop=True)
-        scale = scales.get(Path(path))
-        image_config = (
-            config if scale is None else replace(config, rbc_diameter_px=scale.rbc_diameter_px)
-        )
+        image_config = own_config(path)
         smear = read_smear(path)
         try:
             cells = run(
@@ -327,6 +338,7 @@ def iter_evaluate_smears(
                     ensemble,
                     image_config,
                     file_pixel_size_um=smear.pixel_size_um,
+                    adapted=adapted,
                 )
             )
         except WBCError as exc:

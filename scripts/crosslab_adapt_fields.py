@@ -1,0 +1,63 @@
+"""Held-out BCCD's whole fields, found and classified end to end, with and without --adapt (#12).
+
+    python scripts/crosslab_adapt_fields.py outputs/lolo8c outputs/lolo8c-s1
+
+The BCCD fold models (never trained on BCCD; one per root, seeds) make one
+ensemble that runs `napari-wbc evaluate bccd/wbc.csv` as a user would:
+every field's white cells detected and classified, the folder's scale
+measured; with ``adapt`` the model is adapted once, without labels, to the
+cells of all 364 fields (a field alone holds one or two). Macro-F1 of the
+matched cells over BCCD's classes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from napari_wbc.inference import Ensemble, EnsembleMember
+from napari_wbc.models.files import load_model
+from napari_wbc.pipeline import ClassifyConfig
+from napari_wbc.progress import run
+from napari_wbc.settings import data_root
+from napari_wbc.smears import iter_evaluate_smears, load_boxes
+from napari_wbc.threads import configure_threads
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("roots", type=Path, nargs="+")
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args(argv)
+    configure_threads(2)
+    members = []
+    for root in args.roots:
+        model, config = load_model(root / "dr-bccd" / "model.safetensors", cache=False)
+        members.append(EnsembleMember(model, config, 1.0))
+    ensemble = Ensemble(members, tta="d4", name="BCCD fold")
+    boxes = load_boxes(data_root() / "bccd" / "wbc.csv")
+    rows = []
+    for adapt in (False, "prototypes"):
+        t = time.perf_counter()
+        m = run(iter_evaluate_smears(boxes, ensemble, ClassifyConfig(adapt=adapt)))
+        row = {
+            "adapt": adapt or "none",
+            "n": m["n"],
+            "macro_f1": round(float(m["macro_f1"]), 4),
+            "balanced_accuracy": round(float(m["balanced_accuracy"]), 4),
+            "per_class_f1": {c: round(float(v["f1"]), 3) for c, v in m["per_class"].items()},
+            "detection_f1": round(m["detection"]["f1"], 3),
+            "seconds": round(time.perf_counter() - t, 1),
+        }
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
