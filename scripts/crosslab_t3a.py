@@ -134,12 +134,62 @@ def ensemble_rows(roots, supports=(0, 20, 50, 100)):
     return rows
 
 
+def cells_rows(root: Path, sizes=(8, 16, 32, 64, 128, 192, 256), draws: int = 5, m: int = 50):
+    """Prototypes from a few random cells of the held-out lab, scored on all of its cells."""
+    rows = []
+    for file in sorted(root.glob("*-*/model.safetensors")):
+        model, config = load_model(file, cache=False)
+        lab = config.training.get("holdout")
+        classes = tuple(config.spec.classes)
+        table, crops = cached_lab_crops(lab, "outputs/crosslab/cache", 128, 4.8)
+        labels = table["label"].tolist()
+        f, lg = features_and_logits(model, to_input(crops, config), False)
+        w = model.get_classifier().weight.detach().numpy()
+        onehot = np.eye(len(classes))
+        row = {"lab": lab, "base": score(onehot[lg.argmax(1)], labels, classes)["macro_f1"]}
+        for size in sizes:
+            scores = []
+            for draw in range(draws):
+                pick = np.random.default_rng(draw).choice(len(f), size, replace=False)
+                adapted = _prototype_weights(f[pick], lg[pick], w, m)
+                scores.append(
+                    score(onehot[(f @ adapted.T).argmax(1)], labels, classes)["macro_f1"]
+                )
+            row[str(size)] = [round(x, 3) for x in scores]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def _prototype_weights(features, logits, weights, m: int) -> np.ndarray:
+    """The adapted classifier's weights (prototypes at the mean weight norm), as the product's."""
+    z = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
+    w = weights / np.maximum(np.linalg.norm(weights, axis=1, keepdims=True), 1e-12)
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    entropy = -(p * np.log(np.maximum(p, 1e-12))).sum(1)
+    pred = logits.argmax(1)
+    protos = []
+    for k in range(len(w)):
+        idx = np.flatnonzero(pred == k)
+        idx = idx[np.argsort(entropy[idx], kind="stable")[:m]]
+        proto = w[k] + z[idx].sum(0)
+        protos.append(proto / max(np.linalg.norm(proto), 1e-12))
+    return np.stack(protos) * float(np.linalg.norm(weights, axis=1).mean())
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("root", type=Path, nargs="+")
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--cells", action="store_true", help="adapt on a few random cells instead")
     args = p.parse_args(argv)
     torch.set_num_threads(2)
+    if args.cells:
+        rows = cells_rows(args.root[0])
+        if args.json:
+            args.json.write_text(json.dumps(rows, indent=1))
+        return 0
     if len(args.root) > 1:
         rows = ensemble_rows(args.root)
         if args.json:

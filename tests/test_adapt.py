@@ -137,7 +137,7 @@ def test_adapted_ensemble_is_a_new_object_and_saves_as_new_files(tiny_model_path
         save_adapted_ensemble(out, adapted, "random crops")
     assert hashlib.sha256(tiny_model_path.read_bytes()).hexdigest() == digest
     with pytest.raises(AdaptationError, match=f"at least {MIN_CELLS}"):
-        adapt_ensemble(base, crops[: MIN_CELLS - 1])
+        adapt_ensemble(base, crops[: MIN_CELLS - 1], method="adabn")
 
 
 def test_smear_adaptation_changes_the_answers_and_needs_enough_cells(tiny_model_path):
@@ -158,7 +158,9 @@ def test_smear_adaptation_changes_the_answers_and_needs_enough_cells(tiny_model_
     plain = run(iter_classify_smear(smear, ensemble, ClassifyConfig(**config), points=points))
     events = []
     adapted = run(
-        iter_classify_smear(smear, ensemble, ClassifyConfig(**config, adapt=True), points=points),
+        iter_classify_smear(
+            smear, ensemble, ClassifyConfig(**config, adapt="adabn"), points=points
+        ),
         events.append,
     )
     assert plain.attrs["adapted_cells"] == 0
@@ -169,7 +171,7 @@ def test_smear_adaptation_changes_the_answers_and_needs_enough_cells(tiny_model_
     # A few cells: classified as they are, and the result says why.
     few = run(
         iter_classify_smear(
-            smear, ensemble, ClassifyConfig(**config, adapt=True), points=points[:10]
+            smear, ensemble, ClassifyConfig(**config, adapt="adabn"), points=points[:10]
         )
     )
     assert few.attrs["adapted_cells"] == 0
@@ -203,7 +205,7 @@ class _Features(torch.nn.Module):
         return self.fc(x)
 
 
-def _rotated_lab(n_per_class: int = 40, turn_deg: float = 50.0, seed: int = 0):
+def _rotated_lab(n_per_class: int = 50, turn_deg: float = 50.0, seed: int = 0):
     """Three classes 120° apart on a circle; a classifier trained on a lab turned ``turn_deg``."""
     import numpy as np
 
@@ -225,7 +227,7 @@ def _rotated_lab(n_per_class: int = 40, turn_deg: float = 50.0, seed: int = 0):
 
 
 def test_prototypes_move_the_classifier_to_where_the_new_labs_cells_lie():
-    from napari_wbc.adapt import adapt_prototypes
+    from napari_wbc.adapt import PROTOTYPE_MIN_CELLS, adapt_prototypes
 
     x, y, weight = _rotated_lab()
     model = _Features(weight)
@@ -245,8 +247,8 @@ def test_prototypes_move_the_classifier_to_where_the_new_labs_cells_lie():
     )
     again = adapt_prototypes(model, x, support=20)
     assert torch.equal(again.fc.weight, adapted.fc.weight)  # deterministic
-    with pytest.raises(AdaptationError, match=f"at least {MIN_CELLS}"):
-        adapt_prototypes(model, x[: MIN_CELLS - 1])
+    with pytest.raises(AdaptationError, match=f"at least {PROTOTYPE_MIN_CELLS}"):
+        adapt_prototypes(model, x[: PROTOTYPE_MIN_CELLS - 1])
 
 
 def test_prototype_adaptation_of_an_ensemble_saves_as_new_files(tiny_model_path, tmp_path):
@@ -259,10 +261,12 @@ def test_prototype_adaptation_of_an_ensemble_saves_as_new_files(tiny_model_path,
     base = load_any(tiny_model_path)
     head = base.members[0].model.get_classifier().weight.clone()
     before = _bn_means(base.members[0].model)
-    crops = np.random.default_rng(1).integers(0, 255, (40, 48, 48, 3), dtype=np.uint8)
+    crops = np.random.default_rng(1).integers(0, 255, (130, 48, 48, 3), dtype=np.uint8)
+    with pytest.raises(AdaptationError, match="at least 128"):
+        adapt_ensemble(base, crops[:100])  # enough for AdaBN, too few for prototypes
     adapted = adapt_ensemble(base, crops)  # the default method
     assert adapt_method(True) == "prototypes"
-    assert adapted.metrics["adapted"] == {"method": "prototypes", "cells": 40}
+    assert adapted.metrics["adapted"] == {"method": "prototypes", "cells": 130}
     new_head = adapted.members[0].model.get_classifier().weight
     assert not torch.allclose(new_head, head)
     assert torch.equal(base.members[0].model.get_classifier().weight, head)
@@ -309,7 +313,7 @@ def test_a_folder_of_camera_fields_is_adapted_once_to_all_their_cells(tiny_model
     events = []
     adapted = run(
         iter_classify_files(
-            [folder], ensemble, tmp_path / "adapted", ClassifyConfig(**config, adapt=True)
+            [folder], ensemble, tmp_path / "adapted", ClassifyConfig(**config, adapt="adabn")
         ),
         events.append,
     )
@@ -323,7 +327,7 @@ def test_a_folder_of_camera_fields_is_adapted_once_to_all_their_cells(tiny_model
         assert p and not np.allclose(a[p].to_numpy(), b[p].to_numpy(), atol=1e-4)
     # One field alone (its own scale): too few cells, classified as it is.
     field = [folder / "field-1.png"]
-    for name, adapt in (("one", True), ("one-plain", False)):
+    for name, adapt in (("one", "adabn"), ("one-plain", False)):
         cfg = ClassifyConfig(**config, adapt=adapt)
         run(iter_classify_files(field, ensemble, tmp_path / name, cfg))
     a = pd.read_csv(tmp_path / "one" / "field-1.csv")
@@ -379,7 +383,8 @@ def test_evaluating_a_folder_of_fields_adapts_once_to_all_their_cells(
     monkeypatch.setattr(adapt, "adapt_ensemble", recorded)
     events = []
     adapted = run(
-        iter_evaluate_smears(boxes, ensemble, ClassifyConfig(**config, adapt=True)), events.append
+        iter_evaluate_smears(boxes, ensemble, ClassifyConfig(**config, adapt="adabn")),
+        events.append,
     )
     adapting = [e for e in events if e.stage == "adapt"]
     assert adapting and adapting[-1].done == 3

@@ -47,6 +47,7 @@ import torch
 from napari_wbc.errors import WBCError
 from napari_wbc.settings import ADAPT_MAX_CELLS as MAX_CELLS
 from napari_wbc.settings import ADAPT_MIN_CELLS as MIN_CELLS
+from napari_wbc.settings import ADAPT_PROTOTYPE_MIN_CELLS as PROTOTYPE_MIN_CELLS
 
 log = logging.getLogger(__name__)
 
@@ -55,12 +56,14 @@ __all__ = [
     "MAX_CELLS",
     "METHODS",
     "MIN_CELLS",
+    "PROTOTYPE_MIN_CELLS",
     "PROTOTYPE_SUPPORT",
     "AdaptationError",
     "adapt_batchnorm",
     "adapt_ensemble",
     "adapt_method",
     "adapt_prototypes",
+    "cells_needed",
     "save_adapted_ensemble",
     "save_adapted_model",
 ]
@@ -98,6 +101,11 @@ def adapt_method(adapt) -> str | None:
     return str(adapt)
 
 
+def cells_needed(method) -> int:
+    """Fewest cells ``method`` adapts to (:data:`PROTOTYPE_MIN_CELLS`, AdaBN :data:`MIN_CELLS`)."""
+    return PROTOTYPE_MIN_CELLS if adapt_method(method) == "prototypes" else MIN_CELLS
+
+
 def _check_cells(n: int, min_cells: int) -> None:
     if n < min_cells:
         raise AdaptationError(
@@ -112,7 +120,7 @@ def adapt_prototypes(
     images: torch.Tensor,
     support: int = PROTOTYPE_SUPPORT,
     batch_size: int = 64,
-    min_cells: int = MIN_CELLS,
+    min_cells: int = PROTOTYPE_MIN_CELLS,
 ) -> torch.nn.Module:
     """A copy of ``model`` whose classifier holds class prototypes from ``images`` (T3A).
 
@@ -331,7 +339,7 @@ def adapt_ensemble(
     ensemble,
     crops,
     balance: bool = True,
-    min_cells: int = MIN_CELLS,
+    min_cells: int | None = None,
     method: str = DEFAULT_METHOD,
 ):
     """An ensemble whose members are adapted to ``crops``; ``ensemble`` is unchanged.
@@ -343,8 +351,10 @@ def adapt_ensemble(
         The cells of one source as the ensemble classifies them (at its field
         of view, stain handled by its preprocessor). At most :data:`MAX_CELLS`
         of them (a seeded sample) are used.
-    balance, min_cells
-        See :func:`adapt_batchnorm` (``balance`` is AdaBN's).
+    balance : bool
+        AdaBN's class balance (:func:`adapt_batchnorm`).
+    min_cells : int, optional
+        Fewest cells accepted; default the method's (:func:`cells_needed`).
     method : {"prototypes", "adabn"}
         How (:data:`METHODS`); each member is adapted on its own.
 
@@ -361,8 +371,9 @@ def adapt_ensemble(
     from napari_wbc.inference import EnsembleMember, _to_input
 
     method = adapt_method(method) or DEFAULT_METHOD
+    least = cells_needed(method) if min_cells is None else min_cells
     n = len(crops)
-    _check_cells(n, min_cells)
+    _check_cells(n, least)
     pick = np.arange(n)
     if n > MAX_CELLS:
         pick = np.sort(np.random.default_rng(0).choice(n, MAX_CELLS, replace=False))
@@ -376,9 +387,9 @@ def adapt_ensemble(
         std = torch.tensor(spec.std, device=device).view(1, 3, 1, 1)
         x = (x - mean) / std
         if method == "prototypes":
-            model = adapt_prototypes(member.model, x, min_cells=min_cells)
+            model = adapt_prototypes(member.model, x, min_cells=least)
         else:
-            model = adapt_batchnorm(member.model, x, balance, min_cells=min_cells)
+            model = adapt_batchnorm(member.model, x, balance, min_cells=least)
         members.append(EnsembleMember(model, member.config, member.weight))
     log.info("adapted %d member(s) to %d cells (%s)", len(members), len(pick), method)
     return dataclasses.replace(

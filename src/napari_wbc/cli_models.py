@@ -109,13 +109,14 @@ def add_scale_options(p) -> None:
 
 def add_adapt_option(p) -> None:
     """``--adapt [METHOD]``: label-free adaptation to the cells at hand."""
-    from .settings import ADAPT_MIN_CELLS as MIN_CELLS
+    from .settings import ADAPT_MIN_CELLS, ADAPT_PROTOTYPE_MIN_CELLS
 
     p.add_argument(
         "--adapt",
         action="store_true",
         help="adapt the model to these cells without labels first, for cells from a lab "
-        f"the models never saw (needs {MIN_CELLS} cells or more of one source). Off by "
+        f"the models never saw (needs {ADAPT_PROTOTYPE_MIN_CELLS} cells or more of one source, "
+        f"{ADAPT_MIN_CELLS} with adabn). Off by "
         "default: leave one lab out it raised macro-F1 on both held-out labs, but on a lab "
         "the models were trained on it costs accuracy (docs/results.md)",
     )

@@ -81,7 +81,8 @@ class ClassifyConfig:
         (:func:`napari_wbc.adapt.adapt_ensemble`; True: its default method,
         the prototype classifier): the cells are found
         and cut once for it, then classified by the adapted copy. With fewer
-        than :data:`napari_wbc.adapt.MIN_CELLS` cells the smear is classified
+        cells than the method needs (:func:`napari_wbc.adapt.cells_needed`:
+        128 for prototypes, 32 for AdaBN) the smear is classified
         without adaptation, and a warning says so. Not available on a cluster.
     exhaustive : bool
         Every TTA view of every member for every cell. By default members
@@ -443,14 +444,15 @@ def _iter_adapt(arr, tiles, given, detector, model_input, ensemble, method):
     Returns the ensemble to classify with, the number of cells it was
     adapted to (0: not adapted) and a warning, or None.
     """
-    from .adapt import MIN_CELLS, adapt_ensemble
+    from .adapt import adapt_ensemble, cells_needed
 
     crops = yield from _iter_cut_cells(
         arr, tiles, given, detector, model_input, "adapt", "to adapt to"
     )
-    if len(crops) < MIN_CELLS:
+    least = cells_needed(method)
+    if len(crops) < least:
         note = (
-            f"not adapted: {len(crops)} cells found, adaptation needs {MIN_CELLS}; "
+            f"not adapted: {len(crops)} cells found, adaptation needs {least}; "
             "classified with the model as it is"
         )
         log.warning("%s", note)

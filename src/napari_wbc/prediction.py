@@ -85,7 +85,7 @@ def iter_predict_crop_files(
     adapt : bool or {"prototypes", "adabn"}
         Adapt the ensemble to these crops first, without labels
         (:func:`napari_wbc.adapt.adapt_ensemble`; True: its default method; needs
-        :data:`napari_wbc.adapt.MIN_CELLS` crops). The model files are not
+        :func:`napari_wbc.adapt.cells_needed` crops). The model files are not
         touched; the adapted ensemble is returned as ``adapted``.
     exhaustive : bool
         Every TTA view of every member for every crop; by default only the

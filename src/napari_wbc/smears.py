@@ -169,10 +169,10 @@ def _iter_adapt_folder(paths, ensemble, own_config, method: str) -> ProgressGen[
     Each image's cells are cut as its classification will cut them (with a
     router, for the model it chooses for that image); each chosen model is
     adapted to the cells of its images, when they are at least
-    :data:`napari_wbc.adapt.MIN_CELLS`. Images that cannot be read are left
+    :func:`napari_wbc.adapt.cells_needed`. Images that cannot be read are left
     to the classification pass, which records why.
     """
-    from .adapt import MIN_CELLS, adapt_ensemble
+    from .adapt import adapt_ensemble, cells_needed
     from .pipeline import iter_smear_cells
 
     pooled: dict[int, tuple[object, list]] = {}
@@ -201,9 +201,11 @@ def _iter_adapt_folder(paths, ensemble, own_config, method: str) -> ProgressGen[
         yield Progress("adapt", i + 1, len(paths), f"{path.name}: {len(crops)} cells")
     adapted = {}
     for key, (chosen, crops) in pooled.items():
-        if len(crops) < MIN_CELLS:
+        if len(crops) < cells_needed(method):
             log.warning(
-                "not adapted: %d cells in these images, adaptation needs %d", len(crops), MIN_CELLS
+                "not adapted: %d cells in these images, adaptation needs %d",
+                len(crops),
+                cells_needed(method),
             )
             continue
         adapted[key] = adapt_ensemble(chosen, np.stack(crops), method=method)

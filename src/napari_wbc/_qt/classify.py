@@ -264,7 +264,7 @@ class ClassifyWidget(DockPage):
             value=False,
             tooltip="for a lab the models never saw: move the model's classifier to where this "
             "image's cells lie, without labels (class prototypes from the cells it is surest "
-            "of; needs 32 cells or more). Leave one lab out it raised macro-F1 on both "
+            "of; needs 128 cells or more). Leave one lab out it raised macro-F1 on both "
             "held-out labs; off by default, since on a lab the models were trained on it costs "
             "accuracy (docs/results.md).",
         )
