@@ -9,7 +9,8 @@ Two methods (:data:`METHODS`; ``adapt=True`` means :data:`DEFAULT_METHOD`):
   cells the model is surest of among those it calls that class (lowest
   entropy); cells are then classified by their direction's similarity to
   the prototypes. The features stay as they are; only the last layer
-  moves, towards where this lab's cells actually lie. Leave one lab out,
+  moves, towards where this lab's cells actually lie. It needs
+  :data:`PROTOTYPE_MIN_CELLS` cells (fewer gave unreliable prototypes). Leave one lab out,
   it raised macro-F1 on both held-out labs (docs/results.md); on cells of
   a lab the model was trained on it costs accuracy, so it is off by
   default.
