@@ -51,19 +51,7 @@ def features_and_logits(model, x, tta: bool, batch: int = 128):
 
 def t3a(features, logits, weights, m: int):
     """Class indices by cosine similarity to prototypes of the M surest cells per class."""
-    z = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
-    w = weights / np.maximum(np.linalg.norm(weights, axis=1, keepdims=True), 1e-12)
-    p = np.exp(logits - logits.max(1, keepdims=True))
-    p /= p.sum(1, keepdims=True)
-    entropy = -(p * np.log(np.maximum(p, 1e-12))).sum(1)
-    pred = logits.argmax(1)
-    protos = []
-    for k in range(len(w)):
-        idx = np.flatnonzero(pred == k)
-        idx = idx[np.argsort(entropy[idx], kind="stable")[:m]]
-        proto = w[k] + z[idx].sum(0)
-        protos.append(proto / max(np.linalg.norm(proto), 1e-12))
-    return (z @ np.stack(protos).T).argmax(1)
+    return (features @ _prototype_weights(features, logits, weights, m).T).argmax(1)
 
 
 def adapted_probs(features, logits, weights, m: int):
@@ -72,20 +60,7 @@ def adapted_probs(features, logits, weights, m: int):
     Prototypes (unit length) scaled to the classifier's mean weight norm, no
     bias: its argmax is T3A's cosine one.
     """
-    z = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
-    w = weights / np.maximum(np.linalg.norm(weights, axis=1, keepdims=True), 1e-12)
-    p = np.exp(logits - logits.max(1, keepdims=True))
-    p /= p.sum(1, keepdims=True)
-    entropy = -(p * np.log(np.maximum(p, 1e-12))).sum(1)
-    pred = logits.argmax(1)
-    protos = []
-    for k in range(len(w)):
-        idx = np.flatnonzero(pred == k)
-        idx = idx[np.argsort(entropy[idx], kind="stable")[:m]]
-        proto = w[k] + z[idx].sum(0)
-        protos.append(proto / max(np.linalg.norm(proto), 1e-12))
-    scale = float(np.linalg.norm(weights, axis=1).mean())
-    out = features @ (np.stack(protos) * scale).T
+    out = features @ _prototype_weights(features, logits, weights, m).T
     out = np.exp(out - out.max(1, keepdims=True))
     return out / out.sum(1, keepdims=True)
 
