@@ -10,6 +10,10 @@ stain fitted, doubt-gated D4), with ``adapt`` off, ``"prototypes"`` and
 with prototypes. BCCD's cells are cut from their fields at twice the field
 of view (as benchmarks/bench_gate.py does). No label of a held-out lab is
 read except to score.
+
+With ``--classes 5-part`` every row answers with the 5-part count panel
+(napari_wbc.panels); PBC's validation split is then scored on its cells of
+those five classes.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from bench_gate import lab_sets
 
 from napari_wbc.inference import Ensemble, EnsembleMember
 from napari_wbc.models.files import load_model
+from napari_wbc.panels import panel_classes
 from napari_wbc.prediction import evaluate
 from napari_wbc.threads import configure_threads
 
@@ -33,6 +38,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("roots", type=Path, nargs="+")
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--classes", default=None, help="a count panel (napari_wbc.panels)")
     args = p.parse_args(argv)
     configure_threads(2)
     tmp = tempfile.TemporaryDirectory()
@@ -49,10 +55,14 @@ def main(argv=None) -> int:
         plan += [("PBC validation", a) for a in (False, "prototypes")]
         for test, adapt in plan:
             table = sets[test][["path", "label"]]
-            m = evaluate(ensemble, table, adapt=adapt)
+            panel = panel_classes(args.classes, ensemble.classes)
+            if panel is not None:
+                table = table[table["label"].isin(panel)]
+            m = evaluate(ensemble, table, adapt=adapt, classes=panel)
             row = {
                 "fold": lab,
                 "test": test,
+                "classes": args.classes or "all",
                 "adapt": adapt or "none",
                 "n": int(m["n"]),
                 "macro_f1": round(float(m["macro_f1"]), 4),

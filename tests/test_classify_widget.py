@@ -303,3 +303,18 @@ def test_prewarm_draws_off_the_layer_list_and_leaves_the_scene_as_it_was(
     assert _common._PREWARMED  # it ran (once per session)
     assert [layer.name for layer in viewer.layers] == ["synthetic smear"]
     assert list(canvas.view.scene.children) == before
+
+
+def test_a_5_part_panel_gives_five_classes_in_the_layer_and_the_count(widget, qtbot):
+    from napari_wbc.panels import FIVE_PART
+
+    assert widget.classes.value == "all"  # every class by default
+    widget.classes.value = "5-part"
+    widget.run()
+    _wait(qtbot, widget)
+    features = widget.viewer.layers["synthetic smear cells"].features
+    assert sorted(c[2:] for c in features.columns if c.startswith("p_")) == list(FIVE_PART)
+    assert set(features["class"]) <= set(FIVE_PART)
+    table = widget.counts
+    rows = {table.item(r, 0).text() for r in range(table.rowCount())}
+    assert rows - {"total"} <= set(FIVE_PART)

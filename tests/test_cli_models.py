@@ -280,3 +280,36 @@ def test_predict_takes_the_crops_scale(model_path, disc_dir, tmp_path):
     assert cli([*argv, "--rbc-diameter-px", str(rbc), "-o", str(halved)]) == 0
     assert as_is.read_text() != halved.read_text()
     assert cli([*argv, "--rbc-diameter-px", "-3"]) == 2
+
+
+def test_predict_with_a_count_panel_answers_with_its_classes_only(model_path, disc_dir, capsys):
+    folder = str(disc_dir / "big_pink")
+    tables = {}
+    for panel in ([], ["--classes", "small_pink,big_pink"]):
+        capsys.readouterr()
+        argv = ["predict", folder, "--model", str(model_path), "--tta", "none", *panel]
+        assert cli(argv) == 0
+        tables[bool(panel)] = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    full, two = tables[False], tables[True]
+    assert list(two[0]) == ["path", "class", "confidence", "passes", "big_pink", "small_pink"]
+    for f, t in zip(full, two, strict=True):
+        kept = np.array([float(f["big_pink"]), float(f["small_pink"])])
+        np.testing.assert_allclose(
+            [float(t["big_pink"]), float(t["small_pink"])], kept / kept.sum(), atol=1e-4
+        )
+        assert t["class"] in ("big_pink", "small_pink")
+
+
+def test_a_count_panel_is_checked_against_the_model_and_the_data(
+    model_path, disc_dir, tmp_path, capsys
+):
+    folder = str(disc_dir / "big_pink")
+    assert cli(["predict", folder, "--model", str(model_path), "--classes", "band,big_pink"]) == 2
+    err = capsys.readouterr().err
+    assert "no class 'band'" in err and "small_purple" in err
+    # Labelled cells of a class the panel leaves out cannot be scored by it.
+    rows = [(str(p), p.parent.name) for p in sorted(disc_dir.rglob("*.png"))]
+    data = _write_csv(tmp_path / "all.csv", rows)
+    argv = ["evaluate", str(data), "--model", str(model_path), "--classes", "big_pink,small_pink"]
+    assert cli(argv) == 2
+    assert "outside the count panel" in capsys.readouterr().err

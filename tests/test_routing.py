@@ -187,3 +187,29 @@ def test_the_specialists_look_is_not_run_again_and_the_other_model_loads_when_ne
     # Half the sample beyond the threshold already decides: the rest is not run.
     assert route["cells"] == (len(lisc) + 1) // 2
     assert route["specialist_ood_share"] > ROUTE_MAX_OOD_SHARE
+
+
+def test_a_count_panel_keeps_the_choice_and_answers_with_its_classes(router):
+    from napari_wbc.inference import load_any
+    from napari_wbc.panels import FIVE_PART, restrict_classes
+    from napari_wbc.pipeline import ClassifyConfig, iter_classify_smear
+    from napari_wbc.progress import run
+    from napari_wbc.routing import load_model
+    from napari_wbc.synthetic import make_sample_smear
+
+    five = load_model("auto", classes="5-part")
+    assert isinstance(five, ModelRouter) and five.classes == FIVE_PART
+    assert five.specialist.classes == router.classes  # the choice uses the whole model
+    smear = make_sample_smear()
+    config = ClassifyConfig(pixel_size_um=0.1, tta="none")
+    routed = run(iter_classify_smear(smear, five, config))
+    assert routed.attrs["model"] == SPECIALIST
+    assert routed.attrs["classes"] == list(FIVE_PART)
+    assert not [c for c in routed.columns if c.startswith("p_") and c[2:] not in FIVE_PART]
+    assert set(routed["class"]) <= set(FIVE_PART)
+    specialist = restrict_classes(load_any(builtin_model_path(SPECIALIST)), "5-part")
+    alone = run(iter_classify_smear(smear, specialist, config))
+    assert list(routed["class"]) == list(alone["class"])
+    np.testing.assert_allclose(routed["confidence"], alone["confidence"], atol=1e-6)
+    # One restricted copy per model, however many sources choose it.
+    assert five.answering(SPECIALIST) is five.answering(SPECIALIST)

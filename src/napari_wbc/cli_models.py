@@ -79,7 +79,11 @@ def smear_setup(args, model, **options):
     from .pipeline import ClassifyConfig
     from .routing import load_model
 
-    ensemble = load_model(model, device="cpu" if args.device == "auto" else args.device)
+    ensemble = load_model(
+        model,
+        device="cpu" if args.device == "auto" else args.device,
+        classes=getattr(args, "classes", None),
+    )
     config = ClassifyConfig(
         pixel_size_um=args.pixel_size,
         rbc_diameter_px=args.rbc_diameter_px,
@@ -172,6 +176,16 @@ def add_model_option(p) -> None:
         "per image or crop set, the PBC specialist when its cells look like its training "
         "cells, else wbc-lite), wbc-lite (trained on three labs, for any lab) or wbc-pbc "
         "(the PBC specialist, for images like CellaVision's)",
+    )
+    p.add_argument(
+        "--classes",
+        default=None,
+        metavar="PANEL",
+        help="the count panel to answer with: all (the default: every class of the model), "
+        "5-part (neutrophil, lymphocyte, monocyte, eosinophil, basophil), or class names "
+        "separated by commas. Each cell is called the likeliest class of the panel; for "
+        "cells from a lab the models never saw, a 5-part panel is more accurate where it "
+        "is the lab's own count (docs/results.md)",
     )
 
 
@@ -336,6 +350,7 @@ def cmd_evaluate(args) -> int:
             scale=crop_scale_of(args),
             adapt=adapt_of(args),
             exhaustive=args.exhaustive,
+            classes=args.classes,
         ),
         args.quiet or args.json,
     )
@@ -444,6 +459,7 @@ def cmd_predict(args) -> int:
             scale=crop_scale_of(args),
             adapt=adapt_of(args),
             exhaustive=args.exhaustive,
+            classes=args.classes,
         ),
         args.quiet or args.output is None,
     )

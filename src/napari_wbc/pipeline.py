@@ -588,10 +588,15 @@ def _cell_table(own: pd.DataFrame, result: dict, ensemble, config: ClassifyConfi
     return table
 
 
-def _remote_tile(path, tile, model_path, model_input, config, own, detector):
-    """Run one tile on a dask worker: read its window from the file, classify."""
+def _remote_tile(path, tile, model_path, model_input, config, own, detector, classes=None):
+    """Run one tile on a dask worker: read its window from the file, classify.
+
+    ``classes``: the count panel the model answers with (all of its classes
+    when None or all of them).
+    """
     from .images import read_smear
     from .inference import load_any
+    from .panels import restrict_classes
 
     smear = read_smear(path)
     try:
@@ -599,7 +604,7 @@ def _remote_tile(path, tile, model_path, model_input, config, own, detector):
         window = np.asarray(smear.levels[0][y0:y1, x0:x1].compute(scheduler="sync"))
     finally:
         smear.close()
-    ensemble = load_any(model_path, device="cpu")
+    ensemble = restrict_classes(load_any(model_path, device="cpu"), classes)
     return classify_tile(window, tile, ensemble, model_input, config, own, detector)
 
 
@@ -613,6 +618,7 @@ def _iter_remote(client, source_path, ensemble, model_input, config, jobs, detec
         client.submit(
             _remote_tile,
             *(str(source_path), tile, str(ensemble.path), model_input, config, own, detector),
+            classes=list(ensemble.classes),
             pure=False,
         )
         for tile, own in jobs

@@ -23,7 +23,7 @@ from .inference import INFERENCE_BATCH, Ensemble, iter_predict_crops
 from .metrics import classification_metrics
 from .models.build import get_device
 from .progress import ProgressGen, run
-from .routing import AUTO_MODEL, ROUTE_CELLS, ModelRouter
+from .routing import AUTO_MODEL, ROUTE_CELLS, SPECIALIST, ModelRouter
 
 __all__ = [
     "evaluate",
@@ -55,6 +55,7 @@ def iter_predict_crop_files(
     scale: str | float = "auto",
     adapt: bool | str = False,
     exhaustive: bool = False,
+    classes: str | Sequence[str] | None = None,
 ) -> ProgressGen[dict[str, Any]]:
     """Classify crop image files with a model or ensemble, as it was trained.
 
@@ -91,6 +92,9 @@ def iter_predict_crop_files(
         Every TTA view of every member for every crop; by default only the
         crops in doubt after the first view get the others (``gate`` of
         :func:`napari_wbc.inference.iter_predict_crops`).
+    classes : str or sequence of str, optional
+        A count panel to answer with: ``"5-part"``, class names, or None for
+        every class of the model (:func:`napari_wbc.panels.restrict_classes`).
 
     Returns
     -------
@@ -103,7 +107,7 @@ def iter_predict_crop_files(
     from .adapt import adapt_method
 
     method = adapt_method(adapt)
-    ensemble = _loaded(model, device)
+    ensemble = _loaded(model, device, classes)
     paths = [str(p) for p in paths]
     if not paths:
         raise DataError("no crops to classify")
@@ -158,13 +162,17 @@ def iter_predict_crop_files(
     return result
 
 
-def _loaded(model, device):
-    """``model`` as an Ensemble or ModelRouter, loading it when it is a file or a built-in name."""
+def _loaded(model, device, classes=None):
+    """``model`` as an Ensemble or ModelRouter, loading it when it is a file or a built-in name.
+
+    ``classes``: the count panel it answers with (:mod:`napari_wbc.panels`).
+    """
+    from .panels import restrict_classes
     from .routing import load_model
 
     if isinstance(model, (Ensemble, ModelRouter)):
-        return model
-    return load_model(model, device)
+        return restrict_classes(model, classes)
+    return load_model(model, device, classes)
 
 
 def _iter_route_crops(router, paths, stain_source, found, device, batch_size):
@@ -192,7 +200,7 @@ def _iter_route_crops(router, paths, stain_source, found, device, batch_size):
     if route.passes is not None:
         rows = np.arange(len(pick)) if route.passes.rows is None else route.passes.rows
         route.passes = route.passes._replace(rows=pick[rows])
-    if ensemble is router.specialist:
+    if route.model == SPECIALIST:  # (the router's answering copy with a panel)
         return ensemble, route, normalizer, reader
     return ensemble, route, "fit", None
 
@@ -221,6 +229,7 @@ def iter_evaluate(
     scale: str | float = "auto",
     adapt: bool = False,
     exhaustive: bool = False,
+    classes: str | Sequence[str] | None = None,
 ) -> ProgressGen[dict[str, Any]]:
     """Classify labelled crops and score the predictions.
 
@@ -238,7 +247,7 @@ def iter_evaluate(
         Where to run.
     stain_source : {"auto", "fit", "training"}
         See :func:`iter_predict_crop_files`.
-    scale, adapt, exhaustive
+    scale, adapt, exhaustive, classes
         See :func:`iter_predict_crop_files`.
 
     Returns
@@ -254,9 +263,18 @@ def iter_evaluate(
         When ``data`` holds labels the model does not know.
     """
     df = data if isinstance(data, pd.DataFrame) else load_labelled_crops(data)
-    ensemble = _loaded(model, device)
+    from .panels import restrict_classes
+
+    full = _loaded(model, device)
+    ensemble = restrict_classes(full, classes)
     unknown = sorted(set(map(str, df["label"])) - set(ensemble.classes))
     if unknown:
+        if not set(unknown) - set(full.classes):
+            raise DataError(
+                f"the data hold cells of {unknown}, outside the count panel "
+                f"({', '.join(ensemble.classes)}); leave those cells out of the data or "
+                "evaluate with every class"
+            )
         raise DataError(
             f"the data hold labels the model does not know: {unknown}; "
             f"the model's classes are {list(ensemble.classes)}"
@@ -272,8 +290,8 @@ def iter_evaluate(
         adapt=adapt,
         exhaustive=exhaustive,
     )
-    classes = list(result["classes"])
-    metrics = classification_metrics(list(map(str, df["label"])), result["pred"], classes)
+    names = list(result["classes"])
+    metrics = classification_metrics(list(map(str, df["label"])), result["pred"], names)
     metrics["tta"] = result["tta"]  # the routed model's own, with --model auto
     metrics["model"] = str(ensemble.path) if ensemble.path is not None else ensemble.name
     if "route" in result:

@@ -100,12 +100,19 @@ class ModelRouter:
     name = AUTO_MODEL
     path = None
 
-    def __init__(self, specialist, generalist):
-        """``generalist``: the three-lab ensemble, or a function that loads it when first needed."""
+    def __init__(self, specialist, generalist, panel: tuple[str, ...] | None = None):
+        """``generalist``: the three-lab ensemble, or a function that loads it when first needed.
+
+        ``panel``: the classes the chosen ensemble answers with
+        (:func:`napari_wbc.panels.restrict_classes`; None: all). The choice
+        itself is made by the whole specialist, as without a panel.
+        """
         self.specialist = specialist
         self._generalist = None
         self._load_generalist = None
         self._lock = threading.Lock()
+        self.panel = None if panel is None else tuple(panel)
+        self._answering: dict[str, Any] = {}
         if hasattr(generalist, "classes"):
             self._check(generalist)
             self._generalist = generalist
@@ -128,7 +135,28 @@ class ModelRouter:
 
     @property
     def classes(self) -> tuple[str, ...]:
-        return tuple(self.specialist.classes)
+        return self.panel if self.panel is not None else tuple(self.specialist.classes)
+
+    def restricted(self, panel: tuple[str, ...]) -> ModelRouter:
+        """A router over the same models whose chosen ensemble answers with ``panel`` only."""
+        router = ModelRouter(self.specialist, self._generalist or self._load_generalist, panel)
+        return router
+
+    def answering(self, name: str):
+        """The ensemble ``name`` (:data:`SPECIALIST` or :data:`GENERALIST`) as it answers.
+
+        With a panel, one restricted copy per model, made once (so the same
+        object classifies every source that chose it).
+        """
+        from .panels import restrict_classes
+
+        ensemble = self.specialist if name == SPECIALIST else self.generalist
+        if self.panel is None:
+            return ensemble
+        with self._lock:
+            if name not in self._answering:
+                self._answering[name] = restrict_classes(ensemble, self.panel)
+            return self._answering[name]
 
     def iter_choose(
         self, crops: Sequence[np.ndarray] | np.ndarray, device=None, batch_size: int = 32
@@ -145,7 +173,7 @@ class ModelRouter:
         if n < ROUTE_MIN_CELLS or trust is None or not np.isfinite(trust.ood_threshold):
             route = Route(GENERALIST, n, None)
             yield Progress("route", 1, 1, route.note)
-            return self.generalist, route
+            return self.answering(GENERALIST), route
         pick = np.unique(np.linspace(0, n - 1, min(n, ROUTE_CELLS)).round().astype(int))
         # Every other cell first (still an even spread): when that half
         # alone already puts more than the threshold's share of all the
@@ -168,7 +196,7 @@ class ModelRouter:
             if distance is None:
                 route = Route(GENERALIST, len(half), None)
                 yield Progress("route", 1, 1, route.note)
-                return self.generalist, route
+                return self.answering(GENERALIST), route
             beyond += int(np.count_nonzero(np.asarray(distance, float) > trust.ood_threshold))
             seen = np.concatenate([seen, half])
             passes = more if passes is None else _join(passes, more)
@@ -179,7 +207,7 @@ class ModelRouter:
         route = Route(chosen, len(seen), share, passes._replace(rows=seen))
         log.info("model chosen: %s", route.note)
         yield Progress("route", 1, 1, route.note)
-        return (self.specialist if chosen == SPECIALIST else self.generalist), route
+        return self.answering(chosen), route
 
 
 def _join(a, b):
@@ -216,16 +244,19 @@ def load_router(device="cpu") -> ModelRouter:
     return ModelRouter(load_any(files[0], device), lambda: load_any(files[1], device))
 
 
-def load_model(model, device="cpu"):
+def load_model(model, device="cpu", classes=None):
     """A model argument, loaded: ``"auto"`` as a :class:`ModelRouter`, else an Ensemble.
 
     Anything but ``"auto"`` goes to :func:`napari_wbc.inference.load_any`
     (a model or ensemble file; built-in names are resolved first by
-    :func:`napari_wbc.models.files.resolve_model`).
+    :func:`napari_wbc.models.files.resolve_model`). ``classes``: a count
+    panel to answer with (:func:`napari_wbc.panels.restrict_classes`;
+    None: every class of the model).
     """
     from .inference import load_any
     from .models.files import resolve_model
+    from .panels import restrict_classes
 
     if str(model) == AUTO_MODEL:
-        return load_router(device)
-    return load_any(resolve_model(model), device)
+        return restrict_classes(load_router(device), classes)
+    return restrict_classes(load_any(resolve_model(model), device), classes)

@@ -268,6 +268,17 @@ class ClassifyWidget(DockPage):
             "held-out labs; off by default, since on a lab the models were trained on it costs "
             "accuracy (docs/results.md).",
         )
+        self.classes = ComboBox(
+            label="classes",
+            choices=[("every class of the model", "all"), ("5-part differential", "5-part")],
+            value="all",
+            tooltip="the count panel: every class of the model (with the built-in models: "
+            "the 5-part differential, immature granulocytes, erythroblasts and platelets), "
+            "or the 5-part differential (neutrophil, lymphocyte, monocyte, eosinophil, "
+            "basophil), each cell called the likeliest of those five. Where the 5-part count "
+            "is your lab's own, it is more accurate on smears from labs the models never saw "
+            "(docs/results.md).",
+        )
         self.exhaustive = CheckBox(
             text="all views, all models",
             value=False,
@@ -295,7 +306,7 @@ class ClassifyWidget(DockPage):
 
         self.add_form([self.image, self.model, self.model_file, self.source, self.cells_layer])
         self.add_form(
-            [self.device, self.stain, self.adapt, self.exhaustive, self.pixel_size],
+            [self.device, self.classes, self.stain, self.adapt, self.exhaustive, self.pixel_size],
             title="Settings",
             expanded=False,
         )
@@ -454,6 +465,7 @@ class ClassifyWidget(DockPage):
         )
         level0 = image_levels(layer)[0]
         show_labels = self.show_labels.value
+        panel = self.classes.value
         frame = image_frame(layer)
         self._clear_counts()
 
@@ -464,7 +476,9 @@ class ClassifyWidget(DockPage):
 
             yield Progress("model", 0, 1, f"loading {Path(model_path).stem}")
             ensemble = load_model(
-                model_path, device=config.device if config.device != "auto" else "cpu"
+                model_path,
+                device=config.device if config.device != "auto" else "cpu",
+                classes=panel,
             )
             cells = yield from iter_classify_smear(
                 level0,
