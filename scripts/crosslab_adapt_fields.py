@@ -8,6 +8,10 @@ every field's white cells detected and classified, the folder's scale
 measured; with ``adapt`` the model is adapted once, without labels, to the
 cells of all 364 fields (a field alone holds one or two). Macro-F1 of the
 matched cells over BCCD's classes.
+
+``--fov-scale k``: the ensemble classifies at k x its training field of
+view (an ensemble file's ``fov_scale``); for a transfer figure, k must be
+chosen on another lab (LISC chose 0.78, docs/crosslab/test-time-zoom.md).
 """
 
 from __future__ import annotations
@@ -31,19 +35,21 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("roots", type=Path, nargs="+")
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--fov-scale", type=float, default=1.0)
     args = p.parse_args(argv)
     configure_threads(2)
     members = []
     for root in args.roots:
         model, config = load_model(root / "dr-bccd" / "model.safetensors", cache=False)
         members.append(EnsembleMember(model, config, 1.0))
-    ensemble = Ensemble(members, tta="d4", name="BCCD fold")
+    ensemble = Ensemble(members, tta="d4", name="BCCD fold", fov_scale=args.fov_scale)
     boxes = load_boxes(data_root() / "bccd" / "wbc.csv")
     rows = []
     for adapt in (False, "prototypes"):
         t = time.perf_counter()
         m = run(iter_evaluate_smears(boxes, ensemble, ClassifyConfig(adapt=adapt)))
         row = {
+            "fov_scale": args.fov_scale,
             "adapt": adapt or "none",
             "n": m["n"],
             "macro_f1": round(float(m["macro_f1"]), 4),

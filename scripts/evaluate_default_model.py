@@ -18,6 +18,7 @@ Nothing here is used to choose anything.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -76,8 +77,12 @@ def main() -> None:
         for ref in read_ensemble(model).members:
             member = Path(ref.path)
             for tta in ("none", "d4"):
+                # At the ensemble's field of view, as it classifies with them.
+                alone = dataclasses.replace(
+                    load_any(member, tta=tta), fov_scale=ensemble.fov_scale
+                )
                 out["pbc"][f"{member.stem} {tta}"] = short(
-                    evaluate(member, validation, tta=tta, scale="as-is")
+                    evaluate(alone, validation, tta=tta, scale="as-is")
                 )
                 print(member.stem, tta, out["pbc"][f"{member.stem} {tta}"], flush=True)
 

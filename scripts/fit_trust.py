@@ -125,6 +125,7 @@ def main(argv=None) -> int:
         metrics=config.metrics,
         notes=config.notes,
         trust=stats.to_dict(),
+        fov_scale=config.fov_scale,
     )
     summary = {k: v for k, v in stats.to_dict().items() if k != "features"}
     print(json.dumps(summary, indent=1))

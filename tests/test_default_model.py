@@ -22,7 +22,7 @@ pytestmark = pytest.mark.skipif(DEFAULT is None, reason="this installation ships
 
 #: The built-in ensemble (MODEL_CARD.md) and floors a little under what it measured.
 N_MEMBERS = 3
-PBC_FLOOR = 0.85
+PBC_FLOOR = 0.80
 LISC_FLOOR = 0.85
 
 
@@ -80,7 +80,9 @@ def test_default_model_on_pbc_validation_crops(data_dir):
     metrics = evaluate(ensemble, sample, tta="none", scale="as-is")
     assert metrics["n"] == 120
     assert metrics["absent_classes"] == []
-    # Measured 0.883 (no TTA, this sample; the PBC specialist wbc-pbc: 0.959).
+    # Measured 0.825 (no TTA, this sample; 0.883 at the training field of
+    # view, before wbc-lite classified at 0.85x it; the PBC specialist
+    # wbc-pbc, where --model auto sends PBC-like images: 0.959).
     assert metrics["macro_f1"] >= PBC_FLOOR
     assert np.isfinite(metrics["balanced_accuracy"])
 

@@ -464,6 +464,8 @@ def _write_ensemble(path, **changes):
         ({"members": [{"weight": 1}]}, "path"),
         ({"members": [{"path": "a.safetensors", "weight": -1}]}, "positive"),
         ({"tta": "spin"}, "spin"),
+        ({"fov_scale": 0.1}, "fov_scale must be a number from 0.5 to 2.0"),
+        ({"fov_scale": "tight"}, "fov_scale"),
     ],
 )
 def test_invalid_ensemble_files_are_refused(tmp_path, changes, fragment):
@@ -509,3 +511,21 @@ def test_load_any_accepts_models_and_ensembles(members, tmp_path):
     assert len(ens.members) == 3 and ens.tta == "none"
     # Members come from the model cache: loading again builds nothing new.
     assert load_any(ens_path).members[0].model is ens.members[0].model
+
+
+def test_an_ensembles_field_of_view_travels_with_its_file_and_cuts_its_crops(members, tmp_path):
+    plain = save_ensemble(tmp_path / "plain.json", members)
+    tight = save_ensemble(tmp_path / "tight.json", members, fov_scale=0.8)
+    # A file without one stays readable by releases that predate it.
+    assert json.loads(plain.read_text())["format_version"] == 1
+    assert "fov_scale" not in json.loads(plain.read_text())
+    assert json.loads(tight.read_text())["format_version"] == 2
+    a, b = load_ensemble(plain), load_ensemble(tight)
+    assert (a.fov_scale, b.fov_scale) == (1.0, 0.8)
+    assert b.fov_rbc == pytest.approx(0.8 * a.fov_rbc)
+    # Crops are cut at the tighter field: for the same smear scale, 0.8x the side.
+    assert b.preprocessor.crop_side(50.0) == round(0.8 * a.fov_rbc * 50.0)
+    assert a.preprocessor.crop_side(50.0) == round(a.fov_rbc * 50.0)
+    with pytest.raises(ModelFileError, match="fov_scale"):
+        save_ensemble(tmp_path / "bad.json", members, fov_scale=3.0)
+    assert not (tmp_path / "bad.json").exists()

@@ -95,3 +95,36 @@ def test_crop_files_are_listed_recursively_and_smears_are_not(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no images"):
         list_image_files([tmp_path / "empty"])
+
+
+def test_a_tighter_field_of_view_is_the_measured_scale_times_it(ensemble, tmp_path):
+    # What the leave-one-lab-out benchmark measured (cutting at k x the
+    # measured red cell) is what an ensemble file's fov_scale does.
+    import dataclasses
+
+    from napari_wbc.prediction import iter_predict_crop_files
+    from napari_wbc.synthetic import sample_smear_truth
+
+    image = make_sample_smear()
+    truth = sample_smear_truth()
+    inside = truth[(truth["y"].between(200, image.shape[0] - 200))]
+    inside = inside[inside["x"].between(200, image.shape[1] - 200)].head(6)
+    paths = []
+    for i, (y, x) in enumerate(zip(inside["y"].astype(int), inside["x"].astype(int), strict=True)):
+        paths.append(tmp_path / f"crop{i}.png")
+        Image.fromarray(image[y - 200 : y + 200, x - 200 : x + 200]).save(paths[-1])
+    tight = dataclasses.replace(ensemble, fov_scale=0.8)
+    a = run(iter_predict_crop_files(tight, paths, scale=60.0, exhaustive=True))
+    b = run(iter_predict_crop_files(ensemble, paths, scale=60.0 * 0.8, exhaustive=True))
+    c = run(iter_predict_crop_files(ensemble, paths, scale=60.0, exhaustive=True))
+    np.testing.assert_allclose(a["probs"], b["probs"], atol=1e-6)
+    assert not np.allclose(a["probs"], c["probs"], atol=1e-4)
+    # Crops taken as they are span the training field of view: a tighter one
+    # cuts their centre (here 400 px crops: 0.8 x 400 px of them).
+    as_is = run(iter_predict_crop_files(tight, paths, scale="as-is", exhaustive=True))
+    given = run(
+        iter_predict_crop_files(tight, paths, scale=400 / ensemble.fov_rbc, exhaustive=True)
+    )
+    np.testing.assert_allclose(as_is["probs"], given["probs"], atol=1e-6)
+    plain = run(iter_predict_crop_files(ensemble, paths, scale="as-is", exhaustive=True))
+    assert not np.allclose(as_is["probs"], plain["probs"], atol=1e-4)

@@ -15,8 +15,11 @@ from napari_wbc.samples import load_sample, sample_names, write_sample
 #: model meets, to be raised by a better one.
 #: Measured 2026-11-30 with the three-lab wbc-lite: gallery 22/24 (PBC
 #: validation cells; the PBC-only model got 24/24), BCCD 6/6 (all of BCCD is
-#: in its training data, so this checks the files, not transfer).
-GALLERY_FLOOR = 21 / 24
+#: in its training data, so this checks the files, not transfer). Since
+#: wbc-lite classifies at 0.85x its training field of view (better on labs it
+#: never saw, docs/results.md), the gallery gives 19/24: the cost on PBC's own
+#: cells, which go to the PBC specialist by default (--model auto).
+GALLERY_FLOOR = 18 / 24
 BCCD_FLOOR = 5 / 6
 
 

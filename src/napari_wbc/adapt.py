@@ -406,15 +406,17 @@ def save_adapted_ensemble(path: str | os.PathLike, ensemble, source: str) -> Pat
     """Save an ensemble from :func:`adapt_ensemble` as new files; never overwrites any.
 
     One member is saved as the model file ``path`` (``.safetensors``);
-    several as ``<stem>-<i>.safetensors`` beside the ensemble file ``path``
-    (``.json``). Raises :class:`AdaptationError` when any of them exists.
+    several, or one classifying at another field of view than it was trained
+    at (``fov_scale``, which only an ensemble file holds), as
+    ``<stem>-<i>.safetensors`` beside the ensemble file ``path`` (``.json``).
+    Raises :class:`AdaptationError` when any of them exists.
     """
     from napari_wbc.models.files import save_ensemble
 
     path = Path(path)
     cells = int(ensemble.metrics.get("adapted", {}).get("cells", 0))
     method = ensemble.metrics.get("adapted", {}).get("method", "adabn")
-    if len(ensemble.members) == 1:
+    if len(ensemble.members) == 1 and ensemble.fov_scale == 1:
         path = path if path.suffix else path.with_suffix(".safetensors")
         member = ensemble.members[0]
         return save_adapted_model(path, member.model, member.config, source, cells, method)
@@ -437,4 +439,5 @@ def save_adapted_ensemble(path: str | os.PathLike, ensemble, source: str) -> Pat
         notes=f"{ensemble.name}: adapted without labels ({_NAMES[method]}) to {cells} "
         f"cells of {source}",
         trust=ensemble.trust.to_dict() if ensemble.trust is not None else None,
+        fov_scale=ensemble.fov_scale,
     )

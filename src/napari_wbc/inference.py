@@ -131,6 +131,10 @@ class Ensemble:
     #: How far to trust predictions (calibration, feature statistics); None
     #: leaves needs_review to the confidence and disagreement thresholds.
     trust: TrustStats | None = None
+    #: The field of view cells are cut at for classifying, relative to the
+    #: one the members were trained at (below 1: a tighter field, the cell
+    #: larger in the input). Stored in the ensemble file (``fov_scale``).
+    fov_scale: float = 1.0
 
     def __post_init__(self):
         self.members = [EnsembleMember(*m) for m in self.members]
@@ -142,6 +146,9 @@ class Ensemble:
             [f"{i} ({m.config.name})" for i, m in enumerate(self.members)],
             [m.config for m in self.members],
         )
+        from .models.files import check_fov_scale
+
+        check_fov_scale(self.fov_scale, Path(self.name or "ensemble"))
         for i, member in enumerate(self.members):
             if member.weight <= 0:
                 raise ModelFileError(f"member {i} has weight {member.weight}; must be positive")
@@ -169,8 +176,8 @@ class Ensemble:
 
     @property
     def fov_rbc(self) -> float:
-        """Crop side in red-cell diameters (the same for every member)."""
-        return self.members[0].config.spec.fov_rbc
+        """Crop side in red-cell diameters that cells are classified at (``fov_scale`` applied)."""
+        return self.members[0].config.spec.fov_rbc * self.fov_scale
 
     @property
     def stain(self) -> dict[str, Any] | None:
@@ -185,7 +192,7 @@ class Ensemble:
     @cached_property
     def preprocessor(self) -> Preprocessor:
         """How raw crops or a smear become this ensemble's input (stain, field of view)."""
-        return Preprocessor.from_configs([m.config for m in self.members])
+        return Preprocessor.from_configs([m.config for m in self.members], self.fov_scale)
 
     @property
     def weights(self) -> np.ndarray:
@@ -246,6 +253,7 @@ def load_ensemble(path: str | os.PathLike, device: str | torch.device = "cpu") -
         notes=ens.notes,
         path=path,
         trust=TrustStats.from_dict(ens.trust) if ens.trust else None,
+        fov_scale=ens.fov_scale,
     )
 
 

@@ -135,10 +135,16 @@ class Preprocessor:
     stain_method: str = LEGACY_STAIN_METHOD
     stain_target: dict[str, Any] | None = None
     stain_training_source: dict[str, Any] | None = None
+    #: ``fov_rbc`` relative to the field of view the models were trained at.
+    fov_scale: float = 1.0
 
     @classmethod
-    def from_configs(cls, configs: Sequence[ModelConfig]) -> Preprocessor:
-        """The rule of models with these configs (the first one's stain, the largest input)."""
+    def from_configs(cls, configs: Sequence[ModelConfig], fov_scale: float = 1.0) -> Preprocessor:
+        """The rule of models with these configs (the first one's stain, the largest input).
+
+        ``fov_scale``: the field of view to classify at, relative to the
+        members' training one (an ensemble file's ``fov_scale``).
+        """
         first = configs[0]
         training = first.training or {}
         input_size = max(c.spec.input_size for c in configs)
@@ -147,12 +153,13 @@ class Preprocessor:
             for c in configs
         )
         return cls(
-            fov_rbc=first.spec.fov_rbc,
+            fov_rbc=first.spec.fov_rbc * fov_scale,
             input_size=input_size,
             cache_size=max(cache_size, input_size),
             stain_method=training.get("stain_method") or LEGACY_STAIN_METHOD,
             stain_target=first.stain,
             stain_training_source=training.get("stain_source"),
+            fov_scale=fov_scale,
         )
 
     def crop_side(self, rbc_diameter_px: float) -> int:
@@ -339,15 +346,18 @@ class Preprocessor:
         from .crop_scale import to_field_of_view
         from .datasets import CropCache, decode_image
 
-        if rbc_diameter_px is None:
+        if rbc_diameter_px is None and self.fov_scale == 1:
             return CropCache(self.cache_size).get
         memo: dict[str, np.ndarray] = {}
 
         def read(path: str) -> np.ndarray:
             if path not in memo:
-                memo[path] = to_field_of_view(
-                    decode_image(path), rbc_diameter_px, self.fov_rbc, self.cache_size
-                )
+                image = decode_image(path)
+                # Taken as it is, a crop's shorter side spans the training
+                # field of view; a model classifying at another one cuts
+                # its centre (or pads it) to that.
+                rbc = rbc_diameter_px or min(image.shape[:2]) * self.fov_scale / self.fov_rbc
+                memo[path] = to_field_of_view(image, rbc, self.fov_rbc, self.cache_size)
             return memo[path]
 
         return read

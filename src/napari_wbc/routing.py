@@ -2,7 +2,7 @@
 
 Two ensembles ship: the PBC specialist (``wbc-pbc``: one lab's CellaVision
 images, macro-F1 0.966 on them, near chance elsewhere) and the three-lab
-model (``wbc-lite``: any lab's images, 0.886 on PBC). Neither is best
+model (``wbc-lite``: any lab's images, 0.854 on PBC). Neither is best
 everywhere. The specialist's trust statistics (:mod:`napari_wbc.trust`) say
 how far each cell's features lie from its training cells; on images like
 its own about 1 % of cells lie beyond its threshold, on other labs' 72-99 %.

@@ -50,7 +50,12 @@ logger = logging.getLogger(__name__)
 #: Version of the model file layout written by this napari-wbc.
 FORMAT_VERSION = 1
 #: Version of the ensemble file layout written by this napari-wbc.
-ENSEMBLE_FORMAT_VERSION = 1
+ENSEMBLE_FORMAT_VERSION = 2
+#: Version 2 added ``fov_scale``; a file without one is still written as 1,
+#: so that older napari-wbc releases keep reading it.
+_ENSEMBLE_FOV_VERSION = 2
+#: The test-time field of view an ensemble file may ask for, relative to training.
+FOV_SCALE_RANGE = (0.5, 2.0)
 ENSEMBLE_FORMAT = "napari-wbc-ensemble"
 #: Metadata keys in the safetensors header.
 CONFIG_KEY = "napari_wbc"
@@ -537,6 +542,9 @@ class EnsembleConfig:
     #: How far to trust the ensemble's predictions (napari_wbc.trust.TrustStats
     #: as a dict: temperature, feature statistics, thresholds); None without.
     trust: dict[str, Any] | None = None
+    #: The field of view cells are classified at, relative to the one the
+    #: members were trained at (napari_wbc.inference.Ensemble.fov_scale).
+    fov_scale: float = 1.0
 
 
 def class_difference(a: Sequence[str], b: Sequence[str]) -> str:
@@ -566,6 +574,7 @@ def save_ensemble(
     metrics: dict[str, Any] | None = None,
     notes: str = "",
     trust: dict[str, Any] | None = None,
+    fov_scale: float = 1.0,
 ) -> Path:
     """Write an ensemble file (JSON) listing member model files, atomically.
 
@@ -586,6 +595,10 @@ def save_ensemble(
         Trust statistics of the ensemble as a whole
         (:meth:`napari_wbc.trust.TrustStats.to_dict`), fitted for these
         members in this order.
+    fov_scale : float
+        The field of view to classify cells at, relative to the members'
+        training one (:attr:`napari_wbc.inference.Ensemble.fov_scale`;
+        within :data:`FOV_SCALE_RANGE`).
 
     Raises
     ------
@@ -601,6 +614,7 @@ def save_ensemble(
         raise ModelFileError(f"{len(weights)} weights given for {len(member_paths)} members")
     _check_weights(weights, path)
     check_tta(tta, path)
+    check_fov_scale(fov_scale, path)
     configs = [read_model_config(p) for p in member_paths]
     check_members_agree(list(member_paths), configs)
 
@@ -615,13 +629,15 @@ def save_ensemble(
         members.append({"path": stored, "weight": weight})
     data = {
         "format": ENSEMBLE_FORMAT,
-        "format_version": ENSEMBLE_FORMAT_VERSION,
+        "format_version": _ENSEMBLE_FOV_VERSION if fov_scale != 1 else 1,
         "members": members,
         "tta": tta,
         "name": name or path.stem,
         "metrics": metrics or {},
         "notes": notes,
     }
+    if fov_scale != 1:
+        data["fov_scale"] = float(fov_scale)
     if trust is not None:
         _check_trust(trust, len(members), path)
         data["trust"] = trust
@@ -651,6 +667,21 @@ def _check_trust(trust: Any, n_members: int, where: Path) -> None:
         raise ModelFileError(
             f"{where}: the trust statistics describe {len(features)} members, the ensemble "
             f"has {n_members}; refit them (scripts/fit_trust.py)"
+        )
+
+
+def check_fov_scale(fov_scale: Any, where: Path) -> None:
+    """The test-time field of view must be a number within :data:`FOV_SCALE_RANGE`."""
+    lo, hi = FOV_SCALE_RANGE
+    if (
+        not isinstance(fov_scale, (int, float))
+        or isinstance(fov_scale, bool)
+        or not math.isfinite(fov_scale)
+        or not lo <= fov_scale <= hi
+    ):
+        raise ModelFileError(
+            f"{where}: fov_scale must be a number from {lo} to {hi} (the field of view "
+            f"relative to training), got {fov_scale!r}"
         )
 
 
@@ -728,6 +759,8 @@ def read_ensemble(path: str | os.PathLike) -> EnsembleConfig:
     trust = data.get("trust")
     if trust is not None:
         _check_trust(trust, len(members), path)
+    fov_scale = data.get("fov_scale", 1.0)
+    check_fov_scale(fov_scale, path)
     return EnsembleConfig(
         members=members,
         tta=tta,
@@ -736,6 +769,7 @@ def read_ensemble(path: str | os.PathLike) -> EnsembleConfig:
         notes=str(data.get("notes") or ""),
         format_version=version,
         trust=trust,
+        fov_scale=float(fov_scale),
     )
 
 
