@@ -82,7 +82,8 @@ def test_classify_folder_writes_per_image_results_and_summary(
 
 
 @pytest.mark.slow
-def test_classify_on_a_dask_cluster_matches_local(smear_dir, tiny_model_path, tmp_path):
+@pytest.mark.parametrize("panel", [[], ["--classes", "5-part"]])
+def test_classify_on_a_dask_cluster_matches_local(smear_dir, tiny_model_path, tmp_path, panel):
     from dask.distributed import LocalCluster
 
     local = tmp_path / "local"
@@ -96,6 +97,7 @@ def test_classify_on_a_dask_cluster_matches_local(smear_dir, tiny_model_path, tm
         "--block",
         "512",
         "-q",
+        *panel,
     ]
     assert main(["classify", str(smear_dir / "field3.png"), "-o", str(local), *args]) == 0
     with LocalCluster(
@@ -119,6 +121,9 @@ def test_classify_on_a_dask_cluster_matches_local(smear_dir, tiny_model_path, tm
     a = pd.read_csv(local / "field3.csv").sort_values(["y", "x"]).reset_index(drop=True)
     b = pd.read_csv(remote / "field3.csv").sort_values(["y", "x"]).reset_index(drop=True)
     pd.testing.assert_frame_equal(a, b, check_exact=False, atol=1e-5)
+    # The workers answer with the count panel too (they load the model file).
+    p_columns = [c for c in a.columns if c.startswith("p_")]
+    assert len(p_columns) == (5 if panel else 8)
 
 
 @pytest.mark.slow
