@@ -94,9 +94,17 @@ def test_one_thread_count_for_torch_blas_and_dask(monkeypatch):
     # The default leaves the cores other work keeps busy.
     monkeypatch.setattr(os, "getloadavg", lambda: (1.0, 1.0, 1.0))
     monkeypatch.setattr("napari_wbc.threads.available_cores", lambda: 4)
+    monkeypatch.setattr("napari_wbc.threads.running_elsewhere", lambda: None)
     assert default_threads() == 3
     monkeypatch.setattr(os, "getloadavg", lambda: (9.0, 9.0, 9.0))
     assert default_threads() == 1
+    # Work still running keeps its cores; work that has just ended (still in
+    # the load average) does not.
+    monkeypatch.setattr("napari_wbc.threads.running_elsewhere", lambda: 2)
+    assert default_threads() == 2
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.4, 1.4, 1.4))
+    monkeypatch.setattr("napari_wbc.threads.running_elsewhere", lambda: 0)
+    assert default_threads() == 4
 
 
 def test_the_command_ends_with_mains_code_and_all_its_output(tmp_path):

@@ -5,8 +5,12 @@ Together, or beside another job, they fight over the cores: OpenMP threads
 spin while they wait for each other, and a classification that takes 11 s
 with one thread took 28–44 s with torch's default on a 2-core machine with
 another job running (issue #13). So napari-wbc chooses one number for all of
-them: the cores this process may use, less those that other work keeps busy
-(the 1-minute load average, read before we start), at least one.
+them: the cores this process may use, less those that other work keeps busy,
+at least one. Busy is the 1-minute load average, read before we start, but
+no more than the tasks running at that moment besides this one (Linux's
+``/proc/loadavg``): the average still counts work that has just ended, and
+a command run right after another would otherwise take half the cores of an
+idle machine.
 """
 
 from __future__ import annotations
@@ -28,6 +32,16 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
+def running_elsewhere() -> int | None:
+    """Tasks running or runnable now, besides the one asking (None where unknown)."""
+    try:
+        with open("/proc/loadavg", encoding="ascii") as fh:
+            running = int(fh.read().split()[3].split("/")[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return max(running - 1, 0)
+
+
 def default_threads() -> int:
     """Available cores less the ones other work keeps busy, at least 1."""
     cores = available_cores()
@@ -35,6 +49,9 @@ def default_threads() -> int:
         busy = os.getloadavg()[0]
     except (AttributeError, OSError):
         busy = 0.0
+    now = running_elsewhere()
+    if now is not None:
+        busy = min(busy, now)
     return max(1, min(cores, round(cores - busy)))
 
 
