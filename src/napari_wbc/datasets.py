@@ -909,4 +909,3 @@ def cached_lab_crops(
     paths = np.asarray(table["path"], dtype=str)
     atomic_write_stream(file, lambda fh: np.savez(fh, crops=crops, paths=paths), binary=True)
     return table, crops
-    return table, crops

@@ -100,12 +100,10 @@ def restrict_classes(model: Any, panel: str | Sequence[str] | None):
         classes' feature centres (calibration unchanged); a router that
         chooses as before and answers with such an ensemble.
     """
-    from napari_wbc.routing import ModelRouter
-
     classes = panel_classes(panel, model.classes)
     if classes is None:
         return model
-    if isinstance(model, ModelRouter):
+    if hasattr(model, "restricted"):  # a ModelRouter: it restricts what it chooses
         return model.restricted(classes)
     return _restrict_ensemble(model, classes)
 
