@@ -313,3 +313,22 @@ def test_a_count_panel_is_checked_against_the_model_and_the_data(
     argv = ["evaluate", str(data), "--model", str(model_path), "--classes", "big_pink,small_pink"]
     assert cli(argv) == 2
     assert "outside the count panel" in capsys.readouterr().err
+
+
+def test_adaptation_is_automatic_unless_asked_for_or_refused(capsys):
+    from napari_wbc.adapt import AUTO
+    from napari_wbc.cli_models import adapt_of
+
+    parser = main_cli.build_parser()
+    for flags, expected in (
+        ([], AUTO),
+        (["--adapt"], "prototypes"),
+        (["--adapt", "--adapt-method", "adabn"], "adabn"),
+        (["--no-adapt"], False),
+    ):
+        for command in ("evaluate", "predict", "classify"):
+            args = parser.parse_args([command, "x.csv", *flags])
+            assert adapt_of(args) == expected, (command, flags)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["evaluate", "x.csv", "--adapt", "--no-adapt"])
+    assert "not allowed with" in capsys.readouterr().err

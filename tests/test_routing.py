@@ -70,6 +70,10 @@ def test_too_few_cells_to_tell_go_to_the_three_lab_model(router):
     assert len(cells) == ROUTE_MIN_CELLS - 1
     assert cells.attrs["model"] == GENERALIST
     assert "too few" in cells.attrs["route"]
+    # The default adapts what goes to the three-lab model only with enough
+    # cells, and says nothing when there are too few (it was not asked to).
+    assert not cells.attrs.get("adapted_cells")
+    assert "adapt" not in str(cells.attrs.get("warning") or "")
 
 
 @pytest.mark.realdata
@@ -213,3 +217,30 @@ def test_a_count_panel_keeps_the_choice_and_answers_with_its_classes(router):
     np.testing.assert_allclose(routed["confidence"], alone["confidence"], atol=1e-6)
     # One restricted copy per model, however many sources choose it.
     assert five.answering(SPECIALIST) is five.answering(SPECIALIST)
+
+
+@pytest.mark.realdata
+def test_by_default_only_sets_given_to_the_three_lab_model_are_adapted(data_dir, router):
+    # Leave one lab out, adaptation raised both held-out labs; on PBC it
+    # costs, and PBC-like sets go to the specialist, unadapted.
+    from napari_wbc.adapt import PROTOTYPE_MIN_CELLS
+    from napari_wbc.datasets import balanced_subset, load_lab_table, stratified_split
+    from napari_wbc.prediction import evaluate
+
+    lisc = balanced_subset(load_lab_table("lisc", data_dir), per_class=27, seed=1)
+    assert len(lisc) >= PROTOTYPE_MIN_CELLS
+    default = evaluate(router, lisc, tta="none")
+    assert default["route"]["model"] == GENERALIST
+    assert default["adapted"] == len(lisc)
+    plain = evaluate(router, lisc, tta="none", adapt=False)
+    assert plain["adapted"] is None
+    assert default["confusion"] != plain["confusion"]  # the adapted model answered
+    # Too few crops: classified as they are.
+    few = evaluate(router, lisc.head(PROTOTYPE_MIN_CELLS - 1), tta="none")
+    assert few["route"]["model"] == GENERALIST and few["adapted"] is None
+    table = load_lab_table("pbc", data_dir, classes=router.classes)
+    _, validation = stratified_split(table["label"].tolist(), 0.2, seed=0)
+    pbc = balanced_subset(table.iloc[validation], per_class=17, seed=1)
+    assert len(pbc) >= PROTOTYPE_MIN_CELLS
+    m = evaluate(router, pbc, tta="none")
+    assert m["route"]["model"] == SPECIALIST and m["adapted"] is None

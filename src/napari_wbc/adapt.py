@@ -12,8 +12,9 @@ Two methods (:data:`METHODS`; ``adapt=True`` means :data:`DEFAULT_METHOD`):
   moves, towards where this lab's cells actually lie. It needs
   :data:`PROTOTYPE_MIN_CELLS` cells (fewer gave unreliable prototypes). Leave one lab out,
   it raised macro-F1 on both held-out labs (docs/results.md); on cells of
-  a lab the model was trained on it costs accuracy, so it is off by
-  default.
+  a lab the model was trained on it costs accuracy, so by default
+  (:data:`AUTO`) it adapts only sources that ``--model auto`` gives the
+  three-lab model, those unlike PBC's.
 - ``"adabn"``: batch-norm statistics re-estimated on the cells (below).
 
 A network trained on some labs normalises its activations with batch-norm
@@ -53,6 +54,7 @@ from napari_wbc.settings import ADAPT_PROTOTYPE_MIN_CELLS as PROTOTYPE_MIN_CELLS
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "AUTO",
     "DEFAULT_METHOD",
     "MAX_CELLS",
     "METHODS",
@@ -64,7 +66,9 @@ __all__ = [
     "adapt_ensemble",
     "adapt_method",
     "adapt_prototypes",
+    "auto_adapts",
     "cells_needed",
+    "is_auto",
     "save_adapted_ensemble",
     "save_adapted_model",
 ]
@@ -74,6 +78,14 @@ __all__ = [
 METHODS = ("prototypes", "adabn")
 #: What ``adapt=True`` (``--adapt``, the Classify widget's switch) uses.
 DEFAULT_METHOD = "prototypes"
+#: The default ``adapt``: :data:`DEFAULT_METHOD`, but only for a source that
+#: ``--model auto`` hands to the three-lab model (its cells are unlike the
+#: PBC specialist's, so from a lab that is not PBC) and that holds enough
+#: cells (:func:`cells_needed`); any other source is classified as it is,
+#: without a warning. Leave one lab out it raised both held-out labs
+#: (docs/results.md); on PBC, where it costs accuracy, the specialist
+#: classifies, unadapted.
+AUTO = "auto"
 #: Cells per class that join its prototype (T3A's filter size M): chosen on
 #: BCCD's cells for the LISC figure and on LISC's for BCCD's, leave one lab
 #: out (20-100 gave the same within 0.01 on both; scripts/crosslab_t3a.py).
@@ -89,17 +101,38 @@ class AdaptationError(WBCError, ValueError):
 def adapt_method(adapt) -> str | None:
     """``adapt`` as given to the classifying functions, as a method name or None (off).
 
-    False, None and "none" are off; True is :data:`DEFAULT_METHOD`.
+    False, None and "none" are off; True is :data:`DEFAULT_METHOD`; so is
+    :data:`AUTO`, which the callers apply only where it says
+    (:func:`auto_adapts`).
     """
     if adapt is None or adapt is False or adapt == "none":
         return None
-    if adapt is True:
+    if adapt is True or adapt == AUTO:
         return DEFAULT_METHOD
     if adapt not in METHODS:
         raise AdaptationError(
             f"unknown adaptation {adapt!r}; use one of {', '.join(METHODS)} (or none)"
         )
     return str(adapt)
+
+
+def is_auto(adapt) -> bool:
+    """Whether ``adapt`` is :data:`AUTO` (adapt only where it applies, quietly)."""
+    return isinstance(adapt, str) and adapt == AUTO
+
+
+def auto_adapts(route, n_cells: int | None = None) -> bool:
+    """Whether :data:`AUTO` adapts a source: ``--model auto`` chose the three-lab model for it.
+
+    ``route``: the :class:`napari_wbc.routing.Route` of the source (None: no
+    automatic choice was made, a model was named); ``n_cells``: its cells,
+    when known (fewer than :func:`cells_needed` do not adapt).
+    """
+    from napari_wbc.routing import GENERALIST
+
+    if route is None or route.model != GENERALIST:
+        return False
+    return n_cells is None or n_cells >= cells_needed(DEFAULT_METHOD)
 
 
 def cells_needed(method) -> int:

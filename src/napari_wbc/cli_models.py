@@ -115,14 +115,27 @@ def add_adapt_option(p) -> None:
     """``--adapt [METHOD]``: label-free adaptation to the cells at hand."""
     from .settings import ADAPT_MIN_CELLS, ADAPT_PROTOTYPE_MIN_CELLS
 
-    p.add_argument(
+    group = p.add_mutually_exclusive_group()
+    group.add_argument(
         "--adapt",
-        action="store_true",
+        action="store_const",
+        const="on",
+        dest="adapt",
+        default="auto",
         help="adapt the model to these cells without labels first, for cells from a lab "
         f"the models never saw (needs {ADAPT_PROTOTYPE_MIN_CELLS} cells or more of one source, "
-        f"{ADAPT_MIN_CELLS} with adabn). Off by "
-        "default: leave one lab out it raised macro-F1 on both held-out labs, but on a lab "
-        "the models were trained on it costs accuracy (docs/results.md)",
+        f"{ADAPT_MIN_CELLS} with adabn); with several images, once to all their cells. By "
+        "default (neither --adapt nor --no-adapt) a crop set or image that --model auto "
+        "gives the three-lab model is adapted to its own cells when it holds enough: leave "
+        "one lab out it raised macro-F1 on both held-out labs; PBC-like images go to the "
+        "specialist unadapted (docs/results.md)",
+    )
+    group.add_argument(
+        "--no-adapt",
+        action="store_const",
+        const="off",
+        dest="adapt",
+        help="never adapt: classify with the model as it is",
     )
     p.add_argument(
         "--adapt-method",
@@ -134,10 +147,17 @@ def add_adapt_option(p) -> None:
 
 
 def adapt_of(args):
-    """The ``adapt`` argument of the classifying functions from ``--adapt``/``--adapt-method``."""
-    if not getattr(args, "adapt", False):
-        return False
-    return getattr(args, "adapt_method", None) or True
+    """The ``adapt`` argument of the classifying functions from ``--adapt``/``--no-adapt``.
+
+    ``--adapt``: ``--adapt-method``'s method; ``--no-adapt``: False; neither:
+    ``"auto"`` (:data:`napari_wbc.adapt.AUTO`).
+    """
+    from .adapt import AUTO
+
+    mode = getattr(args, "adapt", "off")
+    if mode == "on":
+        return getattr(args, "adapt_method", None) or True
+    return AUTO if mode == "auto" else False
 
 
 def crop_scale_of(args) -> str | float:
@@ -443,7 +463,7 @@ def cmd_predict(args) -> int:
 
     model = resolve_model(args.model)
     if args.save_adapted is not None:
-        if not args.adapt:
+        if args.adapt != "on":
             raise DataError("--save-adapted needs --adapt")
         if args.save_adapted.exists():
             raise DataError(f"{args.save_adapted} exists; choose a new name for the adapted model")

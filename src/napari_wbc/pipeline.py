@@ -76,7 +76,7 @@ class ClassifyConfig:
         ensemble are flagged ``needs_review``.
     device : str
         "auto", "cpu", "cuda", "mps".
-    adapt : bool or {"prototypes", "adabn"}
+    adapt : bool or {"auto", "prototypes", "adabn"}
         Adapt the classifier to this smear's own cells first, without labels
         (:func:`napari_wbc.adapt.adapt_ensemble`; True: its default method,
         the prototype classifier): the cells are found
@@ -84,6 +84,10 @@ class ClassifyConfig:
         cells than the method needs (:func:`napari_wbc.adapt.cells_needed`:
         128 for prototypes, 32 for AdaBN) the smear is classified
         without adaptation, and a warning says so. Not available on a cluster.
+        The default, ``"auto"`` (:data:`napari_wbc.adapt.AUTO`), adapts only
+        a smear that a :class:`~napari_wbc.routing.ModelRouter` gives the
+        three-lab model, with enough cells, on this machine; else it
+        classifies without adapting, quietly.
     exhaustive : bool
         Every TTA view of every member for every cell. By default members
         and views are spent in stages, the cheapest first, and a cell is
@@ -102,7 +106,7 @@ class ClassifyConfig:
     review_confidence: float = 0.6
     review_disagreement: float = 0.0
     device: str = "auto"
-    adapt: bool | str = False
+    adapt: bool | str = "auto"
     exhaustive: bool = False
     extra: dict = field(default_factory=dict)
 
@@ -282,9 +286,19 @@ def iter_classify_smear(
         # chosen model's adapted copy classifies this image.
         ensemble = adapted[id(ensemble)]
         adapted_cells = int(ensemble.metrics["adapted"]["cells"])
-    from .adapt import adapt_method
+    from .adapt import adapt_method, auto_adapts, is_auto
 
     method = adapt_method(config.adapt)
+    quiet = is_auto(config.adapt)
+    if quiet:
+        from .routing import ROUTE_CELLS
+
+        # Cells are cut for the model choice until ROUTE_CELLS are found;
+        # when fewer were, that was every cell of the image.
+        found = None if route is None else route.found
+        seen = found if found is not None and found < ROUTE_CELLS else None
+        if client is not None or not auto_adapts(route, seen):
+            method = None
     if method:
         if client is not None:
             raise WBCError(
@@ -293,7 +307,7 @@ def iter_classify_smear(
             )
         with timer("adapt"):
             ensemble, adapted_cells, note = yield from _iter_adapt(
-                arr, tiles, given, detector, model_input, ensemble, method
+                arr, tiles, given, detector, model_input, ensemble, method, quiet
             )
         if note:
             notes.append(note)
@@ -438,11 +452,12 @@ def _iter_cut_cells(arr, tiles, given, detector, model_input, stage, purpose, li
     return crops
 
 
-def _iter_adapt(arr, tiles, given, detector, model_input, ensemble, method):
+def _iter_adapt(arr, tiles, given, detector, model_input, ensemble, method, quiet=False):
     """Find and cut every cell of the smear, and adapt ``ensemble`` to them.
 
     Returns the ensemble to classify with, the number of cells it was
-    adapted to (0: not adapted) and a warning, or None.
+    adapted to (0: not adapted) and a warning, or None (always None when
+    ``quiet``: the default's adaptation, which did not ask for it).
     """
     from .adapt import adapt_ensemble, cells_needed
 
@@ -455,6 +470,9 @@ def _iter_adapt(arr, tiles, given, detector, model_input, ensemble, method):
             f"not adapted: {len(crops)} cells found, adaptation needs {least}; "
             "classified with the model as it is"
         )
+        if quiet:
+            log.info("%s", note)
+            return ensemble, 0, None
         log.warning("%s", note)
         return ensemble, 0, note
     adapted = adapt_ensemble(ensemble, crops, method=method)

@@ -53,7 +53,7 @@ def iter_predict_crop_files(
     stain_source: str = "auto",
     *,
     scale: str | float = "auto",
-    adapt: bool | str = False,
+    adapt: bool | str = "auto",
     exhaustive: bool = False,
     classes: str | Sequence[str] | None = None,
 ) -> ProgressGen[dict[str, Any]]:
@@ -83,11 +83,13 @@ def iter_predict_crop_files(
         How the crops' magnification is found and matched to the model's
         field of view (a number: the red-cell diameter in px); see
         :meth:`napari_wbc.preprocess.Preprocessor.resolve_crop_scale`.
-    adapt : bool or {"prototypes", "adabn"}
+    adapt : bool or {"auto", "prototypes", "adabn"}
         Adapt the ensemble to these crops first, without labels
         (:func:`napari_wbc.adapt.adapt_ensemble`; True: its default method; needs
         :func:`napari_wbc.adapt.cells_needed` crops). The model files are not
-        touched; the adapted ensemble is returned as ``adapted``.
+        touched; the adapted ensemble is returned as ``adapted``. The default,
+        ``"auto"`` (:data:`napari_wbc.adapt.AUTO`), adapts only a set that
+        ``model="auto"`` gives the three-lab model, with enough crops.
     exhaustive : bool
         Every TTA view of every member for every crop; by default only the
         crops in doubt after the first view get the others (``gate`` of
@@ -104,7 +106,7 @@ def iter_predict_crop_files(
         ``crop_scale`` (red-cell px and method, or None when taken as they
         are) and, with ``adapt``, ``adapted``.
     """
-    from .adapt import adapt_method
+    from .adapt import adapt_method, auto_adapts, is_auto
 
     method = adapt_method(adapt)
     ensemble = _loaded(model, device, classes)
@@ -120,10 +122,13 @@ def iter_predict_crop_files(
         ensemble, route, normalizer, reader = yield from _iter_route_crops(
             ensemble, paths, stain_source, found, device, batch_size
         )
-        if not method and route.passes is not None and ensemble is route.passes.ensemble:
-            known = route.passes
     else:
         found = ensemble.preprocessor.resolve_crop_scale(paths, scale)
+    if is_auto(adapt) and not auto_adapts(route, len(paths)):
+        method = None  # the default adapts only sets auto gives the three-lab model
+    if not method and route is not None and route.passes is not None:
+        if ensemble is route.passes.ensemble:
+            known = route.passes
     crops = yield from ensemble.preprocessor.iter_read_crop_files(
         paths,
         stain_source,
@@ -227,7 +232,7 @@ def iter_evaluate(
     stain_source: str = "auto",
     *,
     scale: str | float = "auto",
-    adapt: bool = False,
+    adapt: bool | str = "auto",
     exhaustive: bool = False,
     classes: str | Sequence[str] | None = None,
 ) -> ProgressGen[dict[str, Any]]:

@@ -67,6 +67,9 @@ class Route:
     #: crops given to :meth:`ModelRouter.iter_choose`), so that classifying
     #: the source with it need not run them again.
     passes: Any = field(default=None, repr=False, compare=False)
+    #: Cells of the source given to choose by (:meth:`ModelRouter.iter_choose`'s
+    #: ``crops``), of which ``cells`` were looked at.
+    found: int | None = field(default=None, compare=False)
 
     @property
     def note(self) -> str:
@@ -171,7 +174,7 @@ class ModelRouter:
         n = len(crops)
         trust = self.specialist.trust
         if n < ROUTE_MIN_CELLS or trust is None or not np.isfinite(trust.ood_threshold):
-            route = Route(GENERALIST, n, None)
+            route = Route(GENERALIST, n, None, found=n)
             yield Progress("route", 1, 1, route.note)
             return self.answering(GENERALIST), route
         pick = np.unique(np.linspace(0, n - 1, min(n, ROUTE_CELLS)).round().astype(int))
@@ -194,7 +197,7 @@ class ModelRouter:
             )
             distance = _combine(self.specialist, more.sums, more.views).get("ood_distance")
             if distance is None:
-                route = Route(GENERALIST, len(half), None)
+                route = Route(GENERALIST, len(half), None, found=n)
                 yield Progress("route", 1, 1, route.note)
                 return self.answering(GENERALIST), route
             beyond += int(np.count_nonzero(np.asarray(distance, float) > trust.ood_threshold))
@@ -204,7 +207,7 @@ class ModelRouter:
                 break
         share = beyond / len(seen)
         chosen = SPECIALIST if share <= ROUTE_MAX_OOD_SHARE else GENERALIST
-        route = Route(chosen, len(seen), share, passes._replace(rows=seen))
+        route = Route(chosen, len(seen), share, passes._replace(rows=seen), found=n)
         log.info("model chosen: %s", route.note)
         yield Progress("route", 1, 1, route.note)
         return self.answering(chosen), route

@@ -67,11 +67,14 @@ def iter_classify_files(
         scale = scales.get(path)
         return config if scale is None else replace(config, rbc_diameter_px=scale.rbc_diameter_px)
 
-    from .adapt import adapt_method
+    from .adapt import adapt_method, is_auto
 
     adapted = None
     method = adapt_method(config.adapt)
-    if len(paths) > 1 and method and client is None:
+    # The default (adapt="auto") adapts each image that goes to the
+    # three-lab model on its own cells when it holds enough; pooling a
+    # folder's cells is asked for (--adapt): it costs a pass over every image.
+    if len(paths) > 1 and method and client is None and not is_auto(config.adapt):
         # One microscope, one stain: the folder is one source, adapted once
         # to the cells of all its images (a camera field alone holds too few).
         config = replace(config, adapt=False)
@@ -305,7 +308,7 @@ def iter_evaluate_smears(
     as in :func:`iter_classify_files`; with ``config.adapt`` the model is
     adapted once to the cells of all the images, as there too.
     """
-    from .adapt import adapt_method
+    from .adapt import adapt_method, is_auto
     from .detection import match_detections
     from .metrics import classification_metrics
 
@@ -324,7 +327,7 @@ def iter_evaluate_smears(
 
     adapted = None
     method = adapt_method(config.adapt)
-    if len(images) > 1 and method:
+    if len(images) > 1 and method and not is_auto(config.adapt):
         config = replace(config, adapt=False)
         adapted = yield from _iter_adapt_folder(
             [Path(p) for p in images], ensemble, own_config, method

@@ -259,14 +259,21 @@ class ClassifyWidget(DockPage):
             "a model trained on many stains without one (the built-in model) takes the image "
             "as it is",
         )
-        self.adapt = CheckBox(
-            text="adapt to this image's cells",
-            value=False,
-            tooltip="for a lab the models never saw: move the model's classifier to where this "
-            "image's cells lie, without labels (class prototypes from the cells it is surest "
-            "of; needs 128 cells or more). Leave one lab out it raised macro-F1 on both "
-            "held-out labs; off by default, since on a lab the models were trained on it costs "
-            "accuracy (docs/results.md).",
+        self.adapt = ComboBox(
+            label="adapt to the cells",
+            choices=[
+                ("automatic", "auto"),
+                ("always", "on"),
+                ("never", "off"),
+            ],
+            value="auto",
+            tooltip="adapting moves the model's classifier to where this image's cells lie, "
+            "without labels (class prototypes from the cells it is surest of; needs 128 cells "
+            "or more). Automatic: only an image the automatic model choice gives the three-lab "
+            "model (one unlike the PBC specialist's training images) and that holds enough "
+            "cells; leave one lab out it raised macro-F1 on both held-out labs, while on PBC "
+            "it costs accuracy, and PBC-like images go to the specialist (docs/results.md). "
+            "Always: any model, with a note when there are too few cells.",
         )
         self.classes = ComboBox(
             label="classes",
@@ -460,7 +467,7 @@ class ClassifyWidget(DockPage):
             pixel_size_um=self.pixel_size.value or None,
             stain_normalize=self.stain.value,
             device=self.device.value,
-            adapt=self.adapt.value,
+            adapt={"on": True, "off": False}.get(self.adapt.value, self.adapt.value),
             exhaustive=self.exhaustive.value,
         )
         level0 = image_levels(layer)[0]
