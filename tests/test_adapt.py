@@ -393,3 +393,40 @@ def test_evaluating_a_folder_of_fields_adapts_once_to_all_their_cells(
     # Once, to the cells found in all three fields (each alone has fewer than needed).
     found = plain["detection"]["tp"] + plain["detection"]["fp"]
     assert calls == [found] and found >= MIN_CELLS
+
+
+def test_the_adaptations_look_at_the_crops_is_the_adapted_models_first_view(
+    tiny_model_path, monkeypatch
+):
+    # Prototype adaptation runs each member over every crop as it is; the
+    # adapted model's first view of those crops is the same features through
+    # its new last layer, handed on instead of run again.
+    import numpy as np
+
+    import napari_wbc.inference as inference
+    from napari_wbc.adapt import PROTOTYPE_MIN_CELLS, adapt_ensemble_and_passes
+    from napari_wbc.inference import iter_predict_crops, load_any
+    from napari_wbc.progress import run
+
+    base = load_any(tiny_model_path, tta="none")
+    crops = np.random.default_rng(3).integers(
+        0, 256, (PROTOTYPE_MIN_CELLS + 8, 40, 40, 3), dtype=np.uint8
+    )
+    adapted, known = adapt_ensemble_and_passes(base, crops)
+    assert known is not None and known.ensemble is adapted
+    assert (known.views == 1).all()
+    fresh = run(iter_predict_crops(adapted, crops, gate=True))
+    runs = []
+    real = inference._iter_add_views
+    monkeypatch.setattr(
+        inference,
+        "_iter_add_views",
+        lambda *a, **k: (runs.append(1), (yield from real(*a, **k)))[1],
+    )
+    reused = run(iter_predict_crops(adapted, crops, gate=True, known=known))
+    assert runs == []  # one view: nothing left to run
+    np.testing.assert_allclose(reused["probs"], fresh["probs"], atol=1e-4)
+    assert (reused["pred"] == fresh["pred"]).mean() >= 0.99
+    # A sample of the crops (more than the adaptation uses) gives no passes.
+    monkeypatch.setattr("napari_wbc.adapt.MAX_CELLS", PROTOTYPE_MIN_CELLS)
+    assert adapt_ensemble_and_passes(base, crops)[1] is None

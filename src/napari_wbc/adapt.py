@@ -64,6 +64,7 @@ __all__ = [
     "AdaptationError",
     "adapt_batchnorm",
     "adapt_ensemble",
+    "adapt_ensemble_and_passes",
     "adapt_method",
     "adapt_prototypes",
     "auto_adapts",
@@ -172,6 +173,12 @@ def adapt_prototypes(
         is not one linear layer over pooled features (timm's
         ``get_classifier``/``forward_head``).
     """
+    return _adapt_prototypes(model, images, support, batch_size, min_cells)[0]
+
+
+@torch.no_grad()
+def _adapt_prototypes(model, images, support, batch_size, min_cells):
+    """:func:`adapt_prototypes`, and the pooled features of ``images`` (N, D) it used."""
     _check_cells(int(images.shape[0]), min_cells)
     head = model.get_classifier() if hasattr(model, "get_classifier") else None
     if not isinstance(head, torch.nn.Linear) or not hasattr(model, "forward_head"):
@@ -216,7 +223,7 @@ def adapt_prototypes(
     )
     if new_head.bias is not None:
         new_head.bias.zero_()
-    return adapted
+    return adapted, torch.cat(feats)
 
 
 def _bn_layers(model: torch.nn.Module) -> list[torch.nn.modules.batchnorm._BatchNorm]:
@@ -400,9 +407,29 @@ def adapt_ensemble(
         ``path`` is None: it exists in memory until
         :func:`save_adapted_ensemble` writes it.
     """
+    return adapt_ensemble_and_passes(ensemble, crops, balance, min_cells, method)[0]
+
+
+def adapt_ensemble_and_passes(
+    ensemble,
+    crops,
+    balance: bool = True,
+    min_cells: int | None = None,
+    method: str = DEFAULT_METHOD,
+):
+    """:func:`adapt_ensemble`, and the adapted ensemble's first view of every crop.
+
+    Prototype adaptation runs every member over the crops as they are to
+    find their features; the adapted members' answers for those crops are
+    the same features through the new last layer, so they need not be run
+    again. Returns the adapted ensemble and those passes
+    (:class:`napari_wbc.inference.ViewSums`, for ``known=`` of
+    :func:`napari_wbc.inference.iter_predict_crops`), or None for AdaBN or
+    when only a sample of the crops was used.
+    """
     import dataclasses
 
-    from napari_wbc.inference import EnsembleMember, _to_input
+    from napari_wbc.inference import EnsembleMember, ViewSums, _empty_sums, _to_input
 
     method = adapt_method(method) or DEFAULT_METHOD
     least = cells_needed(method) if min_cells is None else min_cells
@@ -414,6 +441,7 @@ def adapt_ensemble(
     chosen = crops[pick] if isinstance(crops, np.ndarray) else [crops[int(i)] for i in pick]
     device = ensemble.device
     members = []
+    features = []
     for member in ensemble.members:
         spec = member.config.spec
         x = _to_input(chosen, spec.input_size, device)
@@ -421,18 +449,31 @@ def adapt_ensemble(
         std = torch.tensor(spec.std, device=device).view(1, 3, 1, 1)
         x = (x - mean) / std
         if method == "prototypes":
-            model = adapt_prototypes(member.model, x, min_cells=least)
+            model, pre = _adapt_prototypes(member.model, x, PROTOTYPE_SUPPORT, 64, min_cells=least)
+            features.append(pre)
         else:
             model = adapt_batchnorm(member.model, x, balance, min_cells=least)
         members.append(EnsembleMember(model, member.config, member.weight))
     log.info("adapted %d member(s) to %d cells (%s)", len(members), len(pick), method)
-    return dataclasses.replace(
+    adapted = dataclasses.replace(
         ensemble,
         members=members,
         name=f"{ensemble.name} (adapted)",
         metrics={"adapted": {"method": method, "cells": len(pick)}},
         path=None,
     )
+    if method != "prototypes" or len(pick) != n:
+        return adapted, None
+    sums = _empty_sums(adapted, n)
+    with torch.no_grad():
+        for j, (member, pre) in enumerate(zip(members, features, strict=True)):
+            logits = member.model.get_classifier()(pre.to(device)).float()
+            sums["probs"][j] = logits.softmax(dim=-1).cpu().numpy()
+            if sums["logits"] is not None:
+                sums["logits"][j] = logits.cpu().numpy()
+                sums["features"][j] = pre.float().cpu().numpy()
+    views = np.ones((len(members), n), int)
+    return adapted, ViewSums(adapted, "none", views, sums)
 
 
 def save_adapted_ensemble(path: str | os.PathLike, ensemble, source: str) -> Path:

@@ -138,11 +138,13 @@ def iter_predict_crop_files(
     )
     adapted = None
     if method:
-        from .adapt import adapt_ensemble
+        from .adapt import adapt_ensemble_and_passes
         from .progress import Progress
 
         yield Progress("adapt", 0, 1, f"adapting the model to {len(crops)} crops ({method})")
-        ensemble = adapted = adapt_ensemble(ensemble, crops, method=method)
+        # The adaptation's look at every crop is the adapted model's first view.
+        adapted, known = adapt_ensemble_and_passes(ensemble, crops, method=method)
+        ensemble = adapted
         yield Progress("adapt", 1, 1, "adapted")
     result = yield from iter_predict_crops(
         ensemble,
