@@ -260,12 +260,8 @@ class ClassifyWidget(DockPage):
             "as it is",
         )
         self.adapt = ComboBox(
-            label="adapt to the cells",
-            choices=[
-                ("automatic", "auto"),
-                ("always", "on"),
-                ("never", "off"),
-            ],
+            label="adapt",
+            choices=[("auto", "auto"), ("always", "on"), ("never", "off")],
             value="auto",
             tooltip="adapting moves the model's classifier to where this image's cells lie, "
             "without labels (class prototypes from the cells it is surest of; needs 128 cells "
@@ -277,7 +273,7 @@ class ClassifyWidget(DockPage):
         )
         self.classes = ComboBox(
             label="classes",
-            choices=[("every class of the model", "all"), ("5-part differential", "5-part")],
+            choices=[("all", "all"), ("5-part", "5-part")],
             value="all",
             tooltip="the count panel: every class of the model (with the built-in models: "
             "the 5-part differential, immature granulocytes, erythroblasts and platelets), "
