@@ -177,8 +177,12 @@ def adapt_prototypes(
 
 
 @torch.no_grad()
-def _adapt_prototypes(model, images, support, batch_size, min_cells):
-    """:func:`adapt_prototypes`, and the pooled features of ``images`` (N, D) it used."""
+def _adapt_prototypes(model, images, support, batch_size, min_cells, runner=None):
+    """:func:`adapt_prototypes`, and the pooled features of ``images`` (N, D) it used.
+
+    ``runner``: an equivalent copy of ``model`` to compute the features with
+    (its batch norms folded: :func:`napari_wbc.inference.inference_model`).
+    """
     _check_cells(int(images.shape[0]), min_cells)
     head = model.get_classifier() if hasattr(model, "get_classifier") else None
     if not isinstance(head, torch.nn.Linear) or not hasattr(model, "forward_head"):
@@ -188,11 +192,12 @@ def _adapt_prototypes(model, images, support, batch_size, min_cells):
         )
     was_training = model.training
     model.eval()
+    net = runner if runner is not None else model
     feats, logits = [], []
     try:
         for start in range(0, int(images.shape[0]), batch_size):
-            pre = model.forward_head(
-                model.forward_features(images[start : start + batch_size]), pre_logits=True
+            pre = net.forward_head(
+                net.forward_features(images[start : start + batch_size]), pre_logits=True
             )
             feats.append(pre.float())
             logits.append(head(pre).float())
@@ -429,7 +434,14 @@ def adapt_ensemble_and_passes(
     """
     import dataclasses
 
-    from napari_wbc.inference import EnsembleMember, ViewSums, _empty_sums, _to_input
+    from napari_wbc.inference import (
+        FOLD_MIN_CROPS,
+        EnsembleMember,
+        ViewSums,
+        _empty_sums,
+        _to_input,
+        inference_model,
+    )
 
     method = adapt_method(method) or DEFAULT_METHOD
     least = cells_needed(method) if min_cells is None else min_cells
@@ -449,7 +461,15 @@ def adapt_ensemble_and_passes(
         std = torch.tensor(spec.std, device=device).view(1, 3, 1, 1)
         x = (x - mean) / std
         if method == "prototypes":
-            model, pre = _adapt_prototypes(member.model, x, PROTOTYPE_SUPPORT, 64, min_cells=least)
+            model, pre = _adapt_prototypes(
+                member.model,
+                x,
+                PROTOTYPE_SUPPORT,
+                64,
+                min_cells=least,
+                # The features as classification computes them (and faster).
+                runner=inference_model(member.model) if n >= FOLD_MIN_CROPS else None,
+            )
             features.append(pre)
         else:
             model = adapt_batchnorm(member.model, x, balance, min_cells=least)
