@@ -84,15 +84,59 @@ def probabilities(model, x: torch.Tensor, tta: bool = False, batch: int = 128) -
     return torch.cat(out).numpy()
 
 
-def score(prob: np.ndarray, labels, classes) -> dict:
-    m = classification_metrics(list(labels), [classes[i] for i in prob.argmax(1)], classes)
+def metric_row(m: dict, **keys) -> dict:
+    """``keys`` then the rounded figures of :func:`classification_metrics`' result ``m``.
+
+    The one row format of the cross-lab scripts' JSON tables.
+    """
     return {
-        "n": m["n"],
+        **keys,
+        "n": int(m["n"]),
         "macro_f1": round(float(m["macro_f1"]), 4),
         "balanced_accuracy": round(float(m["balanced_accuracy"]), 4),
         "accuracy": round(float(m["accuracy"]), 4),
         "per_class_f1": {c: round(float(v["f1"]), 3) for c, v in m["per_class"].items()},
     }
+
+
+class Rows(list):
+    """A script's JSON table: each row printed as it comes, all saved at the end.
+
+    ``file`` is the script's ``--json`` path (None: print only).
+    """
+
+    def __init__(self, file: Path | None = None):
+        super().__init__()
+        self.file = file
+
+    def add(self, row: dict) -> None:
+        self.append(row)
+        print(json.dumps(row), flush=True)
+
+    def save(self) -> None:
+        if self.file is not None:
+            self.file.write_text(json.dumps(list(self), indent=1))
+
+
+def score(prob: np.ndarray, labels, classes) -> dict:
+    m = classification_metrics(list(labels), [classes[i] for i in prob.argmax(1)], classes)
+    return metric_row(m)
+
+
+def fold_ensemble(roots, lab: str, **kwargs):
+    """The fold models of held-out ``lab`` as one D4 ensemble, one member per seed.
+
+    ``roots`` are the folders of one training run each (``<root>/dr-<lab>/
+    model.safetensors``, as scripts/run_crosslab_lolo.sh writes them);
+    ``kwargs`` go to :class:`~napari_wbc.inference.Ensemble` (e.g. ``fov_scale``).
+    """
+    from napari_wbc.inference import Ensemble, EnsembleMember
+
+    members = []
+    for root in roots:
+        model, config = load_model(Path(root) / f"dr-{lab}" / "model.safetensors", cache=False)
+        members.append(EnsembleMember(model, config, 1.0))
+    return Ensemble(members, tta="d4", name=f"fold {lab}", **kwargs)
 
 
 def rescaled_pbc(paths, factor: float) -> list[np.ndarray]:

@@ -17,13 +17,13 @@ chosen on another lab (LISC chose 0.78, docs/crosslab/test-time-zoom.md).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
-from napari_wbc.inference import Ensemble, EnsembleMember
-from napari_wbc.models.files import load_model
+sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+from bench_crosslab import Rows, fold_ensemble, metric_row
+
 from napari_wbc.pipeline import ClassifyConfig
 from napari_wbc.progress import run
 from napari_wbc.settings import data_root
@@ -38,30 +38,17 @@ def main(argv=None) -> int:
     p.add_argument("--fov-scale", type=float, default=1.0)
     args = p.parse_args(argv)
     configure_threads(2)
-    members = []
-    for root in args.roots:
-        model, config = load_model(root / "dr-bccd" / "model.safetensors", cache=False)
-        members.append(EnsembleMember(model, config, 1.0))
-    ensemble = Ensemble(members, tta="d4", name="BCCD fold", fov_scale=args.fov_scale)
+    ensemble = fold_ensemble(args.roots, "bccd", fov_scale=args.fov_scale)
     boxes = load_boxes(data_root() / "bccd" / "wbc.csv")
-    rows = []
+    rows = Rows(args.json)
     for adapt in (False, "prototypes"):
         t = time.perf_counter()
         m = run(iter_evaluate_smears(boxes, ensemble, ClassifyConfig(adapt=adapt)))
-        row = {
-            "fov_scale": args.fov_scale,
-            "adapt": adapt or "none",
-            "n": m["n"],
-            "macro_f1": round(float(m["macro_f1"]), 4),
-            "balanced_accuracy": round(float(m["balanced_accuracy"]), 4),
-            "per_class_f1": {c: round(float(v["f1"]), 3) for c, v in m["per_class"].items()},
-            "detection_f1": round(m["detection"]["f1"], 3),
-            "seconds": round(time.perf_counter() - t, 1),
-        }
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=1))
+        row = metric_row(m, fov_scale=args.fov_scale, adapt=adapt or "none")
+        row["detection_f1"] = round(m["detection"]["f1"], 3)
+        row["seconds"] = round(time.perf_counter() - t, 1)
+        rows.add(row)
+    rows.save()
     return 0
 
 

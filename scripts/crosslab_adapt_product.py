@@ -19,16 +19,14 @@ those five classes.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+from bench_crosslab import Rows, fold_ensemble, metric_row
 from bench_gate import lab_sets
 
-from napari_wbc.inference import Ensemble, EnsembleMember
-from napari_wbc.models.files import load_model
 from napari_wbc.panels import panel_classes
 from napari_wbc.prediction import evaluate
 from napari_wbc.threads import configure_threads
@@ -44,13 +42,9 @@ def main(argv=None) -> int:
     tmp = tempfile.TemporaryDirectory()
     sets = lab_sets(0, Path(tmp.name))
     names = {"lisc": "LISC", "bccd": "BCCD"}
-    rows = []
+    rows = Rows(args.json)
     for lab in ("bccd", "lisc"):
-        members = []
-        for root in args.roots:
-            model, config = load_model(root / f"dr-{lab}" / "model.safetensors", cache=False)
-            members.append(EnsembleMember(model, config, 1.0))
-        ensemble = Ensemble(members, tta="d4", name=f"fold {lab}")
+        ensemble = fold_ensemble(args.roots, lab)
         plan = [(names[lab], a) for a in (False, "prototypes", "adabn")]
         plan += [("PBC validation", a) for a in (False, "prototypes")]
         for test, adapt in plan:
@@ -59,20 +53,11 @@ def main(argv=None) -> int:
             if panel is not None:
                 table = table[table["label"].isin(panel)]
             m = evaluate(ensemble, table, adapt=adapt, classes=panel)
-            row = {
-                "fold": lab,
-                "test": test,
-                "classes": args.classes or "all",
-                "adapt": adapt or "none",
-                "n": int(m["n"]),
-                "macro_f1": round(float(m["macro_f1"]), 4),
-                "balanced_accuracy": round(float(m["balanced_accuracy"]), 4),
-                "per_class_f1": {c: round(float(v["f1"]), 3) for c, v in m["per_class"].items()},
-            }
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=1))
+            row = metric_row(
+                m, fold=lab, test=test, classes=args.classes or "all", adapt=adapt or "none"
+            )
+            rows.add(row)
+    rows.save()
     return 0
 
 

@@ -16,7 +16,6 @@ for the other lab (both trained on). The image warning's 30 % is the line.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -26,13 +25,13 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
 sys.path.insert(0, str(Path(__file__).parent))
+from bench_crosslab import Rows, fold_ensemble
 from bench_gate import lab_sets
 from fit_trust import model_crops
 
 from napari_wbc.datasets import balanced_subset, load_lab_table, stratified_split
 from napari_wbc.features import member_outputs
-from napari_wbc.inference import Ensemble, EnsembleMember, _combine, iter_predict_sums
-from napari_wbc.models.files import load_model
+from napari_wbc.inference import _combine, iter_predict_sums
 from napari_wbc.progress import run
 from napari_wbc.threads import configure_threads
 from napari_wbc.trust import IMAGE_OOD_SHARE, fit_trust_stats
@@ -48,13 +47,9 @@ def main(argv=None) -> int:
     tmp = tempfile.TemporaryDirectory()
     sets = lab_sets(0, Path(tmp.name))
     names = {"lisc": "LISC", "bccd": "BCCD"}
-    rows = []
+    rows = Rows(args.json)
     for lab, other in (("bccd", "lisc"), ("lisc", "bccd")):
-        members = []
-        for root in args.roots:
-            model, config = load_model(root / f"dr-{lab}" / "model.safetensors", cache=False)
-            members.append(EnsembleMember(model, config, 1.0))
-        ens = Ensemble(members, tta="d4", name=f"fold {lab}")
+        ens = fold_ensemble(args.roots, lab)
         index = {c: i for i, c in enumerate(ens.classes)}
         pbc = load_lab_table("pbc", classes=ens.classes)
         tr, va = stratified_split(pbc["label"].tolist(), 0.2, seed=0)
@@ -93,10 +88,8 @@ def main(argv=None) -> int:
                 "ood_share": round(share, 3),
                 "adapt by the rule": share > IMAGE_OOD_SHARE,
             }
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=1))
+            rows.add(row)
+    rows.save()
     return 0
 
 

@@ -14,7 +14,6 @@ the protocol asks, and every M is printed.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
-from bench_crosslab import score, to_input
+from bench_crosslab import Rows, score, to_input
 
 from napari_wbc.datasets import cached_lab_crops
 from napari_wbc.models.files import load_model
@@ -77,7 +76,7 @@ def ensemble_rows(roots, supports=(0, 20, 50, 100)):
         for file in sorted(root.glob("*-*/model.safetensors")):
             model, config = load_model(file, cache=False)
             folds[config.training.get("holdout")].append((model, config))
-    rows = []
+    rows = Rows()
     for lab, members in folds.items():
         classes = tuple(members[0][1].spec.classes)
         sets = {lab: cached_lab_crops(lab, "outputs/crosslab/cache", 128, 4.8)}
@@ -104,14 +103,13 @@ def ensemble_rows(roots, supports=(0, 20, 50, 100)):
                     row["base" if m == 0 else str(m)] = score(np.mean(probs, 0), labels, classes)[
                         "macro_f1"
                     ]
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+                rows.add(row)
     return rows
 
 
 def cells_rows(root: Path, sizes=(8, 16, 32, 64, 128, 192, 256), draws: int = 5, m: int = 50):
     """Prototypes from a few random cells of the held-out lab, scored on all of its cells."""
-    rows = []
+    rows = Rows()
     for file in sorted(root.glob("*-*/model.safetensors")):
         model, config = load_model(file, cache=False)
         lab = config.training.get("holdout")
@@ -131,8 +129,7 @@ def cells_rows(root: Path, sizes=(8, 16, 32, 64, 128, 192, 256), draws: int = 5,
                     score(onehot[(f @ adapted.T).argmax(1)], labels, classes)["macro_f1"]
                 )
             row[str(size)] = [round(x, 3) for x in scores]
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+        rows.add(row)
     return rows
 
 
@@ -162,15 +159,15 @@ def main(argv=None) -> int:
     torch.set_num_threads(2)
     if args.cells:
         rows = cells_rows(args.root[0])
-        if args.json:
-            args.json.write_text(json.dumps(rows, indent=1))
+        rows.file = args.json
+        rows.save()
         return 0
     if len(args.root) > 1:
         rows = ensemble_rows(args.root)
-        if args.json:
-            args.json.write_text(json.dumps(rows, indent=1))
+        rows.file = args.json
+        rows.save()
         return 0
-    rows = []
+    rows = Rows(args.json)
     for file in sorted(args.root[0].glob("*-*/model.safetensors")):
         model, config = load_model(file, cache=False)
         lab = config.training.get("holdout")
@@ -185,10 +182,8 @@ def main(argv=None) -> int:
             row = {"lab": lab, "model": file.parent.name, "tta": tta, "base": base["macro_f1"]}
             for m in SUPPORTS:
                 row[str(m)] = score(onehot[t3a(f, lg, weights, m)], labels, classes)["macro_f1"]
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=1))
+            rows.add(row)
+    rows.save()
     return 0
 
 

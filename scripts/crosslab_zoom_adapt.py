@@ -14,16 +14,14 @@ adaptation, over all eight classes and the 5-part panel.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+from bench_crosslab import Rows, fold_ensemble, metric_row
 from bench_gate import lab_sets
 
-from napari_wbc.inference import Ensemble, EnsembleMember
-from napari_wbc.models.files import load_model
 from napari_wbc.prediction import evaluate
 from napari_wbc.threads import configure_threads
 
@@ -35,23 +33,25 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("roots", type=Path, nargs="+")
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="only the other lab's k and all eight classes (with and without adaptation)",
+    )
     args = p.parse_args(argv)
     configure_threads(2)
     sets = lab_sets(0, Path(tempfile.mkdtemp()))
     names = {"lisc": "LISC", "bccd": "BCCD"}
-    rows = []
+    rows = Rows(args.json)
     for lab in ("bccd", "lisc"):
-        members = []
-        for root in args.roots:
-            model, config = load_model(root / f"dr-{lab}" / "model.safetensors", cache=False)
-            members.append(EnsembleMember(model, config, 1.0))
-        ensemble = Ensemble(members, tta="d4", name=f"fold {lab}")
+        ensemble = fold_ensemble(args.roots, lab)
         table = sets[names[lab]][["path", "label"]]
         found = ensemble.preprocessor.resolve_crop_scale(
             table["path"].astype(str).tolist(), "measure"
         )
-        for k in (1.0, OTHER_LABS_K[lab]):
-            for classes in (None, "5-part"):
+        factors = (OTHER_LABS_K[lab],) if args.quick else (1.0, OTHER_LABS_K[lab])
+        for k in factors:
+            for classes in (None,) if args.quick else (None, "5-part"):
                 for adapt in (False, "prototypes"):
                     m = evaluate(
                         ensemble,
@@ -60,21 +60,11 @@ def main(argv=None) -> int:
                         adapt=adapt,
                         classes=classes,
                     )
-                    row = {
-                        "fold": lab,
-                        "k": k,
-                        "classes": classes or "all",
-                        "adapt": adapt or "none",
-                        "n": int(m["n"]),
-                        "macro_f1": round(float(m["macro_f1"]), 4),
-                        "per_class_f1": {
-                            c: round(float(v["f1"]), 3) for c, v in m["per_class"].items()
-                        },
-                    }
-                    rows.append(row)
-                    print(json.dumps(row), flush=True)
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=1))
+                    row = metric_row(
+                        m, fold=lab, k=k, classes=classes or "all", adapt=adapt or "none"
+                    )
+                    rows.add(row)
+    rows.save()
     return 0
 
 

@@ -13,7 +13,6 @@ its own field of view; this checks whether it is.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -21,11 +20,10 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+from bench_crosslab import Rows, fold_ensemble
 from bench_gate import lab_sets
 
-from napari_wbc.inference import Ensemble, EnsembleMember
 from napari_wbc.metrics import classification_metrics
-from napari_wbc.models.files import load_model
 from napari_wbc.prediction import iter_predict_crop_files
 from napari_wbc.progress import run
 from napari_wbc.threads import configure_threads
@@ -41,13 +39,9 @@ def main(argv=None) -> int:
     configure_threads(2)
     sets = lab_sets(0, Path(tempfile.mkdtemp()))
     names = {"lisc": "LISC", "bccd": "BCCD"}
-    rows = []
+    rows = Rows(args.json)
     for lab in ("bccd", "lisc"):
-        members = []
-        for root in args.roots:
-            model, config = load_model(root / f"dr-{lab}" / "model.safetensors", cache=False)
-            members.append(EnsembleMember(model, config, 1.0))
-        base = Ensemble(members, tta="d4", name=f"fold {lab}")
+        base = fold_ensemble(args.roots, lab)
         table = sets[names[lab]]
         paths = table["path"].astype(str).tolist()
         labels = table["label"].tolist()
@@ -64,10 +58,8 @@ def main(argv=None) -> int:
                 "confidence": round(float(np.mean(out["confidence"])), 4),
                 "macro_f1": round(float(m["macro_f1"]), 4),
             }
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=1))
+            rows.add(row)
+    rows.save()
     return 0
 
 

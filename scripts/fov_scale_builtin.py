@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+from bench_crosslab import Rows, metric_row
 from bench_gate import lab_sets
 
 from napari_wbc.prediction import evaluate
@@ -39,24 +39,14 @@ def main(argv=None) -> int:
     configure_threads(2)
     base = load_model(args.model)
     sets = lab_sets(0, Path(tempfile.mkdtemp()))
-    rows = []
+    rows = Rows(args.json)
     for factor in args.factors:
         ensemble = dataclasses.replace(base, fov_scale=factor)
         for test, table in sets.items():
             m = evaluate(ensemble, table[["path", "label"]])
-            row = {
-                "model": args.model,
-                "fov_scale": factor,
-                "test": test,
-                "n": int(m["n"]),
-                "macro_f1": round(float(m["macro_f1"]), 4),
-                "accuracy": round(float(m["accuracy"]), 4),
-                "per_class_f1": {c: round(float(v["f1"]), 3) for c, v in m["per_class"].items()},
-            }
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=1))
+            row = metric_row(m, model=args.model, fov_scale=factor, test=test)
+            rows.add(row)
+    rows.save()
     return 0
 
 

@@ -50,7 +50,7 @@ from napari_wbc.models.build import (
     classify_features,
     extract_features,
 )
-from napari_wbc.models.files import ModelConfig, save_model
+from napari_wbc.models.files import ModelConfig, load_model, save_model
 from napari_wbc.models.registry import PBC_CLASSES, ModelSpec
 from napari_wbc.settings import data_root
 
@@ -186,6 +186,17 @@ def main(argv=None) -> int:
         help="start from this finished stage-1 checkpoint (stage1.pt of a run with the same "
         "labs, classes, architecture and input) instead of training stage 1",
     )
+    p.add_argument(
+        "--init-from",
+        type=Path,
+        help="start stage 1 from this model file's weights (self-training: a student "
+        "initialised from its teacher); the optimizer and schedule start afresh",
+    )
+    p.add_argument(
+        "--extra",
+        type=Path,
+        help="pseudo-labelled crops (scripts/txl_pseudo_labels.py) trained on as one more lab",
+    )
     p.add_argument("--batch", type=int, default=48)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=0)
@@ -217,6 +228,13 @@ def main(argv=None) -> int:
         log.info(
             "%s: %d training cells %s", lab, len(table), table["label"].value_counts().to_dict()
         )
+    if args.extra is not None:
+        extra = np.load(args.extra, allow_pickle=False)
+        crops.append(extra["crops"])
+        labels += list(extra["labels"])
+        labs += ["txl"] * len(extra["labels"])
+        train_labs.append("txl")
+        log.info("txl (pseudo-labelled): %d cells", len(extra["labels"]))
     crops = np.concatenate(crops)
     labels = np.asarray(labels)
     labs = np.asarray(labs)
@@ -259,6 +277,10 @@ def main(argv=None) -> int:
         return 0
 
     model, _ = build_model(spec, pretrained=False)
+    if args.init_from is not None:
+        teacher, _ = load_model(args.init_from, cache=False)
+        model.load_state_dict(teacher.state_dict())
+        log.info("stage 1 starts from %s", args.init_from)
     model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=5e-4)
     total = args.epochs1 * args.steps
