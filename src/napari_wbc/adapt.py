@@ -454,12 +454,16 @@ def adapt_ensemble_and_passes(
     device = ensemble.device
     members = []
     features = []
+    inputs = {}  # members of one input size and normalisation share their resized crops
     for member in ensemble.members:
         spec = member.config.spec
-        x = _to_input(chosen, spec.input_size, device)
-        mean = torch.tensor(spec.mean, device=device).view(1, 3, 1, 1)
-        std = torch.tensor(spec.std, device=device).view(1, 3, 1, 1)
-        x = (x - mean) / std
+        key = (spec.input_size, tuple(spec.mean), tuple(spec.std))
+        if key not in inputs:
+            x = _to_input(chosen, spec.input_size, device)
+            mean = torch.tensor(spec.mean, device=device).view(1, 3, 1, 1)
+            std = torch.tensor(spec.std, device=device).view(1, 3, 1, 1)
+            inputs[key] = (x - mean) / std
+        x = inputs[key]
         if method == "prototypes":
             model, pre = _adapt_prototypes(
                 member.model,
