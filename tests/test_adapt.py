@@ -427,6 +427,20 @@ def test_the_adaptations_look_at_the_crops_is_the_adapted_models_first_view(
     assert runs == []  # one view: nothing left to run
     np.testing.assert_allclose(reused["probs"], fresh["probs"], atol=1e-4)
     assert (reused["pred"] == fresh["pred"]).mean() >= 0.99
-    # A sample of the crops (more than the adaptation uses) gives no passes.
+    # A set larger than the adaptation uses: the passes of the sampled crops
+    # only, which leave exactly the other crops to run, with the same answer.
     monkeypatch.setattr("napari_wbc.adapt.MAX_CELLS", PROTOTYPE_MIN_CELLS)
-    assert adapt_ensemble_and_passes(base, crops)[1] is None
+    adapted, known = adapt_ensemble_and_passes(base, crops)
+    assert known is not None and len(known.rows) == PROTOTYPE_MIN_CELLS
+    assert known.views.shape == (len(adapted.members), PROTOTYPE_MIN_CELLS)
+    fresh = run(iter_predict_crops(adapted, crops, gate=True))
+    ran = []
+    monkeypatch.setattr(
+        inference,
+        "_iter_add_views",
+        lambda *a, **k: (ran.append(a[7].copy()), (yield from real(*a, **k)))[1],
+    )
+    reused = run(iter_predict_crops(adapted, crops, gate=True, known=known))
+    left = np.setdiff1d(np.arange(len(crops)), known.rows)
+    np.testing.assert_array_equal(np.unique(np.concatenate(ran)), left)
+    np.testing.assert_allclose(reused["probs"], fresh["probs"], atol=1e-4)

@@ -429,8 +429,9 @@ def adapt_ensemble_and_passes(
     the same features through the new last layer, so they need not be run
     again. Returns the adapted ensemble and those passes
     (:class:`napari_wbc.inference.ViewSums`, for ``known=`` of
-    :func:`napari_wbc.inference.iter_predict_crops`), or None for AdaBN or
-    when only a sample of the crops was used.
+    :func:`napari_wbc.inference.iter_predict_crops`; for the sampled crops
+    only when a set larger than :data:`MAX_CELLS` was sampled), or None for
+    AdaBN.
     """
     import dataclasses
 
@@ -486,9 +487,9 @@ def adapt_ensemble_and_passes(
         metrics={"adapted": {"method": method, "cells": len(pick)}},
         path=None,
     )
-    if method != "prototypes" or len(pick) != n:
+    if method != "prototypes":
         return adapted, None
-    sums = _empty_sums(adapted, n)
+    sums = _empty_sums(adapted, len(pick))
     with torch.no_grad():
         for j, (member, pre) in enumerate(zip(members, features, strict=True)):
             logits = member.model.get_classifier()(pre.to(device)).float()
@@ -496,8 +497,8 @@ def adapt_ensemble_and_passes(
             if sums["logits"] is not None:
                 sums["logits"][j] = logits.cpu().numpy()
                 sums["features"][j] = pre.float().cpu().numpy()
-    views = np.ones((len(members), n), int)
-    return adapted, ViewSums(adapted, "none", views, sums)
+    views = np.ones((len(members), len(pick)), int)
+    return adapted, ViewSums(adapted, "none", views, sums, None if len(pick) == n else pick)
 
 
 def save_adapted_ensemble(path: str | os.PathLike, ensemble, source: str) -> Path:
