@@ -167,13 +167,15 @@ def rescaled_pbc(paths, factor: float) -> list[np.ndarray]:
     return out
 
 
-def save_grid(crops: np.ndarray, labels, file: Path, per_class: int = 8) -> None:
+def save_grid(
+    crops: np.ndarray, labels, file: Path, per_class: int = 8, classes=SHARED_CLASSES
+) -> None:
     """A PNG of ``per_class`` crops of every class (one row each), as the model sees them."""
     from PIL import Image
 
     labels = np.asarray(labels)
     rows = []
-    for c in SHARED_CLASSES:
+    for c in classes:
         idx = np.flatnonzero(labels == c)[:per_class]
         if len(idx) == 0:
             continue

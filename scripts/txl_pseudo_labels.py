@@ -29,7 +29,9 @@ import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from train_crosslab import CACHE_SIZE, FOV_RBC, to_input
+sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+from bench_crosslab import probabilities, save_grid, to_input
+from train_crosslab import CACHE_SIZE, FOV_RBC
 
 from napari_wbc.atomic import atomic_write_stream
 from napari_wbc.datasets import read_lab_crops
@@ -59,32 +61,6 @@ def txl_table() -> pd.DataFrame:
     )
 
 
-@torch.no_grad()
-def d4_probabilities(model, config, crops: np.ndarray) -> np.ndarray:
-    """Mean softmax over the 8 D4 views (eval mode)."""
-    spec = config.spec
-    model.eval()
-    out = []
-    for s in range(0, len(crops), 128):
-        x = to_input(crops[s : s + 128], spec.input_size, spec.mean, spec.std)
-        views = [torch.rot90(v, r, (2, 3)) for v in (x, x.flip(3)) for r in range(4)]
-        out.append(torch.stack([torch.softmax(model(v), 1) for v in views]).mean(0))
-    return torch.cat(out).numpy()
-
-
-def save_grid(crops, labels, classes, file: Path, per_class: int = 12) -> None:
-    from PIL import Image
-
-    rows = []
-    for c in classes:
-        idx = np.flatnonzero(labels == c)[:per_class]
-        row = np.full((CACHE_SIZE, per_class * CACHE_SIZE, 3), 255, np.uint8)
-        for j, i in enumerate(idx):
-            row[:, j * CACHE_SIZE : (j + 1) * CACHE_SIZE] = crops[i]
-        rows.append(row)
-    Image.fromarray(np.concatenate(rows, 0)).save(file)
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("roots", type=Path, nargs="+", help="fold folders (one per seed)")
@@ -100,7 +76,7 @@ def main(argv=None) -> int:
     for root in args.roots:
         model, config = load_model(root / f"dr-{args.holdout}" / "model.safetensors", cache=False)
         classes = tuple(config.spec.classes)
-        prob = prob + d4_probabilities(model, config, crops) / len(args.roots)
+        prob = prob + probabilities(model, to_input(crops, config), tta=True) / len(args.roots)
     top = prob.argmax(1)
     conf = prob.max(1)
     keep = conf >= args.min_confidence
@@ -126,7 +102,7 @@ def main(argv=None) -> int:
         ),
         binary=True,
     )
-    save_grid(crops[keep], labels[keep], classes, args.output.with_suffix(".png"))
+    save_grid(crops[keep], labels[keep], args.output.with_suffix(".png"), 12, classes)
     log.info("wrote %s (%d of %d cells)", args.output, keep.sum(), len(keep))
     return 0
 
