@@ -72,6 +72,7 @@ def _child(size: int, model: str, exhaustive: bool, threads: int, tiff: str) -> 
         "load_seconds": load_s,
         "cells": len(cells),
         "stages": cells.attrs.get("seconds", {}),
+        "background": cells.attrs.get("seconds_background", {}),
         "model": cells.attrs.get("model", getattr(ensemble, "name", "")),
         "passes": float(cells["passes"].mean()) if "passes" in cells else None,
         "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -151,6 +152,14 @@ def main(argv=None) -> int:
             cells = [f"{r['stages'].get(stage, 0):.1f}" for _, r in runs]
             print(f"| {stage} | " + " | ".join(cells) + " |")
         print("| **wall** | " + " | ".join(f"**{r['seconds']:.1f}**" for _, r in runs) + " |")
+    overlapped = sorted({k for _, r in runs for k in r.get("background", {})})
+    if overlapped:
+        print("\nSeconds per stage on the background thread (overlapped with classify)\n")
+        print("| stage | " + " | ".join(name for name, _ in runs) + " |")
+        print("|---|" + "---:|" * len(runs))
+        for stage in overlapped:
+            cells = [f"{r.get('background', {}).get(stage, 0):.1f}" for _, r in runs]
+            print(f"| {stage} | " + " | ".join(cells) + " |")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"size": args.size, "runs": runs}, fh, indent=1)

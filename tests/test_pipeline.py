@@ -1,6 +1,7 @@
 """Whole-smear classification: detection → crops → stain → ensemble, block by block."""
 
 import math
+import threading
 from typing import ClassVar
 
 import dask.array as da
@@ -242,12 +243,15 @@ def test_seconds_per_stage_are_recorded_and_add_up_to_at_most_the_run(sample, ti
     cells = run(iter_classify_smear(image, ensemble, ClassifyConfig(block=768)))
     wall = time.perf_counter() - start
     stages = cells.attrs["seconds"]
-    # The scale is measured, the detector set up, and every block read,
-    # searched, cut and classified.
-    for stage in ("scale", "detector setup", "stain fit", "read", "detect", "cut crops"):
+    # The scale is measured, the detector set up, and every block classified
+    # on this thread; every block read, searched and cut on the background
+    # thread, overlapped with the classification.
+    for stage in ("scale", "detector setup", "stain fit", "waiting for blocks"):
         assert stage in stages
     assert {"classify", "table"} <= set(stages)
-    assert all(v >= 0 for v in stages.values())
+    background = cells.attrs["seconds_background"]
+    assert set(background) == {"read", "detect", "cut crops"}
+    assert all(v >= 0 for v in [*stages.values(), *background.values()])
     assert 0.5 * wall <= sum(stages.values()) <= wall
     assert set(cells["passes"]) <= {1, 8}  # one member, D4 if in doubt
 
@@ -287,3 +291,5 @@ def test_a_run_stops_cleanly_in_the_middle_of_classifying(sample, tiny_model_pat
     steps.close()
     with pytest.raises(StopIteration):
         next(steps)
+    # The thread that reads and cuts the blocks ahead is gone with it.
+    assert not [t for t in threading.enumerate() if t.name.startswith("napari-wbc-prefetch")]

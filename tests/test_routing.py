@@ -43,13 +43,47 @@ def test_sample_smear_goes_to_the_specialist_and_gets_its_exact_answer(router):
     from napari_wbc.synthetic import make_sample_smear
 
     smear = make_sample_smear()
+    specialist = load_any(builtin_model_path(SPECIALIST))
     config = ClassifyConfig(pixel_size_um=0.1, tta="none")
     routed = run(iter_classify_smear(smear, router, config))
     assert routed.attrs["model"] == SPECIALIST
     assert "specialist" in routed.attrs["route"]
-    alone = run(iter_classify_smear(smear, load_any(builtin_model_path(SPECIALIST)), config))
+    alone = run(iter_classify_smear(smear, specialist, config))
     assert list(routed["class"]) == list(alone["class"])
-    np.testing.assert_allclose(routed["confidence"], alone["confidence"], atol=1e-6)
+    # The choice saw every cell of this small smear with every member: its
+    # passes are the classification's first (gated, a cell may then have
+    # more members than it would have needed alone).
+    assert (routed["passes"] >= len(specialist.members)).all()
+    # Every pass taken: exactly the specialist's answer.
+    config = ClassifyConfig(pixel_size_um=0.1, tta="none", exhaustive=True)
+    routed = run(iter_classify_smear(smear, router, config))
+    alone = run(iter_classify_smear(smear, specialist, config))
+    np.testing.assert_allclose(routed["confidence"], alone["confidence"], atol=1e-5)
+    np.testing.assert_allclose(routed.filter(like="p_"), alone.filter(like="p_"), atol=1e-5)
+
+
+def test_the_blocks_cut_and_the_stain_fitted_to_choose_are_not_done_again(router, monkeypatch):
+    import napari_wbc.pipeline as pipeline
+    from napari_wbc.pipeline import ClassifyConfig, iter_classify_smear
+    from napari_wbc.progress import run
+    from napari_wbc.synthetic import make_sample_smear
+
+    cut = []
+    real = pipeline.find_tile_cells
+
+    def counted(window, tile, *args, **kwargs):
+        cut.append(tile.window)
+        return real(window, tile, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "find_tile_cells", counted)
+    cells = run(
+        iter_classify_smear(
+            make_sample_smear(), router, ClassifyConfig(pixel_size_um=0.1, block=512)
+        )
+    )
+    assert cells.attrs["model"] == SPECIALIST
+    assert len(cut) > 4 and len(cut) == len(set(cut))  # every block cut once
+    assert "stain fit" not in cells.attrs["seconds"]  # the choice's fit is used
 
 
 def test_too_few_cells_to_tell_go_to_the_three_lab_model(router):

@@ -17,6 +17,7 @@ result does not depend on the block size.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import time
@@ -32,6 +33,7 @@ from .pixels import as_dask_rgb
 from .progress import Progress, ProgressGen, run
 from .routing import ROUTE_CELLS, ModelRouter
 from .scale import iter_resolve_scale
+from .threads import Prefetched
 from .tiling import Tile, tile_grid
 
 log = logging.getLogger(__name__)
@@ -44,6 +46,11 @@ CROSS_BLOCK_CELLS = 512
 #: ... or this many blocks, whichever comes first, so the live count keeps
 #: up on images with few cells (Cancel works inside a batch too).
 CROSS_BLOCK_BLOCKS = 16
+#: Blocks read, searched and cut ahead of the classification, on a
+#: background thread (``napari_wbc.threads.Prefetched``): the next batch's.
+PREFETCH_BLOCKS = CROSS_BLOCK_BLOCKS
+#: Blocks in the first batch: classification starts while the next are cut.
+FIRST_BATCH_BLOCKS = 4
 
 
 @dataclass
@@ -141,6 +148,8 @@ class _Prepared(NamedTuple):
     model_input: Any
     side: int
     tiles: list
+    #: What choosing the model did that classifying reuses (or None).
+    head: Any = None
 
 
 def _iter_prepare(image, ensemble, config, points, labels, file_pixel_size_um, detector, timer):
@@ -166,21 +175,24 @@ def _iter_prepare(image, ensemble, config, points, labels, file_pixel_size_um, d
             detector = yield from (detector or ClassicalDetector()).iter_prepare(arr, rbc_px)
     else:
         detector = None
-    route = None
+    route = head = None
     if isinstance(ensemble, ModelRouter):
         with timer("model choice"):
-            ensemble, route = yield from _iter_route(
+            ensemble, route, head = yield from _iter_route(
                 arr, rbc_px, given, detector, ensemble, config
             )
-    with timer("stain fit"):
-        model_input = yield from ensemble.preprocessor.iter_prepare_smear(
-            [arr], rbc_px, config.stain_normalize, config.stain_method
-        )
+    if head is not None:
+        model_input = head.model_input
+    else:
+        with timer("stain fit"):
+            model_input = yield from ensemble.preprocessor.iter_prepare_smear(
+                [arr], rbc_px, config.stain_normalize, config.stain_method
+            )
     side = model_input.side
     yield Progress("scale", 1, 1, f"red cell ≈ {rbc_px:.0f} px ({scale.note}); crops {side} px")
     tiles = _tiles((height, width), side, rbc_px, detector, config)
     return _Prepared(
-        arr, scale, rbc_px, given, detector, ensemble, route, model_input, side, tiles
+        arr, scale, rbc_px, given, detector, ensemble, route, model_input, side, tiles, head
     )
 
 
@@ -268,18 +280,23 @@ def iter_classify_smear(
         disagreement, p_<class> for every class. ``df.attrs`` holds the scale
         used (``rbc_diameter_px``, ``pixel_size_um`` when known, ``scale``,
         ``scale_source``), ``crop_px``, ``stain_normalized`` and ``classes``;
-        ``seconds``, the time spent per stage ("scale", "detector setup",
-        "model choice", "stain fit", "adapt", and summed over blocks "read",
-        "detect", "cut crops", "classify", "table"); with a router, ``model``
+        ``seconds``, the time this thread spent per stage ("scale",
+        "detector setup", "model choice", "stain fit", "adapt", and summed
+        over blocks "waiting for blocks", "classify", "table"; they add up
+        to the run), and ``seconds_background``, the time the background
+        thread spent reading, searching and cutting the blocks ahead ("read",
+        "detect", "cut crops", overlapped with "classify"; on a cluster
+        neither is recorded per block); with a router, ``model``
         and ``route`` (which model classified the smear, and why). The
         ``passes`` column holds each cell's forward passes.
     """
     config = config or ClassifyConfig()
     timer = StageTimer()
+    background = StageTimer()  # the blocks' reading, detection and cutting
     prep = yield from _iter_prepare(
         image, ensemble, config, points, labels, file_pixel_size_um, detector, timer
     )
-    arr, scale, rbc_px, given, detector, ensemble, route, model_input, side, tiles = prep
+    arr, scale, rbc_px, given, detector, ensemble, route, model_input, side, tiles, head = prep
     adapted_cells, notes = 0, []
     if adapted is not None and not config.adapt and id(ensemble) in adapted:
         # Adapted once to a larger source (a folder, napari_wbc.smears): the
@@ -327,29 +344,59 @@ def iter_classify_smear(
         # which run far below the network's throughput. One result per block,
         # in block order, as before; the live count lags by a few blocks.
         pending: list[tuple[pd.DataFrame | None, np.ndarray | None]] = []
+        todo = jobs()
+        known = None
+        if head is not None and ensemble is head.passes.ensemble:
+            # The first blocks were cut, and their cells seen by every
+            # member, to choose the model: they make the first batch.
+            pending.extend(head.blocks)
+            todo = itertools.islice(todo, len(head.blocks), None)
+            known = head.passes
 
-        def flush():
+        def flush(known=None):
             found = [(own, crops) for own, crops in pending if own is not None]
             # Classification yields its progress (so Cancel works inside it),
             # then one result per block.
             tables = iter(
-                (yield from iter_classify_cells(found, ensemble, config, timer)) if found else []
+                (yield from iter_classify_cells(found, ensemble, config, timer, known))
+                if found
+                else []
             )
             out = [None if own is None else next(tables) for own, _ in pending]
             pending.clear()
             yield from out
 
-        for tile, own in jobs():
+        def cut(job):
+            tile, own = job
             if own is not None and own.empty:
-                pending.append((None, None))
-            else:
-                y0, y1, x0, x1 = tile.window
-                with timer("read"):
-                    window = np.asarray(arr[y0:y1, x0:x1].compute())
-                pending.append(find_tile_cells(window, tile, model_input, own, detector, timer))
-            cells = sum(len(o) for o, _ in pending if o is not None)
-            if cells >= CROSS_BLOCK_CELLS or len(pending) >= CROSS_BLOCK_BLOCKS:
-                yield from flush()
+                return None, None
+            y0, y1, x0, x1 = tile.window
+            with background("read"):
+                window = np.asarray(arr[y0:y1, x0:x1].compute())
+            return find_tile_cells(window, tile, model_input, own, detector, background)
+
+        # Blocks are read, searched and cut on a background thread while the
+        # networks classify the blocks before them (both release the GIL).
+        blocks = Prefetched(cut, todo, PREFETCH_BLOCKS)
+        # The first batch is small, so the networks start while the
+        # background thread cuts the next batch's blocks.
+        most = FIRST_BATCH_BLOCKS
+        try:
+            if pending:
+                yield from flush(known)
+                most = CROSS_BLOCK_BLOCKS
+            while True:
+                with timer("waiting for blocks"):
+                    block = next(blocks, None)
+                if block is None:
+                    break
+                pending.append(block)
+                cells = sum(len(o) for o, _ in pending if o is not None)
+                if cells >= CROSS_BLOCK_CELLS or len(pending) >= most:
+                    yield from flush()
+                    most = CROSS_BLOCK_BLOCKS
+        finally:
+            blocks.close()  # on Cancel: no block is read after this
         yield from flush()
 
     if client is None:
@@ -398,6 +445,8 @@ def iter_classify_smear(
         adapted_cells=adapted_cells,
         # Seconds per stage on this machine (blocks summed; not on a cluster).
         seconds=timer.rounded(),
+        # Overlapped with "classify": spent on the background thread.
+        seconds_background=background.rounded(),
     )
     if route is not None:
         cells.attrs["model"] = route.model
@@ -425,27 +474,61 @@ def _iter_route(arr, rbc_px, given, detector, router: ModelRouter, config: Class
         [arr], rbc_px, config.stain_normalize, config.stain_method
     )
     tiles = _tiles(arr.shape[:2], model_input.side, rbc_px, detector, config)
+    blocks: list = []
     crops = yield from _iter_cut_cells(
-        arr, tiles, given, detector, model_input, "route", "to choose the model by", ROUTE_CELLS
+        arr,
+        tiles,
+        given,
+        detector,
+        model_input,
+        "route",
+        "to choose the model by",
+        ROUTE_CELLS,
+        blocks,
     )
-    return (
-        yield from router.iter_choose(
-            crops, device=get_device(config.device), batch_size=config.batch_size
-        )
+    ensemble, route = yield from router.iter_choose(
+        crops, device=get_device(config.device), batch_size=config.batch_size
     )
+    head = None
+    if route.passes is not None and ensemble is route.passes.ensemble:
+        # The specialist was chosen: its stain fit, the blocks cut and the
+        # passes run to choose are the first of the smear's classification.
+        head = _Head(model_input, blocks, route.passes)
+    return ensemble, route, head
 
 
-def _iter_cut_cells(arr, tiles, given, detector, model_input, stage, purpose, limit=None):
-    """Find and cut the cells of the smear block by block (all, or until ``limit``)."""
+class _Head(NamedTuple):
+    """What choosing the model already did for the specialist on the first blocks."""
+
+    model_input: Any
+    #: ``(cells, crops)`` of the first ``len(blocks)`` blocks, in order.
+    blocks: list
+    #: The passes run on them (:class:`napari_wbc.inference.ViewSums`, rows:
+    #: indices among the blocks' crops, concatenated).
+    passes: Any
+
+
+def _iter_cut_cells(
+    arr, tiles, given, detector, model_input, stage, purpose, limit=None, blocks=None
+):
+    """Find and cut the cells of the smear block by block (all, or until ``limit``).
+
+    ``blocks``, a list, receives each block's ``(cells, crops)`` in order
+    (``(None, None)`` for a block without cells), to be classified later
+    without cutting them again.
+    """
     crops = []
     for i, tile in enumerate(tiles):
         own = None if given is None else tile.select(given)
+        cut = None
         if own is None or not own.empty:
             y0, y1, x0, x1 = tile.window
             window = np.asarray(arr[y0:y1, x0:x1].compute())
             own, cut = find_tile_cells(window, tile, model_input, own, detector)
             if own is not None:
                 crops.extend(cut)
+        if blocks is not None:
+            blocks.append((None, None) if own is None or own.empty else (own, cut))
         yield Progress(stage, i + 1, len(tiles), f"{len(crops)} cells {purpose}")
         if limit is not None and len(crops) >= limit:
             break
@@ -533,8 +616,14 @@ def iter_classify_cells(
     ensemble,
     config: ClassifyConfig,
     timer: StageTimer | None = None,
+    known=None,
 ) -> ProgressGen[list[pd.DataFrame]]:
-    """:func:`classify_cells`, yielding the classification's progress."""
+    """:func:`classify_cells`, yielding the classification's progress.
+
+    ``known``: passes already run on some of the crops (``known=`` of
+    :func:`napari_wbc.inference.iter_predict_crops`; rows index the crops of
+    ``found``, concatenated).
+    """
     from .inference import iter_predict_crops
     from .models.build import get_device
 
@@ -547,6 +636,7 @@ def iter_classify_cells(
         config.tta,
         get_device(config.device),
         gate=not config.exhaustive,
+        known=known,
     )
     while True:  # timed between events: not the time the listener takes
         with timer("classify"):

@@ -105,3 +105,72 @@ def thread_map(fn, items) -> list:
 
     with ThreadPoolExecutor(workers) as pool:
         return list(pool.map(fn, items))
+
+
+class Prefetched:
+    """``fn(x) for x in items``, in order, computed on one background thread.
+
+    Up to ``ahead`` results are computed ahead of the consumer, starting at
+    once (before the first is asked for), so work that releases the GIL
+    (reading, decoding, detecting: numpy and scipy) runs while the caller
+    computes something else (the networks). ``items`` is drawn on the
+    caller's thread. With ``ahead < 1`` it is a plain loop on the caller's
+    thread. An exception in ``fn`` is raised at the item it belongs to.
+    :meth:`close` (Cancel) cancels what has not started and waits for the
+    one item in progress, so no thread outlives it; it is called at the end
+    and on an error.
+    """
+
+    def __init__(self, fn, items, ahead: int):
+        from collections import deque
+
+        self._fn = fn
+        self._items = iter(items)
+        self._ahead = ahead
+        self._pending: deque = deque()
+        self._pool = None
+        if ahead >= 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="napari-wbc-prefetch")
+            self._fill()
+
+    def _fill(self) -> None:
+        while len(self._pending) < self._ahead:
+            try:
+                x = next(self._items)
+            except StopIteration:
+                return
+            self._pending.append(self._pool.submit(self._fn, x))
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._pool is None:
+            return self._fn(next(self._items))
+        if not self._pending:
+            self.close()
+            raise StopIteration
+        future = self._pending.popleft()
+        try:
+            result = future.result()
+        except BaseException:
+            self.close()
+            raise
+        self._fill()
+        return result
+
+    def close(self) -> None:
+        for future in self._pending:
+            future.cancel()
+        self._pending.clear()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+            self._items = iter(())
+
+    def __del__(self):
+        pool = getattr(self, "_pool", None)
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
