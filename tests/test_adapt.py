@@ -444,3 +444,62 @@ def test_the_adaptations_look_at_the_crops_is_the_adapted_models_first_view(
     left = np.setdiff1d(np.arange(len(crops)), known.rows)
     np.testing.assert_array_equal(np.unique(np.concatenate(ran)), left)
     np.testing.assert_allclose(reused["probs"], fresh["probs"], atol=1e-4)
+
+
+def test_a_smear_is_adapted_to_a_sample_of_blocks_each_cut_once(tiny_model_path, monkeypatch):
+    # Adaptation looks at MAX_CELLS cells at most: blocks are visited in a
+    # seeded random order until they hold that many; the blocks cut for it,
+    # and the adapted model's passes over its cells, are the classification's.
+    import numpy as np
+
+    import napari_wbc.inference as inference
+    import napari_wbc.pipeline as pipeline
+    from napari_wbc.adapt import PROTOTYPE_MIN_CELLS
+    from napari_wbc.inference import load_any
+    from napari_wbc.pipeline import ClassifyConfig, iter_classify_smear
+    from napari_wbc.progress import run
+    from napari_wbc.synthetic import make_sample_smear
+
+    smear = make_sample_smear()
+    ensemble = load_any(tiny_model_path)
+    config = dict(pixel_size_um=0.1, tta="none", stain_normalize=False, block=256)
+    n = PROTOTYPE_MIN_CELLS + 64
+    rng = np.random.default_rng(1)
+    points = np.column_stack(
+        [rng.uniform(50, smear.shape[0] - 50, n), rng.uniform(50, smear.shape[1] - 50, n)]
+    )
+    cut, ran = [], []
+    real_cut, real_views = pipeline.find_tile_cells, inference._iter_add_views
+
+    def counted_cut(window, tile, *args, **kwargs):
+        cut.append(tile.window)
+        return real_cut(window, tile, *args, **kwargs)
+
+    def counted_views(*args, **kwargs):
+        ran.append(len(args[7]))
+        return (yield from real_views(*args, **kwargs))
+
+    monkeypatch.setattr(pipeline, "find_tile_cells", counted_cut)
+    plain = run(iter_classify_smear(smear, ensemble, ClassifyConfig(**config), points=points))
+    with_cells = sorted(cut)
+    cut.clear()
+    monkeypatch.setattr("napari_wbc.adapt.MAX_CELLS", PROTOTYPE_MIN_CELLS)
+    monkeypatch.setattr(inference, "_iter_add_views", counted_views)
+    events = []
+    adapted = run(
+        iter_classify_smear(
+            smear, ensemble, ClassifyConfig(**config, adapt="prototypes"), points=points
+        ),
+        events.append,
+    )
+    assert adapted.attrs["adapted_cells"] == PROTOTYPE_MIN_CELLS
+    blocks = [e for e in events if e.stage == "blocks"][-1].total
+    visited = [e for e in events if e.stage == "adapt"]
+    assert 0 < len(visited) < blocks  # a sample of the blocks, not all of them
+    assert sorted(cut) == with_cells and len(set(cut)) > 1  # every block cut once
+    # The sampled cells' one view came from the adaptation: only the others ran.
+    assert sum(ran) == n - PROTOTYPE_MIN_CELLS
+    # Every cell, in the grid's order, as without adaptation.
+    np.testing.assert_allclose(adapted[["y", "x"]], plain[["y", "x"]])
+    p = [c for c in plain.columns if c.startswith("p_")]
+    assert not np.allclose(plain[p].to_numpy(), adapted[p].to_numpy(), atol=1e-4)

@@ -17,7 +17,6 @@ result does not depend on the block size.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 import time
@@ -323,7 +322,7 @@ def iter_classify_smear(
                 "--save-adapted) and give the cluster that model"
             )
         with timer("adapt"):
-            ensemble, adapted_cells, note = yield from _iter_adapt(
+            ensemble, adapted_cells, note, head = yield from _iter_adapt(
                 arr, tiles, given, detector, model_input, ensemble, method, quiet
             )
         if note:
@@ -343,18 +342,20 @@ def iter_classify_smear(
         # with gated TTA its cells in doubt alone make batches of a few crops,
         # which run far below the network's throughput. One result per block,
         # in block order, as before; the live count lags by a few blocks.
-        pending: list[tuple[pd.DataFrame | None, np.ndarray | None]] = []
-        todo = jobs()
+        # Results are (block index, table).
+        pending: list[tuple[int, pd.DataFrame | None, np.ndarray | None]] = []
+        done: set[int] = set()
         known = None
-        if head is not None and ensemble is head.passes.ensemble:
-            # The first blocks were cut, and their cells seen by every
-            # member, to choose the model: they make the first batch.
+        if head is not None and (head.passes is None or ensemble is head.passes.ensemble):
+            # Blocks cut, and cells seen, to choose the model or to adapt
+            # it: they make the first batch.
             pending.extend(head.blocks)
-            todo = itertools.islice(todo, len(head.blocks), None)
+            done = {k for k, _, _ in head.blocks}
             known = head.passes
+        todo = ((k, *job) for k, job in enumerate(jobs()) if k not in done)
 
         def flush(known=None):
-            found = [(own, crops) for own, crops in pending if own is not None]
+            found = [(own, crops) for _, own, crops in pending if own is not None]
             # Classification yields its progress (so Cancel works inside it),
             # then one result per block.
             tables = iter(
@@ -362,18 +363,18 @@ def iter_classify_smear(
                 if found
                 else []
             )
-            out = [None if own is None else next(tables) for own, _ in pending]
+            out = [(k, None if own is None else next(tables)) for k, own, _ in pending]
             pending.clear()
             yield from out
 
         def cut(job):
-            tile, own = job
+            k, tile, own = job
             if own is not None and own.empty:
-                return None, None
+                return k, None, None
             y0, y1, x0, x1 = tile.window
             with background("read"):
                 window = np.asarray(arr[y0:y1, x0:x1].compute())
-            return find_tile_cells(window, tile, model_input, own, detector, background)
+            return (k, *find_tile_cells(window, tile, model_input, own, detector, background))
 
         # Blocks are read, searched and cut on a background thread while the
         # networks classify the blocks before them (both release the GIL).
@@ -391,7 +392,7 @@ def iter_classify_smear(
                 if block is None:
                     break
                 pending.append(block)
-                cells = sum(len(o) for o, _ in pending if o is not None)
+                cells = sum(len(o) for _, o, _ in pending if o is not None)
                 if cells >= CROSS_BLOCK_CELLS or len(pending) >= most:
                     yield from flush()
                     most = CROSS_BLOCK_BLOCKS
@@ -401,18 +402,19 @@ def iter_classify_smear(
 
     if client is None:
         results = local_results()
-    else:
-        results = _iter_remote(
-            client, source_path, ensemble, model_input, config, jobs(), detector
+    else:  # in the order they complete
+        results = enumerate(
+            _iter_remote(client, source_path, ensemble, model_input, config, jobs(), detector)
         )
     i = -1
-    for table in results:
-        if isinstance(table, Progress):  # classifying a batch of blocks' cells
-            yield table
+    for item in results:
+        if isinstance(item, Progress):  # classifying a batch of blocks' cells
+            yield item
             continue
+        k, table = item
         i += 1
         if table is not None and len(table):
-            tables.append(table)
+            tables.append((k, table))
             for name in table["class"]:
                 counts[name] += 1
         info = {"counts": dict(counts)}
@@ -421,7 +423,8 @@ def iter_classify_smear(
         yield Progress("blocks", i + 1, len(tiles), f"{sum(counts.values())} cells", info)
     columns = ["y", "x", "diameter", "class", "confidence", "disagreement", "needs_review"]
     cells = (
-        pd.concat(tables, ignore_index=True)
+        # In the grid's order (blocks cut to adapt to were classified first).
+        pd.concat([t for _, t in sorted(tables, key=lambda kt: kt[0])], ignore_index=True)
         if tables
         else pd.DataFrame({c: [] for c in columns + [f"p_{n}" for n in classes]})
     )
@@ -498,27 +501,33 @@ def _iter_route(arr, rbc_px, given, detector, router: ModelRouter, config: Class
 
 
 class _Head(NamedTuple):
-    """What choosing the model already did for the specialist on the first blocks."""
+    """Blocks already cut, and passes already run, before classifying.
+
+    By the model choice (the specialist's on the first blocks) or by the
+    adaptation (the adapted model's on a sample of blocks).
+    """
 
     model_input: Any
-    #: ``(cells, crops)`` of the first ``len(blocks)`` blocks, in order.
+    #: ``(block index, cells, crops)`` of the blocks already cut.
     blocks: list
     #: The passes run on them (:class:`napari_wbc.inference.ViewSums`, rows:
-    #: indices among the blocks' crops, concatenated).
+    #: indices among the blocks' crops, concatenated in this order), or None.
     passes: Any
 
 
 def _iter_cut_cells(
-    arr, tiles, given, detector, model_input, stage, purpose, limit=None, blocks=None
+    arr, tiles, given, detector, model_input, stage, purpose, limit=None, blocks=None, order=None
 ):
     """Find and cut the cells of the smear block by block (all, or until ``limit``).
 
-    ``blocks``, a list, receives each block's ``(cells, crops)`` in order
-    (``(None, None)`` for a block without cells), to be classified later
-    without cutting them again.
+    ``order``: the blocks' indices in the order to visit them (default the
+    grid's). ``blocks``, a list, receives each visited block's ``(index,
+    cells, crops)`` (``(index, None, None)`` for a block without cells), to
+    be classified later without cutting them again.
     """
     crops = []
-    for i, tile in enumerate(tiles):
+    for i, k in enumerate(range(len(tiles)) if order is None else order):
+        tile = tiles[k]
         own = None if given is None else tile.select(given)
         cut = None
         if own is None or not own.empty:
@@ -528,7 +537,7 @@ def _iter_cut_cells(
             if own is not None:
                 crops.extend(cut)
         if blocks is not None:
-            blocks.append((None, None) if own is None or own.empty else (own, cut))
+            blocks.append((k, None, None) if own is None or own.empty else (k, own, cut))
         yield Progress(stage, i + 1, len(tiles), f"{len(crops)} cells {purpose}")
         if limit is not None and len(crops) >= limit:
             break
@@ -536,30 +545,40 @@ def _iter_cut_cells(
 
 
 def _iter_adapt(arr, tiles, given, detector, model_input, ensemble, method, quiet=False):
-    """Find and cut every cell of the smear, and adapt ``ensemble`` to them.
+    """Find and cut the cells of a sample of blocks, and adapt ``ensemble`` to them.
 
-    Returns the ensemble to classify with, the number of cells it was
-    adapted to (0: not adapted) and a warning, or None (always None when
-    ``quiet``: the default's adaptation, which did not ask for it).
+    Blocks are visited in a seeded random order until they hold
+    :data:`napari_wbc.adapt.MAX_CELLS` cells (the most adaptation looks at;
+    a smaller image: every block). Returns the ensemble to classify with,
+    the number of cells it was adapted to (0: not adapted), a warning or
+    None (always None when ``quiet``: the default's adaptation, which did
+    not ask for it), and a :class:`_Head`: the blocks cut, and the adapted
+    model's passes over the cells it looked at, for the classification.
     """
-    from .adapt import adapt_ensemble, cells_needed
+    from .adapt import MAX_CELLS, adapt_ensemble_and_passes, cells_needed
 
-    crops = yield from _iter_cut_cells(
-        arr, tiles, given, detector, model_input, "adapt", "to adapt to"
+    blocks: list = []
+    order = np.random.default_rng(0).permutation(len(tiles))
+    yield from _iter_cut_cells(
+        arr, tiles, given, detector, model_input, "adapt", "to adapt to", MAX_CELLS, blocks, order
     )
+    blocks.sort(key=lambda block: block[0])  # the grid's order: as if all were cut
+    crops = [crop for _, own, cut in blocks if own is not None for crop in cut]
     least = cells_needed(method)
     if len(crops) < least:
         note = (
             f"not adapted: {len(crops)} cells found, adaptation needs {least}; "
             "classified with the model as it is"
         )
+        head = _Head(model_input, blocks, None)
         if quiet:
             log.info("%s", note)
-            return ensemble, 0, None
+            return ensemble, 0, None, head
         log.warning("%s", note)
-        return ensemble, 0, note
-    adapted = adapt_ensemble(ensemble, crops, method=method)
-    return adapted, adapted.metrics["adapted"]["cells"], None
+        return ensemble, 0, note, head
+    adapted, passes = adapt_ensemble_and_passes(ensemble, crops, method=method)
+    head = _Head(model_input, blocks, passes)
+    return adapted, adapted.metrics["adapted"]["cells"], None, head
 
 
 def classify_tile(
