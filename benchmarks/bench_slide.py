@@ -1,7 +1,7 @@
 """A whole slide, end to end: how long a user waits, and where the time goes (issue #15).
 
     python benchmarks/bench_slide.py [--size 20000] [--model auto] [--threads 2]
-        [--compare-src /tmp/main-before/src]
+        [--compare-src /tmp/main-before/src] [--adapt] [--skip-exhaustive]
 
 A synthetic smear at PBC's scale and white-cell density (0.1 µm/px,
 ``napari_wbc.synthetic.lazy_smear``), written once to a tiled pyramidal
@@ -15,6 +15,10 @@ wall time.
 ``--compare-src`` runs the same smear with another checkout's ``src`` on the
 Python path (e.g. ``git worktree add /tmp/main-before <commit>``) and its own
 defaults (its built-in default model, its default TTA), in the same run.
+``--adapt`` adapts the model to the smear's cells first, as the default does
+for a smear ``--model auto`` hands to the three-lab model (e.g. ``--model
+wbc-lite --adapt`` for a smear from another lab); the class counts are
+printed with each run.
 """
 
 from __future__ import annotations
@@ -39,7 +43,9 @@ def _render(size: int, path: str) -> float:
     return time.perf_counter() - t
 
 
-def _child(size: int, model: str, exhaustive: bool, threads: int, tiff: str) -> dict:
+def _child(
+    size: int, model: str, exhaustive: bool, threads: int, tiff: str, adapt: bool = False
+) -> dict:
     from napari_wbc.images import read_smear
     from napari_wbc.pipeline import ClassifyConfig, iter_classify_smear
     from napari_wbc.progress import run
@@ -59,6 +65,8 @@ def _child(size: int, model: str, exhaustive: bool, threads: int, tiff: str) -> 
     ensemble = load_model(model)
     load_s = time.perf_counter() - t0
     options = {"exhaustive": True} if exhaustive else {}
+    if adapt:
+        options["adapt"] = True
     config = ClassifyConfig(device="cpu", **options)
     t = time.perf_counter()
     smear = read_smear(tiff)  # the pixel size (0.1 µm) from the file
@@ -75,6 +83,8 @@ def _child(size: int, model: str, exhaustive: bool, threads: int, tiff: str) -> 
         "background": cells.attrs.get("seconds_background", {}),
         "model": cells.attrs.get("model", getattr(ensemble, "name", "")),
         "passes": float(cells["passes"].mean()) if "passes" in cells else None,
+        "adapted_cells": cells.attrs.get("adapted_cells"),
+        "counts": cells["class"].value_counts().to_dict(),
         "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
 
@@ -86,6 +96,11 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--compare-src", help="another checkout's src folder, run with its defaults")
     p.add_argument("--skip-exhaustive", action="store_true")
+    p.add_argument(
+        "--adapt",
+        action="store_true",
+        help="adapt the model to the smear's cells (as for a smear from another lab)",
+    )
     p.add_argument("--json", default=None)
     p.add_argument(
         "--tiff",
@@ -101,7 +116,7 @@ def main(argv=None) -> int:
     )
     if args.case:
         exhaustive = args.case == "exhaustive"
-        result = _child(args.size, args.model, exhaustive, args.threads, args.tiff)
+        result = _child(args.size, args.model, exhaustive, args.threads, args.tiff, args.adapt)
         print(json.dumps(result))
         return 0
     if not os.path.exists(args.tiff):
@@ -113,6 +128,7 @@ def main(argv=None) -> int:
             env["PYTHONPATH"] = src
         cmd = [sys.executable, __file__, "--case", case, "--size", str(args.size)]
         cmd += ["--model", args.model, "--threads", str(args.threads), "--tiff", args.tiff]
+        cmd += ["--adapt"] if args.adapt else []
         out = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if out.returncode:
             raise SystemExit(f"{case} failed:\n{out.stderr[-3000:]}")
@@ -122,7 +138,7 @@ def main(argv=None) -> int:
     if args.compare_src:
         runs.append(("before (--compare-src, its defaults)", child("default", args.compare_src)))
         print(runs[-1], flush=True)
-    runs.append(("default (auto, gated)", child("default")))
+    runs.append((f"default ({args.model}{', adapted' if args.adapt else ''})", child("default")))
     print(runs[-1], flush=True)
     if not args.skip_exhaustive:
         runs.append(("exhaustive D4", child("exhaustive")))
