@@ -31,6 +31,8 @@ import subprocess
 import sys
 import time
 
+import numpy as np
+
 
 def _render(size: int, path: str) -> float:
     """Write the synthetic smear to a tiled pyramidal TIFF once; seconds taken."""
@@ -43,8 +45,43 @@ def _render(size: int, path: str) -> float:
     return time.perf_counter() - t
 
 
+#: A detected cell within this distance (px, 4 µm) of a pasted cell's centre is that cell.
+MATCH_PX = 40
+
+
+def score(cells, truth_csv: str) -> dict:
+    """Detection and classification of a slide's cells against ``real_cell_slide.py``'s truth."""
+    import pandas as pd
+    from scipy.spatial import cKDTree
+
+    from napari_wbc.metrics import classification_metrics
+
+    truth = pd.read_csv(truth_csv)
+    if not len(cells):
+        return {"recall": 0.0, "precision": 0.0}
+    dist, idx = cKDTree(truth[["y", "x"]].to_numpy()).query(cells[["y", "x"]].to_numpy())
+    hit = dist <= MATCH_PX
+    matched = np.unique(idx[hit])
+    classes = list(cells.attrs.get("classes") or sorted(set(truth["label"])))
+    m = classification_metrics(
+        truth["label"].to_numpy()[idx[hit]], cells["class"].to_numpy()[hit], classes
+    )
+    return {
+        "recall": round(len(matched) / len(truth), 4),
+        "precision": round(float(hit.mean()), 4),
+        "accuracy": round(float(m["accuracy"]), 4),
+        "macro_f1": round(float(m["macro_f1"]), 4),
+    }
+
+
 def _child(
-    size: int, model: str, exhaustive: bool, threads: int, tiff: str, adapt: bool = False
+    size: int,
+    model: str,
+    exhaustive: bool,
+    threads: int,
+    tiff: str,
+    adapt: bool = False,
+    truth: str | None = None,
 ) -> dict:
     from napari_wbc.images import read_smear
     from napari_wbc.pipeline import ClassifyConfig, iter_classify_smear
@@ -75,7 +112,9 @@ def _child(
     finally:
         smear.close()
     seconds = time.perf_counter() - t
+    scores = score(cells, truth) if truth else {}
     return {
+        **scores,
         "seconds": seconds,
         "load_seconds": load_s,
         "cells": len(cells),
@@ -107,6 +146,11 @@ def main(argv=None) -> int:
         default=None,
         help="the smear as a tiled TIFF (written once if missing; default in the temp folder)",
     )
+    p.add_argument(
+        "--truth",
+        default=None,
+        help="the pasted cells of a real_cell_slide.py smear (its .csv): score each run",
+    )
     p.add_argument("--case", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     import tempfile
@@ -116,9 +160,13 @@ def main(argv=None) -> int:
     )
     if args.case:
         exhaustive = args.case == "exhaustive"
-        result = _child(args.size, args.model, exhaustive, args.threads, args.tiff, args.adapt)
+        result = _child(
+            args.size, args.model, exhaustive, args.threads, args.tiff, args.adapt, args.truth
+        )
         print(json.dumps(result))
         return 0
+    if args.truth and not os.path.exists(args.tiff):
+        raise SystemExit(f"{args.tiff} is missing: write it with real_cell_slide.py first")
     if not os.path.exists(args.tiff):
         print(f"rendering the smear to {args.tiff}: {_render(args.size, args.tiff):.0f} s")
 
@@ -129,6 +177,7 @@ def main(argv=None) -> int:
         cmd = [sys.executable, __file__, "--case", case, "--size", str(args.size)]
         cmd += ["--model", args.model, "--threads", str(args.threads), "--tiff", args.tiff]
         cmd += ["--adapt"] if args.adapt else []
+        cmd += ["--truth", args.truth] if args.truth else []
         out = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if out.returncode:
             raise SystemExit(f"{case} failed:\n{out.stderr[-3000:]}")
@@ -159,6 +208,15 @@ def main(argv=None) -> int:
             f"| {mpx / r['seconds']:.2f} | {r['cells'] / r['seconds']:.1f} | {r['peak_mb']:.0f} "
             f"| {ratio} |"
         )
+    if args.truth:
+        print(f"\nAgainst the pasted cells ({args.truth}; matched within {MATCH_PX} px)\n")
+        print("| run | detected (recall) | precision | accuracy | macro-F1 |")
+        print("|---|---:|---:|---:|---:|")
+        for name, r in runs:
+            print(
+                f"| {name} | {r.get('recall', 0):.3f} | {r.get('precision', 0):.3f} "
+                f"| {r.get('accuracy', 0):.3f} | {r.get('macro_f1', 0):.3f} |"
+            )
     stages = sorted({k for _, r in runs for k in r["stages"]})
     if stages:
         print("\nSeconds per stage\n")

@@ -93,3 +93,26 @@ def test_restricted_trust_keeps_the_panels_centres_and_calibration(ensemble):
     for full, kept in zip(stats, two.trust.features, strict=True):
         np.testing.assert_array_equal(kept.centres, full.centres[[3, 7]])
     assert trusted.trust.features[0].centres.shape == (8, 4)
+
+
+def test_one_view_passes_of_the_full_model_carry_over_to_its_panel(ensemble):
+    import dataclasses
+
+    from napari_wbc.inference import iter_predict_sums
+    from napari_wbc.panels import restrict_passes
+    from napari_wbc.progress import run
+
+    trusted = dataclasses.replace(
+        ensemble, trust=TrustStats(temperature=1.3, ood_threshold=3.0, features=[])
+    )
+    crops = _crops()
+    five = restrict_classes(trusted, "5-part")
+    carried = restrict_passes(run(iter_predict_sums(trusted, crops, tta="none")), five)
+    fresh = run(iter_predict_sums(five, crops, tta="none"))
+    assert carried.ensemble is five
+    np.testing.assert_allclose(carried.sums["logits"], fresh.sums["logits"], atol=1e-5)
+    np.testing.assert_allclose(carried.sums["probs"], fresh.sums["probs"], atol=1e-5)
+    for a, b in zip(carried.sums["features"], fresh.sums["features"], strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    # Several views, whose probabilities were summed after the softmax: not.
+    assert restrict_passes(run(iter_predict_sums(trusted, crops, tta="flips")), five) is None

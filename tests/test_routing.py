@@ -75,15 +75,31 @@ def test_the_blocks_cut_and_the_stain_fitted_to_choose_are_not_done_again(router
         cut.append(tile.window)
         return real(window, tile, *args, **kwargs)
 
+    import napari_wbc.inference as inference
+    from napari_wbc.panels import restrict_classes
+
+    ran = []
+    real_views = inference._iter_add_views
+
+    def counted_views(*args, **kwargs):
+        ran.append(len(args[7]))
+        return (yield from real_views(*args, **kwargs))
+
     monkeypatch.setattr(pipeline, "find_tile_cells", counted)
-    cells = run(
-        iter_classify_smear(
-            make_sample_smear(), router, ClassifyConfig(pixel_size_um=0.1, block=512)
-        )
-    )
-    assert cells.attrs["model"] == SPECIALIST
-    assert len(cut) > 4 and len(cut) == len(set(cut))  # every block cut once
-    assert "stain fit" not in cells.attrs["seconds"]  # the choice's fit is used
+    monkeypatch.setattr(inference, "_iter_add_views", counted_views)
+    config = ClassifyConfig(pixel_size_um=0.1, block=512, tta="none")
+    # With every class, and answering with a count panel.
+    for model in (router, restrict_classes(router, "5-part")):
+        cut.clear()
+        ran.clear()
+        cells = run(iter_classify_smear(make_sample_smear(), model, config))
+        assert cells.attrs["model"] == SPECIALIST
+        assert len(cut) > 4 and len(cut) == len(set(cut))  # every block cut once
+        assert "stain fit" not in cells.attrs["seconds"]  # the choice's fit is used
+        # This small smear's cells were all seen by every member to choose
+        # (each once, in the choice's two halves): with one view, nothing
+        # is left to run for the classification.
+        assert sum(ran) == len(cells) and (cells["passes"] == 3).all()
 
 
 def test_too_few_cells_to_tell_go_to_the_three_lab_model(router):
@@ -248,7 +264,12 @@ def test_a_count_panel_keeps_the_choice_and_answers_with_its_classes(router):
     specialist = restrict_classes(load_any(builtin_model_path(SPECIALIST)), "5-part")
     alone = run(iter_classify_smear(smear, specialist, config))
     assert list(routed["class"]) == list(alone["class"])
-    np.testing.assert_allclose(routed["confidence"], alone["confidence"], atol=1e-6)
+    # Every pass taken (the choice's, carried over to the panel, among them):
+    # exactly the restricted specialist's answer.
+    config = ClassifyConfig(pixel_size_um=0.1, tta="none", exhaustive=True)
+    routed = run(iter_classify_smear(smear, five, config))
+    alone = run(iter_classify_smear(smear, specialist, config))
+    np.testing.assert_allclose(routed["confidence"], alone["confidence"], atol=1e-5)
     # One restricted copy per model, however many sources choose it.
     assert five.answering(SPECIALIST) is five.answering(SPECIALIST)
 

@@ -150,3 +150,29 @@ def _restrict_ensemble(ensemble, classes: tuple[str, ...]):
         name=f"{ensemble.name} ({', '.join(classes)})",
         trust=trust,
     )
+
+
+def restrict_passes(passes, restricted):
+    """Passes of an ensemble (:class:`napari_wbc.inference.ViewSums`) as ``restricted`` would give them.
+
+    ``restricted`` is that ensemble answering with a panel
+    (:func:`restrict_classes`): the same networks, whose classifiers keep
+    some rows. Its logits are those rows of the full logits, and its
+    probabilities their softmax, so passes of one view per crop carry over
+    without running the networks again. Returns None where they cannot (no
+    logits were kept, or some crops were seen in several views, whose
+    probabilities were summed after the softmax).
+    """
+    import numpy as np
+
+    sums = passes.sums
+    if sums["logits"] is None or (np.asarray(passes.views) > 1).any():
+        return None
+    keep = [passes.ensemble.classes.index(c) for c in restricted.classes]
+    logits = sums["logits"][:, :, keep]
+    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    probs = (shifted / shifted.sum(axis=-1, keepdims=True)).astype(np.float32)
+    # Crops a member did not see keep zero sums.
+    probs *= (np.asarray(passes.views) > 0)[:, :, None]
+    restricted_sums = {"probs": probs, "logits": logits.copy(), "features": sums["features"]}
+    return passes._replace(ensemble=restricted, sums=restricted_sums)

@@ -62,7 +62,8 @@ class Route:
     model: str
     cells: int
     ood_share: float | None
-    #: The specialist's passes over the cells it looked at
+    #: The specialist's passes over the cells it looked at (as it answers, with a
+    #: count panel: :func:`napari_wbc.panels.restrict_passes`)
     #: (:class:`napari_wbc.inference.ViewSums`, rows: their indices among the
     #: crops given to :meth:`ModelRouter.iter_choose`), so that classifying
     #: the source with it need not run them again.
@@ -207,10 +208,17 @@ class ModelRouter:
                 break
         share = beyond / len(seen)
         chosen = SPECIALIST if share <= ROUTE_MAX_OOD_SHARE else GENERALIST
-        route = Route(chosen, len(seen), share, passes._replace(rows=seen), found=n)
+        answer = self.answering(chosen)
+        passes = passes._replace(rows=seen)
+        if chosen == SPECIALIST and answer is not passes.ensemble:
+            # With a count panel: the same passes, as the panel's copy answers.
+            from .panels import restrict_passes
+
+            passes = restrict_passes(passes, answer)
+        route = Route(chosen, len(seen), share, passes, found=n)
         log.info("model chosen: %s", route.note)
         yield Progress("route", 1, 1, route.note)
-        return self.answering(chosen), route
+        return answer, route
 
 
 def _join(a, b):
