@@ -71,6 +71,7 @@ def score(cells, truth_csv: str) -> dict:
         "precision": round(float(hit.mean()), 4),
         "accuracy": round(float(m["accuracy"]), 4),
         "macro_f1": round(float(m["macro_f1"]), 4),
+        "f1": {c: round(float(v["f1"]), 3) for c, v in m["per_class"].items() if v["support"]},
     }
 
 
