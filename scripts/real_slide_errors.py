@@ -21,13 +21,13 @@ from scipy.spatial import cKDTree
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from bench_slide import MATCH_PX  # noqa: E402
+from bench_slide import MATCH_PX
 
-from napari_wbc.images import read_smear  # noqa: E402
-from napari_wbc.pipeline import ClassifyConfig, iter_classify_smear  # noqa: E402
-from napari_wbc.progress import run  # noqa: E402
-from napari_wbc.routing import load_model  # noqa: E402
-from napari_wbc.threads import configure_threads  # noqa: E402
+from napari_wbc.images import read_smear
+from napari_wbc.pipeline import ClassifyConfig, iter_classify_smear
+from napari_wbc.progress import run
+from napari_wbc.routing import load_model
+from napari_wbc.threads import configure_threads
 
 
 def main(argv=None) -> int:
@@ -60,7 +60,9 @@ def main(argv=None) -> int:
                 crop = np.asarray(level[y0 : y + half, x0 : x + half].compute())
                 tile = Image.fromarray(crop).resize((side, side))
                 grid.paste(tile, (c * side, r * (side + 14) + 14))
-                draw.text((c * side + 2, r * (side + 14)), f"{cell.true}->{cell['class']}", "black")
+                draw.text(
+                    (c * side + 2, r * (side + 14)), f"{cell.true}->{cell['class']}", "black"
+                )
         grid.save(args.output)
         print(f"{len(wrong)} of {len(cells)} matched cells wrong; grid: {args.output}")
     finally:
