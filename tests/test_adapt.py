@@ -284,7 +284,9 @@ def test_prototype_adaptation_of_an_ensemble_saves_as_new_files(tiny_model_path,
         adapt_method("tent")
 
 
-def test_a_folder_of_camera_fields_is_adapted_once_to_all_their_cells(tiny_model_path, tmp_path):
+def test_a_folder_of_camera_fields_is_adapted_once_to_all_their_cells(
+    tiny_model_path, tmp_path, monkeypatch
+):
     # Each field holds fewer cells than adaptation needs; the folder, one
     # microscope and stain, holds enough: the model is adapted once to all
     # of them, and every field is classified by the adapted copy.
@@ -325,6 +327,37 @@ def test_a_folder_of_camera_fields_is_adapted_once_to_all_their_cells(tiny_model
         b = pd.read_csv(tmp_path / "plain" / f"field-{seed}.csv")
         p = [c for c in a.columns if c.startswith("p_")]
         assert p and not np.allclose(a[p].to_numpy(), b[p].to_numpy(), atol=1e-4)
+    # Each field is prepared and cut once, for the adaptation; the adapted
+    # model's look at the cells is its first view of them (prototypes).
+    import napari_wbc.inference as inference
+    import napari_wbc.pipeline as pipeline
+
+    cut, ran = [], []
+    real_cut, real_views = pipeline.find_tile_cells, inference._iter_add_views
+
+    def counted_cut(window, tile, *args, **kwargs):
+        cut.append(tile.window)
+        return real_cut(window, tile, *args, **kwargs)
+
+    def counted_views(*args, **kwargs):
+        ran.append(len(args[7]))
+        return (yield from real_views(*args, **kwargs))
+
+    monkeypatch.setattr(pipeline, "find_tile_cells", counted_cut)
+    monkeypatch.setattr(inference, "_iter_add_views", counted_views)
+    monkeypatch.setattr("napari_wbc.adapt.PROTOTYPE_MIN_CELLS", int(per_field.sum()))
+    run(iter_classify_files([folder], ensemble, tmp_path / "plain-2", ClassifyConfig(**config)))
+    once, ran_plain = len(cut), sum(ran)
+    cut.clear()
+    ran.clear()
+    protos = run(
+        iter_classify_files(
+            [folder], ensemble, tmp_path / "protos", ClassifyConfig(**config, adapt="prototypes")
+        )
+    )
+    assert protos["total"].tolist() == plain["total"].tolist()
+    assert len(cut) == once  # not cut again to classify
+    assert ran_plain > 0 and ran == []  # each cell's one view: the adaptation's look
     # One field alone (its own scale): too few cells, classified as it is.
     field = [folder / "field-1.png"]
     for name, adapt in (("one", "adabn"), ("one-plain", False)):
@@ -374,13 +407,13 @@ def test_evaluating_a_folder_of_fields_adapts_once_to_all_their_cells(
     import napari_wbc.adapt as adapt
 
     calls = []
-    real = adapt.adapt_ensemble
+    real = adapt.adapt_ensemble_and_passes
 
     def recorded(ens, crops, *args, **kwargs):
         calls.append(len(crops))
         return real(ens, crops, *args, **kwargs)
 
-    monkeypatch.setattr(adapt, "adapt_ensemble", recorded)
+    monkeypatch.setattr(adapt, "adapt_ensemble_and_passes", recorded)
     events = []
     adapted = run(
         iter_evaluate_smears(boxes, ensemble, ClassifyConfig(**config, adapt="adabn")),

@@ -209,14 +209,50 @@ def iter_smear_cells(
     and the ensemble they were cut for (with a router: the one it chose for
     this smear).
     """
+    prep, blocks = yield from iter_smear_blocks(
+        image, ensemble, config, file_pixel_size_um, detector
+    )
+    return _block_crops(blocks), prep.ensemble
+
+
+def iter_smear_blocks(
+    image,
+    ensemble,
+    config: ClassifyConfig | None = None,
+    file_pixel_size_um: float | None = None,
+    detector=None,
+) -> ProgressGen[tuple[Any, list]]:
+    """:func:`iter_smear_cells`, keeping what :func:`iter_classify_smear` can reuse.
+
+    Returns the smear's preparation (scale, model choice, stain fit, block
+    grid) and every block's ``(index, cells, crops)``, in the grid's order;
+    give both to :func:`iter_classify_smear` (``prepared=``) to classify
+    the smear without preparing and cutting it again.
+    """
     config = config or ClassifyConfig()
     prep = yield from _iter_prepare(
         image, ensemble, config, None, None, file_pixel_size_um, detector, StageTimer()
     )
-    crops = yield from _iter_cut_cells(
-        prep.arr, prep.tiles, prep.given, prep.detector, prep.model_input, "adapt", "to adapt to"
+    blocks = list(prep.head.blocks) if prep.head is not None else []
+    done = {k for k, _, _ in blocks}
+    yield from _iter_cut_cells(
+        prep.arr,
+        prep.tiles,
+        prep.given,
+        prep.detector,
+        prep.model_input,
+        "adapt",
+        "to adapt to",
+        blocks=blocks,
+        order=[k for k in range(len(prep.tiles)) if k not in done],
     )
-    return crops, prep.ensemble
+    blocks.sort(key=lambda block: block[0])
+    return prep, blocks
+
+
+def _block_crops(blocks) -> list[np.ndarray]:
+    """The crops of blocks ``(index, cells, crops)``, concatenated in their order."""
+    return [crop for _, own, cut in blocks if own is not None for crop in cut]
 
 
 def iter_classify_smear(
@@ -230,6 +266,7 @@ def iter_classify_smear(
     file_pixel_size_um: float | None = None,
     detector=None,
     adapted: dict | None = None,
+    prepared: tuple | None = None,
 ) -> ProgressGen[pd.DataFrame]:
     """Find and classify the white cells of a smear of any size.
 
@@ -264,6 +301,12 @@ def iter_classify_smear(
         Copies already adapted to a larger source (``id(ensemble)`` → the
         adapted ensemble; :func:`iter_smear_cells` cut the cells): the model
         chosen for this smear is replaced by its copy, when it has one.
+    prepared : tuple, optional
+        ``(preparation, blocks, passes)``: this smear already prepared and
+        cut by :func:`iter_smear_blocks` with the same ``config``, and the
+        passes its adapted copy already ran on its cells
+        (:class:`napari_wbc.inference.ViewSums`, rows among the blocks'
+        crops; or None): nothing is prepared or cut again.
 
     Yields
     ------
@@ -292,9 +335,15 @@ def iter_classify_smear(
     config = config or ClassifyConfig()
     timer = StageTimer()
     background = StageTimer()  # the blocks' reading, detection and cutting
-    prep = yield from _iter_prepare(
-        image, ensemble, config, points, labels, file_pixel_size_um, detector, timer
-    )
+    if prepared is None:
+        prep = yield from _iter_prepare(
+            image, ensemble, config, points, labels, file_pixel_size_um, detector, timer
+        )
+    else:
+        prep, blocks, passes = prepared
+        if passes is None and prep.head is not None:
+            passes = prep.head.passes  # the model choice's, on the first blocks
+        prep = prep._replace(head=_Head(prep.model_input, blocks, passes))
     arr, scale, rbc_px, given, detector, ensemble, route, model_input, side, tiles, head = prep
     adapted_cells, notes = 0, []
     if adapted is not None and not config.adapt and id(ensemble) in adapted:
@@ -346,12 +395,13 @@ def iter_classify_smear(
         pending: list[tuple[int, pd.DataFrame | None, np.ndarray | None]] = []
         done: set[int] = set()
         known = None
-        if head is not None and (head.passes is None or ensemble is head.passes.ensemble):
+        if head is not None and head.model_input is model_input:
             # Blocks cut, and cells seen, to choose the model or to adapt
             # it: they make the first batch.
             pending.extend(head.blocks)
             done = {k for k, _, _ in head.blocks}
-            known = head.passes
+            if head.passes is not None and ensemble is head.passes.ensemble:
+                known = head.passes
         todo = ((k, *job) for k, job in enumerate(jobs()) if k not in done)
 
         def flush(known=None):

@@ -69,7 +69,7 @@ def iter_classify_files(
 
     from .adapt import adapt_method, is_auto
 
-    adapted = None
+    folder = None
     method = adapt_method(config.adapt)
     # The default (adapt="auto") adapts each image that goes to the
     # three-lab model on its own cells when it holds enough; pooling a
@@ -78,7 +78,7 @@ def iter_classify_files(
         # One microscope, one stain: the folder is one source, adapted once
         # to the cells of all its images (a camera field alone holds too few).
         config = replace(config, adapt=False)
-        adapted = yield from _iter_adapt_folder(
+        folder = yield from _iter_adapt_folder(
             [p for p in paths if not (p in unmeasured and p not in scales)],
             ensemble,
             own_config,
@@ -92,7 +92,7 @@ def iter_classify_files(
         own = own_config(path)
         try:
             cells = yield from _iter_classify_file(
-                path, ensemble, own, client, out_dir, formats, (i, len(paths)), scale, adapted
+                path, ensemble, own, client, out_dir, formats, (i, len(paths)), scale, folder
             )
         except Exception as exc:  # one bad file must not end a batch; recorded
             fail(path, exc)
@@ -166,27 +166,46 @@ def _iter_folder_scales(paths) -> ProgressGen[tuple[dict, dict]]:
     return folder_scales(estimates), unmeasured
 
 
-def _iter_adapt_folder(paths, ensemble, own_config, method: str) -> ProgressGen[dict]:
-    """Adapt the model of a folder's images to all their cells; ``id(model)`` → adapted copy.
+class _Folder:
+    """A folder adapted once: the adapted models, and each image as already cut."""
+
+    def __init__(self):
+        #: ``id(model)`` → its copy adapted to the cells of the images that chose it.
+        self.adapted: dict = {}
+        #: Image path → ``(preparation, blocks, passes)`` (``prepared=`` of
+        #: :func:`napari_wbc.pipeline.iter_classify_smear`), taken once.
+        self.cut: dict = {}
+
+    def prepared(self, path):
+        return self.cut.pop(str(path), None)
+
+
+def _iter_adapt_folder(paths, ensemble, own_config, method: str) -> ProgressGen[_Folder]:
+    """Adapt the model of a folder's images to all their cells, once.
 
     Each image's cells are cut as its classification will cut them (with a
     router, for the model it chooses for that image); each chosen model is
     adapted to the cells of its images, when they are at least
-    :func:`napari_wbc.adapt.cells_needed`. Images that cannot be read are left
-    to the classification pass, which records why.
+    :func:`napari_wbc.adapt.cells_needed`. What was cut, and the adapted
+    model's passes over the cells it looked at, are kept for the
+    classification pass, which then neither prepares nor cuts an image
+    again. Images that cannot be read are left to the classification pass,
+    which records why.
     """
-    from .adapt import adapt_ensemble, cells_needed
-    from .pipeline import iter_smear_cells
+    from .adapt import adapt_ensemble_and_passes, cells_needed
+    from .pipeline import _block_crops, iter_smear_blocks
 
-    pooled: dict[int, tuple[object, list]] = {}
+    folder = _Folder()
+    # id(model) -> (model, its images' crops, (path, first row, end row) per image)
+    pooled: dict[int, tuple[object, list, list]] = {}
     for i, path in enumerate(paths):
         try:
             smear = read_smear(path)
         except Exception:  # reported when the image is classified
             continue
         try:
-            crops, chosen = yield from relabel(
-                iter_smear_cells(
+            prep, blocks = yield from relabel(
+                iter_smear_blocks(
                     smear.levels[0],
                     ensemble,
                     own_config(path),
@@ -200,10 +219,13 @@ def _iter_adapt_folder(paths, ensemble, own_config, method: str) -> ProgressGen[
             continue
         finally:
             smear.close()
-        pooled.setdefault(id(chosen), (chosen, []))[1].extend(crops)
+        crops = _block_crops(blocks)
+        chosen, pool, spans = pooled.setdefault(id(prep.ensemble), (prep.ensemble, [], []))
+        spans.append((str(path), len(pool), len(pool) + len(crops)))
+        pool.extend(crops)
+        folder.cut[str(path)] = (prep, blocks, None)
         yield Progress("adapt", i + 1, len(paths), f"{path.name}: {len(crops)} cells")
-    adapted = {}
-    for key, (chosen, crops) in pooled.items():
+    for key, (chosen, crops, spans) in pooled.items():
         if len(crops) < cells_needed(method):
             log.warning(
                 "not adapted: %d cells in these images, adaptation needs %d",
@@ -211,19 +233,39 @@ def _iter_adapt_folder(paths, ensemble, own_config, method: str) -> ProgressGen[
                 cells_needed(method),
             )
             continue
-        adapted[key] = adapt_ensemble(chosen, np.stack(crops), method=method)
+        folder.adapted[key], passes = adapt_ensemble_and_passes(
+            chosen, np.stack(crops), method=method
+        )
         log.info("%s adapted to %d cells of %d images", chosen.name, len(crops), len(paths))
-    return adapted
+        for path, start, stop in spans:
+            prep, blocks, _ = folder.cut[path]
+            folder.cut[path] = (prep, blocks, _passes_of(passes, start, stop))
+    return folder
+
+
+def _passes_of(passes, start: int, stop: int):
+    """The part of ``passes`` (rows among a folder's crops) on rows ``start:stop``, rows shifted."""
+    if passes is None:
+        return None
+    from .inference import _take
+
+    rows = np.arange(passes.views.shape[1]) if passes.rows is None else np.asarray(passes.rows)
+    at = np.flatnonzero((rows >= start) & (rows < stop))
+    if not len(at):
+        return None
+    return passes._replace(
+        views=passes.views[:, at], sums=_take(passes.sums, at), rows=rows[at] - start
+    )
 
 
 def _iter_classify_file(
-    path, ensemble, config, client, out_dir, formats, position, scale=None, adapted=None
+    path, ensemble, config, client, out_dir, formats, position, scale=None, folder=None
 ):
     """Classify one image and write its tables; returns the cells.
 
     ``scale`` is the folder's measured scale for this image (its
     ``rbc_diameter_px`` is already in ``config``): it only names the scale.
-    ``adapted``: the folder's adapted models (:func:`_iter_adapt_folder`).
+    ``folder``: the folder adapted once (:func:`_iter_adapt_folder`).
     """
     from .export import cells_to_csv, cells_to_geojson
 
@@ -238,7 +280,8 @@ def _iter_classify_file(
                 client=client,
                 source_path=path,
                 file_pixel_size_um=smear.pixel_size_um,
-                adapted=adapted,
+                adapted=None if folder is None else folder.adapted,
+                prepared=None if folder is None else folder.prepared(path),
             ),
             lambda e: Progress("images", i, n, f"{path.name}: {e.stage} {e.done}/{e.total}"),
         )
@@ -325,11 +368,11 @@ def iter_evaluate_smears(
         scale = scales.get(Path(path))
         return config if scale is None else replace(config, rbc_diameter_px=scale.rbc_diameter_px)
 
-    adapted = None
+    folder = None
     method = adapt_method(config.adapt)
     if len(images) > 1 and method and not is_auto(config.adapt):
         config = replace(config, adapt=False)
-        adapted = yield from _iter_adapt_folder(
+        folder = yield from _iter_adapt_folder(
             [Path(p) for p in images], ensemble, own_config, method
         )
     for i, path in enumerate(images):
@@ -343,7 +386,8 @@ def iter_evaluate_smears(
                     ensemble,
                     image_config,
                     file_pixel_size_um=smear.pixel_size_um,
-                    adapted=adapted,
+                    adapted=None if folder is None else folder.adapted,
+                    prepared=None if folder is None else folder.prepared(path),
                 )
             )
         except WBCError as exc:
