@@ -576,7 +576,8 @@ def _iter_cut_cells(
     be classified later without cutting them again.
     """
     crops = []
-    for i, k in enumerate(range(len(tiles)) if order is None else order):
+    visit = range(len(tiles)) if order is None else list(order)
+    for i, k in enumerate(visit):
         tile = tiles[k]
         own = None if given is None else tile.select(given)
         cut = None
@@ -588,7 +589,7 @@ def _iter_cut_cells(
                 crops.extend(cut)
         if blocks is not None:
             blocks.append((k, None, None) if own is None or own.empty else (k, own, cut))
-        yield Progress(stage, i + 1, len(tiles), f"{len(crops)} cells {purpose}")
+        yield Progress(stage, i + 1, len(visit), f"{len(crops)} cells {purpose}")
         if limit is not None and len(crops) >= limit:
             break
     return crops
