@@ -69,3 +69,31 @@ def tiny_model_path(tmp_path_factory):
         notes="random weights, for tests",
     )
     return save_model(tmp_path_factory.mktemp("models") / "tiny.safetensors", model, config)
+
+
+@pytest.fixture
+def cut_and_run(monkeypatch):
+    """What a run cuts and runs: ``(windows, rows)``, filled as it goes.
+
+    ``windows``: the window of every block whose cells are found and cut
+    (``napari_wbc.pipeline.find_tile_cells``); ``rows``: the number of crops
+    of each call that runs the networks (``napari_wbc.inference._iter_add_views``).
+    Clear them between runs.
+    """
+    import napari_wbc.inference as inference
+    import napari_wbc.pipeline as pipeline
+
+    windows, rows = [], []
+    real_cut, real_views = pipeline.find_tile_cells, inference._iter_add_views
+
+    def counted_cut(window, tile, *args, **kwargs):
+        windows.append(tile.window)
+        return real_cut(window, tile, *args, **kwargs)
+
+    def counted_views(*args, **kwargs):
+        rows.append(len(args[7]))
+        return (yield from real_views(*args, **kwargs))
+
+    monkeypatch.setattr(pipeline, "find_tile_cells", counted_cut)
+    monkeypatch.setattr(inference, "_iter_add_views", counted_views)
+    return windows, rows

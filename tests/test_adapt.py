@@ -285,7 +285,7 @@ def test_prototype_adaptation_of_an_ensemble_saves_as_new_files(tiny_model_path,
 
 
 def test_a_folder_of_camera_fields_is_adapted_once_to_all_their_cells(
-    tiny_model_path, tmp_path, monkeypatch
+    tiny_model_path, tmp_path, monkeypatch, cut_and_run
 ):
     # Each field holds fewer cells than adaptation needs; the folder, one
     # microscope and stain, holds enough: the model is adapted once to all
@@ -329,22 +329,9 @@ def test_a_folder_of_camera_fields_is_adapted_once_to_all_their_cells(
         assert p and not np.allclose(a[p].to_numpy(), b[p].to_numpy(), atol=1e-4)
     # Each field is prepared and cut once, for the adaptation; the adapted
     # model's look at the cells is its first view of them (prototypes).
-    import napari_wbc.inference as inference
-    import napari_wbc.pipeline as pipeline
-
-    cut, ran = [], []
-    real_cut, real_views = pipeline.find_tile_cells, inference._iter_add_views
-
-    def counted_cut(window, tile, *args, **kwargs):
-        cut.append(tile.window)
-        return real_cut(window, tile, *args, **kwargs)
-
-    def counted_views(*args, **kwargs):
-        ran.append(len(args[7]))
-        return (yield from real_views(*args, **kwargs))
-
-    monkeypatch.setattr(pipeline, "find_tile_cells", counted_cut)
-    monkeypatch.setattr(inference, "_iter_add_views", counted_views)
+    cut, ran = cut_and_run
+    cut.clear()
+    ran.clear()
     monkeypatch.setattr("napari_wbc.adapt.PROTOTYPE_MIN_CELLS", int(per_field.sum()))
     run(iter_classify_files([folder], ensemble, tmp_path / "plain-2", ClassifyConfig(**config)))
     once, ran_plain = len(cut), sum(ran)
@@ -479,14 +466,14 @@ def test_the_adaptations_look_at_the_crops_is_the_adapted_models_first_view(
     np.testing.assert_allclose(reused["probs"], fresh["probs"], atol=1e-4)
 
 
-def test_a_smear_is_adapted_to_a_sample_of_blocks_each_cut_once(tiny_model_path, monkeypatch):
+def test_a_smear_is_adapted_to_a_sample_of_blocks_each_cut_once(
+    tiny_model_path, monkeypatch, cut_and_run
+):
     # Adaptation looks at MAX_CELLS cells at most: blocks are visited in a
     # seeded random order until they hold that many; the blocks cut for it,
     # and the adapted model's passes over its cells, are the classification's.
     import numpy as np
 
-    import napari_wbc.inference as inference
-    import napari_wbc.pipeline as pipeline
     from napari_wbc.adapt import PROTOTYPE_MIN_CELLS
     from napari_wbc.inference import load_any
     from napari_wbc.pipeline import ClassifyConfig, iter_classify_smear
@@ -501,23 +488,12 @@ def test_a_smear_is_adapted_to_a_sample_of_blocks_each_cut_once(tiny_model_path,
     points = np.column_stack(
         [rng.uniform(50, smear.shape[0] - 50, n), rng.uniform(50, smear.shape[1] - 50, n)]
     )
-    cut, ran = [], []
-    real_cut, real_views = pipeline.find_tile_cells, inference._iter_add_views
-
-    def counted_cut(window, tile, *args, **kwargs):
-        cut.append(tile.window)
-        return real_cut(window, tile, *args, **kwargs)
-
-    def counted_views(*args, **kwargs):
-        ran.append(len(args[7]))
-        return (yield from real_views(*args, **kwargs))
-
-    monkeypatch.setattr(pipeline, "find_tile_cells", counted_cut)
+    cut, ran = cut_and_run
     plain = run(iter_classify_smear(smear, ensemble, ClassifyConfig(**config), points=points))
     with_cells = sorted(cut)
     cut.clear()
+    ran.clear()
     monkeypatch.setattr("napari_wbc.adapt.MAX_CELLS", PROTOTYPE_MIN_CELLS)
-    monkeypatch.setattr(inference, "_iter_add_views", counted_views)
     events = []
     adapted = run(
         iter_classify_smear(

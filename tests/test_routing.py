@@ -62,31 +62,13 @@ def test_sample_smear_goes_to_the_specialist_and_gets_its_exact_answer(router):
     np.testing.assert_allclose(routed.filter(like="p_"), alone.filter(like="p_"), atol=1e-5)
 
 
-def test_the_blocks_cut_and_the_stain_fitted_to_choose_are_not_done_again(router, monkeypatch):
-    import napari_wbc.pipeline as pipeline
+def test_the_blocks_cut_and_the_stain_fitted_to_choose_are_not_done_again(router, cut_and_run):
+    from napari_wbc.panels import restrict_classes
     from napari_wbc.pipeline import ClassifyConfig, iter_classify_smear
     from napari_wbc.progress import run
     from napari_wbc.synthetic import make_sample_smear
 
-    cut = []
-    real = pipeline.find_tile_cells
-
-    def counted(window, tile, *args, **kwargs):
-        cut.append(tile.window)
-        return real(window, tile, *args, **kwargs)
-
-    import napari_wbc.inference as inference
-    from napari_wbc.panels import restrict_classes
-
-    ran = []
-    real_views = inference._iter_add_views
-
-    def counted_views(*args, **kwargs):
-        ran.append(len(args[7]))
-        return (yield from real_views(*args, **kwargs))
-
-    monkeypatch.setattr(pipeline, "find_tile_cells", counted)
-    monkeypatch.setattr(inference, "_iter_add_views", counted_views)
+    cut, ran = cut_and_run
     config = ClassifyConfig(pixel_size_um=0.1, block=512, tta="none")
     # With every class, and answering with a count panel.
     for model in (router, restrict_classes(router, "5-part")):
