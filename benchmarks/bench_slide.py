@@ -129,6 +129,21 @@ def _child(
     }
 
 
+def _stage_table(runs, key: str, title: str, last: str = "") -> None:
+    """Print the seconds per stage of ``r[key]`` for every run, one column each."""
+    stages = sorted({k for _, r in runs for k in r.get(key, {})})
+    if not stages:
+        return
+    print(f"\n{title}\n")
+    print("| stage | " + " | ".join(name for name, _ in runs) + " |")
+    print("|---|" + "---:|" * len(runs))
+    for stage in stages:
+        cells = [f"{r.get(key, {}).get(stage, 0):.1f}" for _, r in runs]
+        print(f"| {stage} | " + " | ".join(cells) + " |")
+    if last:
+        print(last)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size", type=int, default=20000)
@@ -218,23 +233,11 @@ def main(argv=None) -> int:
                 f"| {name} | {r.get('recall', 0):.3f} | {r.get('precision', 0):.3f} "
                 f"| {r.get('accuracy', 0):.3f} | {r.get('macro_f1', 0):.3f} |"
             )
-    stages = sorted({k for _, r in runs for k in r["stages"]})
-    if stages:
-        print("\nSeconds per stage\n")
-        print("| stage | " + " | ".join(name for name, _ in runs) + " |")
-        print("|---|" + "---:|" * len(runs))
-        for stage in stages:
-            cells = [f"{r['stages'].get(stage, 0):.1f}" for _, r in runs]
-            print(f"| {stage} | " + " | ".join(cells) + " |")
-        print("| **wall** | " + " | ".join(f"**{r['seconds']:.1f}**" for _, r in runs) + " |")
-    overlapped = sorted({k for _, r in runs for k in r.get("background", {})})
-    if overlapped:
-        print("\nSeconds per stage on the background thread (overlapped with classify)\n")
-        print("| stage | " + " | ".join(name for name, _ in runs) + " |")
-        print("|---|" + "---:|" * len(runs))
-        for stage in overlapped:
-            cells = [f"{r.get('background', {}).get(stage, 0):.1f}" for _, r in runs]
-            print(f"| {stage} | " + " | ".join(cells) + " |")
+    wall = "| **wall** | " + " | ".join(f"**{r['seconds']:.1f}**" for _, r in runs) + " |"
+    _stage_table(runs, "stages", "Seconds per stage", wall)
+    _stage_table(
+        runs, "background", "Seconds per stage on the background thread (overlapped with classify)"
+    )
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"size": args.size, "runs": runs}, fh, indent=1)
