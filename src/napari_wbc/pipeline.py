@@ -195,26 +195,6 @@ def _iter_prepare(image, ensemble, config, points, labels, file_pixel_size_um, d
     )
 
 
-def iter_smear_cells(
-    image,
-    ensemble,
-    config: ClassifyConfig | None = None,
-    file_pixel_size_um: float | None = None,
-    detector=None,
-) -> ProgressGen[tuple[list[np.ndarray], Any]]:
-    """Find and cut every white cell of a smear as the classifier will see them.
-
-    For adapting one model to the cells of several images (a folder of
-    camera fields, each with too few cells on its own). Returns the crops
-    and the ensemble they were cut for (with a router: the one it chose for
-    this smear).
-    """
-    prep, blocks = yield from iter_smear_blocks(
-        image, ensemble, config, file_pixel_size_um, detector
-    )
-    return _block_crops(blocks), prep.ensemble
-
-
 def iter_smear_blocks(
     image,
     ensemble,
@@ -222,8 +202,10 @@ def iter_smear_blocks(
     file_pixel_size_um: float | None = None,
     detector=None,
 ) -> ProgressGen[tuple[Any, list]]:
-    """:func:`iter_smear_cells`, keeping what :func:`iter_classify_smear` can reuse.
+    """Find and cut every white cell of a smear as the classifier will see them.
 
+    For adapting one model to the cells of several images (a folder of
+    camera fields, each with too few cells on its own; napari_wbc.smears).
     Returns the smear's preparation (scale, model choice, stain fit, block
     grid) and every block's ``(index, cells, crops)``, in the grid's order;
     give both to :func:`iter_classify_smear` (``prepared=``) to classify
@@ -299,7 +281,7 @@ def iter_classify_smear(
         :class:`~napari_wbc.detection.ClassicalDetector`.
     adapted : dict, optional
         Copies already adapted to a larger source (``id(ensemble)`` → the
-        adapted ensemble; :func:`iter_smear_cells` cut the cells): the model
+        adapted ensemble; :func:`iter_smear_blocks` cut the cells): the model
         chosen for this smear is replaced by its copy, when it has one.
     prepared : tuple, optional
         ``(preparation, blocks, passes)``: this smear already prepared and
