@@ -18,8 +18,9 @@ from napari_wbc.metrics import classification_metrics
 from napari_wbc.routing import load_router
 from napari_wbc.trust import softmax
 
-# ms per crop for one view (batch 64, 2 threads, folded batch norms).
-COST = {"wbc-pbc": [3.4, 1.6, 1.2], "wbc-lite": [1.2, 1.2, 1.2]}
+# ms per crop for one view (batch 32, 2 threads, folded batch norms), on the
+# 2-core AVX2 machine of 2026-12-01 (an AVX-512 one measured 3.4, 1.6, 1.2).
+COST = {"wbc-pbc": [9.8, 4.7, 3.4], "wbc-lite": [1.2, 1.2, 1.2]}
 
 
 class Replay:
@@ -31,7 +32,8 @@ class Replay:
         self.labels = d["labels"]
         self.ens = ensemble
         self.trust = ensemble.trust
-        self.cost = COST[str(d["model"])] if str(d["model"]) in COST else [1.0] * m
+        base = str(d["model"]).split(" ")[0]
+        self.cost = COST.get(base, [1.0] * m)
         self.dist = np.zeros((m, self.logits.shape[1], self.logits.shape[2]))
         self.classes = list(ensemble.classes)
 
@@ -102,12 +104,22 @@ def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("folder", type=Path)
     p.add_argument("--only", default=None, help="policies whose name starts with this")
+    p.add_argument(
+        "--sets",
+        nargs="*",
+        default=["pbc", "lisc", "bccd", "slide"],
+        help="saved sets to replay (slide: outputs/slide_views.py's, if saved)",
+    )
     args = p.parse_args(argv)
     router = load_router()
     ens = {"wbc-pbc": router.specialist, "wbc-lite": router.generalist}
-    for name in ("pbc", "lisc", "bccd"):
+    for name in args.sets:
+        if not (args.folder / f"{name}.npz").exists():
+            print(f"\n{name}: not saved, skipped")
+            continue
         d = np.load(args.folder / f"{name}.npz")
-        r = Replay(args.folder / f"{name}.npz", ens[str(d["model"])])
+        # An adapted model ("wbc-lite (adapted)") keeps its base's trust statistics.
+        r = Replay(args.folder / f"{name}.npz", ens[str(d["model"]).split(" ")[0]])
         m = r.logits.shape[0]
         full = np.full((m, r.logits.shape[2]), 8)
         ref = r.output(full)[0]
@@ -156,6 +168,51 @@ def main(argv=None):
                 (members(2), {"conf_min": 0.99, "ood_k": no}),
                 ((1,) * m, {"conf_min": 0.6, "ood_k": no}),
                 ((4,) * m, {"conf_min": c4, "ood_k": no}),
+                ((8,) * m, None),
+            ]
+
+        def split(expensive, cheap, order=order, m=m):
+            """The costliest member sees ``expensive`` views, the others ``cheap``."""
+            return tuple(expensive if j == order[-1] else cheap for j in range(m))
+
+        s12 = [
+            (members(2), {"conf_min": 0.99, "ood_k": no}),
+            ((1,) * m, {"conf_min": 0.6, "ood_k": no}),
+        ]
+        policies["NEW 4v last"] = [*s12, ((4,) * m, None)]
+        policies["NEW 4v 0.6 -> cheap 8v"] = [
+            *s12,
+            ((4,) * m, {"conf_min": 0.6, "ood_k": no}),
+            (split(4, 8), None),
+        ]
+        policies["NEW cheap 4v 0.6 -> all 8v"] = [
+            *s12,
+            (split(1, 4), {"conf_min": 0.6, "ood_k": no}),
+            ((8,) * m, None),
+        ]
+        policies["NEW cheap 4v 0.6 -> cheap 8v"] = [
+            *s12,
+            (split(1, 4), {"conf_min": 0.6, "ood_k": no}),
+            (split(1, 8), None),
+        ]
+        policies["NEW cheap 8v last"] = [*s12, (split(1, 8), None)]
+        policies["NEW cheap 4v 0.6 -> 4v 0.6 -> 8v"] = [
+            *s12,
+            (split(1, 4), {"conf_min": 0.6, "ood_k": no}),
+            ((4,) * m, {"conf_min": 0.6, "ood_k": no}),
+            ((8,) * m, None),
+        ]
+        for c2 in (0.7, 0.8):
+            shipped = " (shipped)" if c2 == 0.7 else ""
+            policies[f"NEW all {c2} -> 4v last{shipped}"] = [
+                (members(2), {"conf_min": 0.99, "ood_k": no}),
+                ((1,) * m, {"conf_min": c2, "ood_k": no}),
+                ((4,) * m, None),
+            ]
+        for c3 in (0.5, 0.4):
+            policies[f"NEW 4v {c3} -> 8v"] = [
+                *s12,
+                ((4,) * m, {"conf_min": c3, "ood_k": no}),
                 ((8,) * m, None),
             ]
         if args.only:

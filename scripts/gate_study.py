@@ -5,7 +5,7 @@
 For PBC's validation split (never trained on), all of LISC and BCCD's typed
 cells (cut at twice the field of view, as benchmarks/bench_gate.py does),
 the crops are read by the product's path (scale measured, routed by
-``auto``) and every member's logits and pre-logit features are saved for
+``auto``, adapted where the product adapts by default) and every member's logits and pre-logit features are saved for
 each of the eight D4 views, one ``.npz`` per set. Any gating policy can then
 be replayed exactly (scripts/gate_policies.py) without running a network.
 """
@@ -25,6 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
 from bench_gate import lab_sets
 
+from napari_wbc.adapt import adapt_ensemble_and_passes, adapt_method, auto_adapts
 from napari_wbc.inference import TTA_SETS, _empty_sums, _iter_add_views, inference_model
 from napari_wbc.prediction import _iter_route_crops
 from napari_wbc.progress import run
@@ -43,6 +44,9 @@ def main(argv=None) -> int:
     p.add_argument("-o", "--output", type=Path, required=True)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--only", nargs="*", default=None)
+    p.add_argument(
+        "--no-adapt", action="store_true", help="never adapt (the product adapts sets by default)"
+    )
     args = p.parse_args(argv)
     configure_threads(args.threads)
     args.output.mkdir(parents=True, exist_ok=True)
@@ -54,8 +58,11 @@ def main(argv=None) -> int:
         paths = table["path"].astype(str).tolist()
         t = time.perf_counter()
         found = router.specialist.preprocessor.resolve_crop_scale(paths, "auto")
-        ens, route, _ = run(_iter_route_crops(router, paths, "auto", found, "cpu", 64))
+        ens, route, *_ = run(_iter_route_crops(router, paths, "auto", found, "cpu", 64))
         crops = run(ens.preprocessor.iter_read_crop_files(paths, "auto", found.rbc_diameter_px))
+        if not args.no_adapt and auto_adapts(route, len(paths)):
+            # As the product does by default for a set the three-lab model is given.
+            ens, _ = adapt_ensemble_and_passes(ens, crops, method=adapt_method(True))
         prepared = []
         for member in ens.members:
             spec = member.config.spec

@@ -340,10 +340,16 @@ def test_default_gate_stages_and_exhaustive_run(ensemble):
     exhaustive = run(iter_predict_crops(ensemble, crops, tta="d4", gate=False))
     assert (never["passes"] == 24).all() and (exhaustive["passes"] == 24).all()
     np.testing.assert_allclose(never["probs"], exhaustive["probs"], atol=1e-6)
-    # The default stages end with everything for the cells still in doubt.
-    assert GATE_STAGES[-1] == (None, None, None)
+    # The default stages end with every member's four rotations for the cells
+    # still in doubt: D4's other four views are --exhaustive's.
+    assert GATE_STAGES[-1] == (None, 4, None)
     default = run(iter_predict_crops(ensemble, crops, tta="d4", gate=True))
-    assert set(np.unique(default["passes"])) <= {2, 3, 12, 24}
+    passes = default["passes"]
+    assert set(np.unique(passes)) <= {2, 3, 12} and (passes == 12).any()
+    doubt = passes == 12
+    rotations = run(iter_predict_crops(ensemble, crops, tta="d4", gate=[(None, 4, None)]))
+    assert (rotations["passes"] == 12).all()
+    np.testing.assert_allclose(default["probs"][doubt], rotations["probs"][doubt], atol=1e-5)
 
 
 def _with_statistics(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -489,3 +495,30 @@ def test_earlier_passes_of_another_model_or_view_are_refused(ensemble, tiny_memb
     plain = run(iter_predict_sums(other, crops, tta="none"))
     with pytest.raises(WBCError, match="another model"):
         run(iter_predict_crops(ensemble, crops, tta="d4", known=plain))
+
+
+def test_the_gate_resizes_each_crop_once_for_all_its_stages(ensemble, monkeypatch):
+    from napari_wbc import inference
+
+    crops = random_crops(30, seed=8)
+    sizes = len({m.config.spec.input_size for m in ensemble.members})
+    # Nothing settles before the last stage: every cell goes through all three.
+    stages = [(2, 1, 1.1), (None, 1, 1.1), (None, 4, None)]
+    resized: list[int] = []
+    real = inference._to_input
+
+    def counted(batch, size, device):
+        resized.append(len(batch))
+        return real(batch, size, device)
+
+    monkeypatch.setattr(inference, "_to_input", counted)
+    kept = run(iter_predict_crops(ensemble, crops, tta="d4", gate=stages))
+    assert (kept["passes"] == 12).all()
+    assert sum(resized) == 30 * sizes
+    # Beyond the memory allowed, crops are resized again at each stage: the same answer.
+    resized.clear()
+    monkeypatch.setattr(inference, "RESIZED_KEEP_BYTES", 0)
+    again = run(iter_predict_crops(ensemble, crops, tta="d4", gate=stages))
+    assert sum(resized) >= 3 * 30
+    np.testing.assert_array_equal(kept["probs"], again["probs"])
+    np.testing.assert_array_equal(kept["member_probs"], again["member_probs"])

@@ -253,7 +253,7 @@ def test_seconds_per_stage_are_recorded_and_add_up_to_at_most_the_run(sample, ti
     assert set(background) == {"read", "detect", "cut crops"}
     assert all(v >= 0 for v in [*stages.values(), *background.values()])
     assert 0.5 * wall <= sum(stages.values()) <= wall
-    assert set(cells["passes"]) <= {1, 8}  # one member, D4 if in doubt
+    assert set(cells["passes"]) <= {1, 4}  # one member, its four rotations if in doubt
 
 
 def test_crops_of_many_blocks_classified_together_give_each_block_its_own_cells(
@@ -293,3 +293,32 @@ def test_a_run_stops_cleanly_in_the_middle_of_classifying(sample, tiny_model_pat
         next(steps)
     # The thread that reads and cuts the blocks ahead is gone with it.
     assert not [t for t in threading.enumerate() if t.name.startswith("napari-wbc-prefetch")]
+
+
+def test_the_detector_reads_its_own_halo_and_finds_what_the_whole_window_gives(
+    sample, ensemble, monkeypatch
+):
+    from napari_wbc import pipeline
+    from napari_wbc.detection import ClassicalDetector
+
+    image, _ = sample
+    config = ClassifyConfig(pixel_size_um=0.1, block=600)
+    seen: list[tuple[int, int, int]] = []  # window height, width; the detector's halo
+    real = ClassicalDetector.detect
+
+    def spy(self, window, origin):
+        seen.append((*window.shape[:2], self.halo))
+        return real(self, window, origin)
+
+    monkeypatch.setattr(ClassicalDetector, "detect", spy)
+    narrow = run(iter_classify_smear(image, ensemble, config))
+    narrow_px = sum(h * w for h, w, _ in seen)
+    assert max(max(h, w) - 2 * halo for h, w, halo in seen) <= 600
+    seen.clear()
+    # As before: the detector was handed the whole window cut for the crops.
+    monkeypatch.setattr(
+        pipeline, "_detector_window", lambda window, tile, d: (window, tile.origin)
+    )
+    whole = run(iter_classify_smear(image, ensemble, config))
+    assert narrow_px < 0.8 * sum(h * w for h, w, _ in seen)
+    pd.testing.assert_frame_equal(narrow, whole)

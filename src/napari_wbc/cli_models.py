@@ -217,9 +217,9 @@ def add_tta_option(p) -> None:
     p.add_argument(
         "--exhaustive",
         action="store_true",
-        help="every TTA view of every member for every cell (4-8x slower); by default the "
+        help="every TTA view of every member for every cell (5-10x slower); by default the "
         "two cheapest members look first, and only cells they do not agree on with "
-        "confidence get the other members, then half the views, then all of them",
+        "confidence get the other members, then the first four views (D4's rotations)",
     )
 
 

@@ -642,7 +642,7 @@ def find_tile_cells(window, tile: Tile, model_input, own=None, detector=None, ti
     timer = timer or StageTimer()
     if own is None:
         with timer("detect"):
-            found = detector.detect(window, tile.origin)
+            found = detector.detect(*_detector_window(window, tile, detector))
             if "kind" in found:
                 found = found[found["kind"] == "wbc"]
             own = tile.select(found)
@@ -651,6 +651,23 @@ def find_tile_cells(window, tile: Tile, model_input, own=None, detector=None, ti
     with timer("cut crops"):
         crops = model_input.crops(window, tile.origin, own.y, own.x)
     return own, crops
+
+
+def _detector_window(window, tile: Tile, detector) -> tuple[np.ndarray, tuple[int, int]]:
+    """The part of a tile's window that its detector needs, and that part's origin.
+
+    A block's window is as wide as a crop needs around the block's cells
+    (half a crop and more), usually wider than the detector's own halo; the
+    detector looks at its halo only, not at the rest (a fifth of the pixels
+    of a 2,048 px block's window). Origins stay on the detector's grid.
+    """
+    halo, align = detector.halo, max(int(getattr(detector, "align", 1)), 1)
+    wy0, wy1, wx0, wx1 = tile.window
+    by0, by1, bx0, bx1 = tile.block
+    y0 = max(wy0, wy0 + (by0 - halo - wy0) // align * align)
+    x0 = max(wx0, wx0 + (bx0 - halo - wx0) // align * align)
+    y1, x1 = min(wy1, by1 + halo), min(wx1, bx1 + halo)
+    return window[y0 - wy0 : y1 - wy0, x0 - wx0 : x1 - wx0], (y0, x0)
 
 
 def classify_cells(

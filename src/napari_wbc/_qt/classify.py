@@ -286,9 +286,9 @@ class ClassifyWidget(DockPage):
             text="all views, all models",
             value=False,
             tooltip="off: the two cheapest models look at each cell first; only cells they "
-            "do not agree on with confidence get the other models, then the rotated and "
-            "flipped views (4-8x fewer passes; macro-F1 within 0.003 in "
-            "docs/benchmarks.md); on: every view of every model for every cell",
+            "do not agree on with confidence get the other models, then the rotated "
+            "views (5-10x fewer passes; macro-F1 as good in docs/benchmarks.md); on: "
+            "every rotated and flipped view of every model for every cell",
         )
         self.pixel_size = FloatSpinBox(
             label="µm per pixel",
