@@ -503,7 +503,7 @@ def _add_known(ensemble, known: ViewSums, transforms, sums, views) -> None:
 #: every member for PBC's validation split, LISC and BCCD (adapted, as by
 #: default) and a whole slide of real cells (scripts/gate_policies.py), it
 #: stays within 0.003 of the macro-F1 of every view of every member on each,
-#: with 16–26 % fewer network operations than the previous stages (which
+#: with 7–26 % less network time than the previous stages (which
 #: went on to all eight views); docs/benchmarks.md. ``--exhaustive`` runs
 #: every view.
 GATE_STAGES: tuple[tuple[int | None, int | None, float | None], ...] = (
@@ -788,7 +788,6 @@ class _Resized:
     def __init__(self, crops, device: torch.device, keep: bool = True):
         self.crops, self.device, self.keep = crops, device, keep
         self.kept: dict[int, tuple[torch.Tensor, np.ndarray]] = {}
-        self.count = 0  # crops resized, over every size
 
     def get(self, idx: np.ndarray, size: int) -> torch.Tensor:
         entry = self.kept.get(size)
@@ -806,7 +805,6 @@ class _Resized:
         else:
             batch = [self.crops[i] for i in idx]
         x = _to_input(batch, size, self.device)
-        self.count += len(x)
         if entry is not None:
             entry[0][where.to(self.device)] = x
             entry[1][idx] = True
