@@ -108,7 +108,7 @@ def main(argv=None):
         "--sets",
         nargs="*",
         default=["pbc", "lisc", "bccd", "slide"],
-        help="saved sets to replay (slide: outputs/slide_views.py's, if saved)",
+        help="saved sets to replay (slide: scripts/slide_gate_views.py's, if saved)",
     )
     args = p.parse_args(argv)
     router = load_router()

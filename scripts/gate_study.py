@@ -5,8 +5,9 @@
 For PBC's validation split (never trained on), all of LISC and BCCD's typed
 cells (cut at twice the field of view, as benchmarks/bench_gate.py does),
 the crops are read by the product's path (scale measured, routed by
-``auto``, adapted where the product adapts by default) and every member's logits and pre-logit features are saved for
-each of the eight D4 views, one ``.npz`` per set. Any gating policy can then
+``auto``, adapted where the product adapts by default) and every member's
+logits and pre-logit features are saved for each of the eight D4 views,
+one ``.npz`` per set. Any gating policy can then
 be replayed exactly (scripts/gate_policies.py) without running a network.
 """
 
