@@ -38,12 +38,19 @@ def main(argv=None) -> int:
         action="store_true",
         help="only the other lab's k and all eight classes (with and without adaptation)",
     )
+    p.add_argument(
+        "--labs",
+        nargs="+",
+        choices=("bccd", "lisc"),
+        default=("bccd", "lisc"),
+        help="the held-out labs to score (default both)",
+    )
     args = p.parse_args(argv)
     configure_threads(2)
     sets = lab_sets(0, Path(tempfile.mkdtemp()))
     names = {"lisc": "LISC", "bccd": "BCCD"}
     rows = Rows(args.json)
-    for lab in ("bccd", "lisc"):
+    for lab in args.labs:
         ensemble = fold_ensemble(args.roots, lab)
         table = sets[names[lab]][["path", "label"]]
         found = ensemble.preprocessor.resolve_crop_scale(

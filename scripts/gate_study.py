@@ -40,6 +40,42 @@ def sets(folder: Path) -> dict[str, pd.DataFrame]:
     return {"pbc": named["PBC validation"], "lisc": named["LISC"], "bccd": named["BCCD"]}
 
 
+def every_view(ens, crops) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Every member's logits (M, V, N, C) and pre-logit features ([(V, N, D_j)]) for the D4 views.
+
+    ``crops``: (N, H, W, 3) uint8 as the ensemble classifies them; each view
+    is run through the product's own pass (:func:`napari_wbc.inference._iter_add_views`).
+    """
+    prepared = []
+    for member in ens.members:
+        spec = member.config.spec
+        mean = torch.tensor(spec.mean).view(1, 3, 1, 1)
+        std = torch.tensor(spec.std).view(1, 3, 1, 1)
+        prepared.append((inference_model(member.model), spec.input_size, mean, std))
+    logits, features = [], [[] for _ in ens.members]
+    for view in TTA_SETS["d4"]:
+        s = _empty_sums(ens, len(crops))
+        run(
+            _iter_add_views(
+                ens,
+                prepared,
+                crops,
+                [view],
+                range(len(prepared)),
+                0,
+                s,
+                np.arange(len(crops)),
+                64,
+                torch.device("cpu"),
+                "classify",
+            )
+        )
+        logits.append(s["logits"])
+        for j, f in enumerate(s["features"]):
+            features[j].append(f)
+    return np.stack(logits, 1), [np.stack(f) for f in features]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("-o", "--output", type=Path, required=True)
@@ -64,41 +100,15 @@ def main(argv=None) -> int:
         if not args.no_adapt and auto_adapts(route, len(paths)):
             # As the product does by default for a set the three-lab model is given.
             ens, _ = adapt_ensemble_and_passes(ens, crops, method=adapt_method(True))
-        prepared = []
-        for member in ens.members:
-            spec = member.config.spec
-            mean = torch.tensor(spec.mean).view(1, 3, 1, 1)
-            std = torch.tensor(spec.std).view(1, 3, 1, 1)
-            prepared.append((inference_model(member.model), spec.input_size, mean, std))
-        logits, features = [], [[] for _ in ens.members]
-        for view in TTA_SETS["d4"]:
-            s = _empty_sums(ens, len(crops))
-            run(
-                _iter_add_views(
-                    ens,
-                    prepared,
-                    crops,
-                    [view],
-                    range(len(prepared)),
-                    0,
-                    s,
-                    np.arange(len(crops)),
-                    64,
-                    torch.device("cpu"),
-                    "classify",
-                )
-            )
-            logits.append(s["logits"])
-            for j, f in enumerate(s["features"]):
-                features[j].append(f)
+        logits, features = every_view(ens, crops)
         np.savez_compressed(
             args.output / f"{name}.npz",
-            logits=np.stack(logits, 1),  # (M, V, N, C)
+            logits=logits,  # (M, V, N, C)
             labels=np.asarray(
                 [ens.classes.index(c) if c in ens.classes else -1 for c in table["label"]]
             ),
             model=np.asarray(route.model),
-            **{f"features{j}": np.stack(f) for j, f in enumerate(features)},  # (V, N, D_j)
+            **{f"features{j}": f for j, f in enumerate(features)},  # (V, N, D_j)
         )
         print(name, len(paths), ens.name, f"{time.perf_counter() - t:.0f} s", flush=True)
     return 0

@@ -19,12 +19,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
+from gate_study import every_view
 from scipy.spatial import cKDTree
 
 import napari_wbc.pipeline as pipeline
 from napari_wbc.images import read_smear
-from napari_wbc.inference import TTA_SETS, _to_input, inference_model
 from napari_wbc.pipeline import ClassifyConfig, iter_classify_smear
 from napari_wbc.progress import run
 from napari_wbc.routing import load_model
@@ -41,17 +40,13 @@ def main(argv=None) -> int:
     configure_threads(args.threads)
     router = load_model("auto")
     ens = router.specialist
-    sizes = {m.config.spec.input_size for m in ens.members}
-    if len(sizes) != 1:
-        raise SystemExit("the specialist's members differ in input size; not handled here")
-    size = sizes.pop()
     tables, inputs = [], []
     real = pipeline.iter_classify_cells
 
     def keep(found, ensemble, config, timer=None, known=None):
         for own, crops in found:
             tables.append(own[["y", "x"]].copy())
-            inputs.append(_to_input(crops, size, torch.device("cpu")))
+            inputs.append(np.asarray(crops))
         return (yield from real(found, ensemble, config, timer, known))
 
     pipeline.iter_classify_cells = keep
@@ -63,7 +58,7 @@ def main(argv=None) -> int:
         pipeline.iter_classify_cells = real
     if cells.attrs.get("model") != "wbc-pbc":
         raise SystemExit(f"the slide went to {cells.attrs.get('model')}, not the specialist")
-    x = torch.cat(inputs)
+    x = np.concatenate(inputs)
     own = pd.concat(tables, ignore_index=True)
     truth = pd.read_csv(args.truth)
     d, i = cKDTree(truth[["y", "x"]].to_numpy()).query(own[["y", "x"]].to_numpy())
@@ -75,35 +70,14 @@ def main(argv=None) -> int:
         ]
     )
     print(f"{len(x)} cells, {(labels >= 0).sum()} matched to a pasted cell", flush=True)
-    prepared = []
-    for m in ens.members:
-        spec = m.config.spec
-        mean = torch.tensor(spec.mean).view(1, 3, 1, 1)
-        std = torch.tensor(spec.std).view(1, 3, 1, 1)
-        prepared.append((inference_model(m.model), mean, std))
-    logits = np.zeros((len(prepared), 8, len(x), len(ens.classes)), np.float32)
-    features: list[list[np.ndarray]] = [[] for _ in prepared]
-    with torch.inference_mode():
-        for v, view in enumerate(TTA_SETS["d4"]):
-            for j, (model, mean, std) in enumerate(prepared):
-                parts = []
-                for s in range(0, len(x), 32):
-                    batch = ((x[s : s + 32] - mean) / std).contiguous(
-                        memory_format=torch.channels_last
-                    )
-                    batch = view(batch).contiguous(memory_format=torch.channels_last)
-                    pre = model.forward_head(model.forward_features(batch), pre_logits=True)
-                    logits[j, v, s : s + 32] = model.get_classifier()(pre).float().numpy()
-                    parts.append(pre.float().numpy())
-                features[j].append(np.concatenate(parts))
-            print(f"view {v + 1}/8", flush=True)
+    logits, features = every_view(ens, x)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(
         args.output,
         logits=logits,  # (M, V, N, C)
         labels=labels,
         model=np.asarray("wbc-pbc"),
-        **{f"features{j}": np.stack(f) for j, f in enumerate(features)},  # (V, N, D_j)
+        **{f"features{j}": f for j, f in enumerate(features)},  # (V, N, D_j)
     )
     return 0
 
