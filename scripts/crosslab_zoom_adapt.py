@@ -8,7 +8,8 @@ scripts/crosslab_adapt_product.py) and classify its cells through
 measured scale multiplied by k before the crops are cut. k is the one the
 *other* held-out lab preferred (docs/crosslab/test-time-zoom.md: LISC chose
 0.78, BCCD 0.85), and 1.0 for reference. Each with and without prototype
-adaptation, over all eight classes and the 5-part panel.
+adaptation (``--methods``), over all eight classes and the 5-part panel
+(``--panels``).
 """
 
 from __future__ import annotations
@@ -45,6 +46,18 @@ def main(argv=None) -> int:
         default=("bccd", "lisc"),
         help="the held-out labs to score (default both)",
     )
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=("none", "prototypes"),
+        help="adaptations to score ('none': as the models are)",
+    )
+    p.add_argument(
+        "--panels",
+        nargs="+",
+        default=("all", "5-part"),
+        help="count panels to answer with ('all': every class)",
+    )
     args = p.parse_args(argv)
     configure_threads(2)
     sets = lab_sets(0, Path(tempfile.mkdtemp()))
@@ -58,8 +71,9 @@ def main(argv=None) -> int:
         )
         factors = (OTHER_LABS_K[lab],) if args.quick else (1.0, OTHER_LABS_K[lab])
         for k in factors:
-            for classes in (None,) if args.quick else (None, "5-part"):
-                for adapt in (False, "prototypes"):
+            panels = ("all",) if args.quick else args.panels
+            for classes in [None if c == "all" else c for c in panels]:
+                for adapt in [False if m == "none" else m for m in args.methods]:
                     m = evaluate(
                         ensemble,
                         table,
