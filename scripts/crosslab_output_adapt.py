@@ -13,9 +13,10 @@ views are cached once. The methods are then compared on the cache:
   classified by them.
 - ``+lame``: LAME (Boudiaf et al., CVPR 2022) on top of either: each cell's
   probabilities are pulled towards those of its k nearest cells of the same
-  source (cosine, the members' D4-mean features) by a few fixed-point steps
-  of z_i ∝ p_i · exp(Σ_j w_ij z_j); the affinity is symmetric kNN, k = 5
-  (the paper's setting). No labels, no training, deterministic.
+  source (cosine, the members' D4-mean features, or the first member's
+  first view) by fixed-point steps of z_i ∝ p_i · exp(Σ_j w_ij z_j); the
+  affinity is symmetric kNN, k = 3, 5, 10 or 20 (5 is the paper's). No
+  labels, no training, deterministic.
 
 Nothing here is chosen on the lab it reports; the table gives every lab's
 figure at every setting so that a choice made on one lab can be read off on
@@ -43,6 +44,7 @@ from napari_wbc.inference import TTA_SETS, _to_input, inference_model
 from napari_wbc.metrics import classification_metrics
 from napari_wbc.progress import run
 from napari_wbc.threads import configure_threads
+from napari_wbc.trust import softmax
 
 #: The field-of-view factor chosen on the other held-out lab (crosslab_zoom_adapt.py).
 OTHER_LABS_K = {"lisc": 0.85, "bccd": 0.78}
@@ -96,12 +98,6 @@ def cache_features(roots, lab: str, k: float, out: Path, sets, cells: str | None
         rbc=found.rbc_diameter_px,
     )
     return path
-
-
-def softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
 
 
 def t3a_probs(features, weights, biases, support=PROTOTYPE_SUPPORT) -> np.ndarray:

@@ -40,11 +40,11 @@ IMAGE_OOD_SHARE = 0.3
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """Row-wise softmax of ``logits / temperature``."""
+    """Softmax of ``logits / temperature`` over the last axis (the classes)."""
     z = np.asarray(logits, np.float64) / float(temperature)
-    z = z - z.max(axis=1, keepdims=True)
+    z = z - z.max(axis=-1, keepdims=True)
     e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
+    return e / e.sum(axis=-1, keepdims=True)
 
 
 def ensemble_probs(
