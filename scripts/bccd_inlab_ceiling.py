@@ -147,6 +147,7 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, default=16)
     p.add_argument("--input", type=int, default=96)
     p.add_argument("--parallel", type=int, default=2)
+    p.add_argument("--split-seed", type=int, default=0, help="seed of the split into folds")
     p.add_argument(
         "--aug",
         choices=["dr", "mild"],
@@ -161,7 +162,7 @@ def main(argv=None) -> int:
 
     table, crops = lab_crops("bccd", Path("outputs/crosslab/cache"))
     labels = table["label"].tolist()
-    fold = image_folds(table["path"].tolist(), labels, args.folds)
+    fold = image_folds(table["path"].tolist(), labels, args.folds, args.split_seed)
     y = np.array([SHARED_CLASSES.index(v) for v in labels])
     jobs = []
     for k in range(args.folds):
@@ -189,6 +190,7 @@ def main(argv=None) -> int:
     result = {
         "base": str(args.base),
         "folds": args.folds,
+        "split_seed": args.split_seed,
         "epochs": args.epochs,
         "aug": args.aug,
         "cells": len(y),
@@ -205,7 +207,10 @@ def main(argv=None) -> int:
     }
     draw_grid(out / "agreed-errors.jpg", crops, agreed, args.input)
     (out / "ceiling.json").write_text(json.dumps(result, indent=1))
-    print(f"BCCD, {len(y)} cells, {args.folds} folds by image, 96 px, no TTA, --aug {args.aug}")
+    print(
+        f"BCCD, {len(y)} cells, {args.folds} folds by image (split seed {args.split_seed}), "
+        f"96 px, no TTA, --aug {args.aug}"
+    )
     print("| model | macro-F1 (5) | without basophil (4) | " + " | ".join(SHARED_CLASSES) + " |")
     print("|---|---:|---:|" + "---:|" * len(SHARED_CLASSES))
     for name, s in result["scores"].items():
