@@ -855,7 +855,7 @@ def read_lab_crops(
     """
     from PIL import Image
 
-    from napari_wbc.stain import estimate_background
+    from napari_wbc.pixels import estimate_background
 
     out = np.empty((len(table), size, size, 3), np.uint8)
     for i, row in enumerate(table.itertuples(index=False)):

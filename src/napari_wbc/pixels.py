@@ -25,6 +25,7 @@ __all__ = [
     "as_rgb_image",
     "background_of",
     "downsample",
+    "estimate_background",
     "grid_windows",
     "nuclear_density",
     "nuclear_signal",
@@ -103,10 +104,21 @@ def read_window(image, box) -> np.ndarray:
     return np.asarray(block)
 
 
+def estimate_background(pixels: np.ndarray) -> np.ndarray:
+    """Per-channel intensity of bare glass: the median of the brightest 10% of pixels.
+
+    Microscopes and scanners light the glass differently (PBC's is cream,
+    BCCD's grey), so Macenko's fixed 240 for every channel would count bare
+    glass as stain on some of them.
+    """
+    pixels = np.asarray(pixels).reshape(-1, 3)
+    brightness = pixels.astype(np.int32).sum(axis=1)
+    bright = pixels[brightness >= np.percentile(brightness, 90)]
+    return np.median(bright, axis=0).astype(np.float64)
+
+
 def background_of(pixels: np.ndarray) -> np.ndarray:
     """Per-channel intensity of glass: median of the brightest 10% of (subsampled) pixels."""
-    from .stain import estimate_background
-
     step = max(1, int(math.sqrt(pixels.shape[0] * pixels.shape[1] / 250_000)))
     bg = estimate_background(pixels[::step, ::step])
     # A window with no glass at all still needs a positive reference.

@@ -52,6 +52,7 @@ import numpy as np
 
 from .errors import StainError
 from .lazy import is_dask as _is_dask
+from .pixels import estimate_background
 from .progress import Progress, ProgressGen, run
 
 if TYPE_CHECKING:
@@ -112,19 +113,6 @@ def _od_lut(background) -> np.ndarray:
 def optical_density(pixels: np.ndarray, background) -> np.ndarray:
     """Optical densities (N×3 float32) of uint8 pixels (N×3) against a per-channel background."""
     return _od_lut(background)[pixels, np.arange(3)]
-
-
-def estimate_background(pixels: np.ndarray) -> np.ndarray:
-    """Per-channel intensity of bare glass: the median of the brightest 10% of pixels.
-
-    Microscopes and scanners light the glass differently (PBC's is cream,
-    BCCD's grey), so Macenko's fixed 240 for every channel would count bare
-    glass as stain on some of them.
-    """
-    pixels = np.asarray(pixels).reshape(-1, 3)
-    brightness = pixels.astype(np.int32).sum(axis=1)
-    bright = pixels[brightness >= np.percentile(brightness, 90)]
-    return np.median(bright, axis=0).astype(np.float64)
 
 
 def _rgb_to_lab(pixels: np.ndarray) -> np.ndarray:
