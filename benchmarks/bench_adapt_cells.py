@@ -18,13 +18,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from bench_crosslab import probabilities, score, to_input
 
 from napari_wbc.adapt import adapt_batchnorm
 from napari_wbc.datasets import cached_lab_crops
 from napari_wbc.models.files import load_model
-
-sys.path.insert(0, str(Path(__file__).parent))
-from bench_crosslab import probabilities, score, to_input
 
 SIZES = (8, 16, 32, 64, 128, 256)
 

@@ -20,7 +20,6 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
 from bench_gate import lab_sets
 
 from napari_wbc.datasets import balanced_subset

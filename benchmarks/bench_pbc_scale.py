@@ -16,17 +16,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image
-
-sys.path.insert(0, str(Path(__file__).parent))
 from bench_crosslab import rescaled_pbc
+from PIL import Image
 
 from napari_wbc.datasets import load_lab_table, stratified_split
 from napari_wbc.models.registry import PBC_CLASSES

@@ -1,6 +1,6 @@
 """How far BCCD's own labels can take a model: the in-lab ceiling for issue #12.
 
-    python scripts/bccd_inlab_ceiling.py outputs/lolo5c-s0/dr-bccd -o outputs/bccd-ceiling
+    python -m research.bccd_inlab_ceiling outputs/lolo5c-s0/dr-bccd -o outputs/bccd-ceiling
 
 Issue #12 asks for macro-F1 >= 0.80 on BCCD with no BCCD label (leave one lab
 out). This script measures what the same network reaches *with* BCCD's
@@ -41,10 +41,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from train_crosslab import lab_crops, predict
+from scripts.train_crosslab import lab_crops, predict
 
 from napari_wbc.datasets import SHARED_CLASSES
 from napari_wbc.metrics import classification_metrics
@@ -88,7 +85,7 @@ def train(args, out: Path, extra: Path | None) -> Path:
         return model
     cmd = [
         sys.executable,
-        str(Path(__file__).resolve().parent / "train_crosslab.py"),
+        str(Path(__file__).resolve().parents[1] / "scripts" / "train_crosslab.py"),
         "--holdout", "bccd", "--classes", "shared", "--aug", args.aug,
         "--input", str(args.input), "--epochs1", str(args.epochs), "--lr", "5e-4",
         "--init-from", str(args.base), "--threads", "1", "--seed", "0", "-o", str(out),

@@ -1,6 +1,6 @@
 """Leave one lab out: the held-out cells' colours mapped onto the training labs' (#12).
 
-    python scripts/crosslab_stain_target.py outputs/lolo8c outputs/lolo8c-s1 [--json out.json]
+    python -m research.crosslab_stain_target outputs/lolo8c outputs/lolo8c-s1 [--json out.json]
 
 The three-lab recipe trains on raw colours with stain randomization, so a
 new lab's cells reach the network in their own colours. Here they are also
@@ -23,11 +23,8 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
-from bench_crosslab import Rows, fold_ensemble, metric_row
-from bench_gate import lab_sets
-from crosslab_zoom_adapt import OTHER_LABS_K
+from benchmarks.bench_crosslab import Rows, fold_ensemble, metric_row
+from benchmarks.bench_gate import lab_sets
 
 from napari_wbc.adapt import adapt_ensemble_and_passes
 from napari_wbc.datasets import load_lab_table, read_lab_crops, stratified_split
@@ -37,6 +34,7 @@ from napari_wbc.models.registry import PBC_CLASSES
 from napari_wbc.progress import run
 from napari_wbc.stain import StainNormalizer, fit_stain_reference
 from napari_wbc.threads import configure_threads, thread_map
+from research.crosslab_zoom_adapt import OTHER_LABS_K
 
 TRAINING_LABS = {"bccd": ("pbc", "lisc"), "lisc": ("pbc", "bccd")}
 #: Crops per training lab pooled for the target.

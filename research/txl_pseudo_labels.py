@@ -1,6 +1,6 @@
 """Pseudo-label the white cells of the unlabelled txl/ fields with a fold's own models (#12).
 
-    python scripts/txl_pseudo_labels.py --holdout bccd outputs/lolo8c outputs/lolo8c-s1 \
+    python -m research.txl_pseudo_labels --holdout bccd outputs/lolo8c outputs/lolo8c-s1 \
         -o outputs/s11/txl-bccd.npz
 
 Self-training across labs: the teacher is the leave-one-lab-out fold ensemble
@@ -27,11 +27,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-
-sys.path.insert(0, str(Path(__file__).parent))
-sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
-from bench_crosslab import probabilities, save_grid, to_input
-from train_crosslab import CACHE_SIZE, FOV_RBC
+from benchmarks.bench_crosslab import probabilities, save_grid, to_input
+from scripts.train_crosslab import CACHE_SIZE, FOV_RBC
 
 from napari_wbc.atomic import atomic_write_stream
 from napari_wbc.datasets import read_lab_crops

@@ -1,6 +1,6 @@
 """Choose detector settings leave-one-source-out, on every field of every source.
 
-    python scripts/detection_loso.py [--out outputs/det-loso] [--defaults-only | --split-grid]
+    python -m research.detection_loso [--out outputs/det-loso] [--defaults-only | --split-grid]
 
 Loads every field of BCCD, TXL-Raabin and TXL-BCD (as ``benchmarks/
 bench_detection.py labs --fields 0`` does), measures the red-cell scale of each
@@ -28,13 +28,11 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-
 SOURCES = ("BCCD", "TXL-Raabin", "TXL-BCD")
 
 
 def load(out: Path):
-    from bench_detection import _load, load_sources
+    from benchmarks.bench_detection import _load, load_sources
 
     from napari_wbc.scale import ScaleError, estimate_rbc_diameter
     from napari_wbc.settings import data_root

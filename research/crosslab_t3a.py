@@ -1,6 +1,6 @@
 """Label-free prototype adjustment (T3A) on the leave-one-lab-out fold models (issue #12).
 
-    python scripts/crosslab_t3a.py outputs/lolo8c
+    python -m research.crosslab_t3a outputs/lolo8c
 
 T3A (Iwasawa & Matsuo, NeurIPS 2021): each class's prototype starts as the
 classifier's own weight vector; the held-out lab's cells, pseudo-labelled
@@ -19,9 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
-from bench_crosslab import Rows, score, to_input
+from benchmarks.bench_crosslab import Rows, score, to_input
 
 from napari_wbc.datasets import cached_lab_crops
 from napari_wbc.models.files import load_model
@@ -50,7 +48,7 @@ def features_and_logits(model, x, tta: bool, batch: int = 128):
 
 def t3a(features, logits, weights, m: int):
     """Class indices by cosine similarity to prototypes of the M surest cells per class."""
-    return (features @ _prototype_weights(features, logits, weights, m).T).argmax(1)
+    return (features @ prototype_weights(features, logits, weights, m).T).argmax(1)
 
 
 def adapted_probs(features, logits, weights, m: int):
@@ -59,7 +57,7 @@ def adapted_probs(features, logits, weights, m: int):
     Prototypes (unit length) scaled to the classifier's mean weight norm, no
     bias: its argmax is T3A's cosine one.
     """
-    out = features @ _prototype_weights(features, logits, weights, m).T
+    out = features @ prototype_weights(features, logits, weights, m).T
     out = np.exp(out - out.max(1, keepdims=True))
     return out / out.sum(1, keepdims=True)
 
@@ -124,7 +122,7 @@ def cells_rows(root: Path, sizes=(8, 16, 32, 64, 128, 192, 256), draws: int = 5,
             scores = []
             for draw in range(draws):
                 pick = np.random.default_rng(draw).choice(len(f), size, replace=False)
-                adapted = _prototype_weights(f[pick], lg[pick], w, m)
+                adapted = prototype_weights(f[pick], lg[pick], w, m)
                 scores.append(
                     score(onehot[(f @ adapted.T).argmax(1)], labels, classes)["macro_f1"]
                 )
@@ -133,7 +131,7 @@ def cells_rows(root: Path, sizes=(8, 16, 32, 64, 128, 192, 256), draws: int = 5,
     return rows
 
 
-def _prototype_weights(features, logits, weights, m: int) -> np.ndarray:
+def prototype_weights(features, logits, weights, m: int) -> np.ndarray:
     """The adapted classifier's weights (prototypes at the mean weight norm), as the product's."""
     z = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
     w = weights / np.maximum(np.linalg.norm(weights, axis=1, keepdims=True), 1e-12)

@@ -1,13 +1,13 @@
-"""Every view of every member on a whole slide's cells, for scripts/gate_policies.py (issue #15).
+"""Every view of every member on a whole slide's cells, for research/gate_policies.py (issue #15).
 
-    python scripts/slide_gate_views.py /tmp/napari-wbc-real-slide-20000.tif \\
+    python -m research.slide_gate_views /tmp/napari-wbc-real-slide-20000.tif \\
         /tmp/napari-wbc-real-slide-20000.csv -o outputs/gate/views/slide.npz
 
 The slide (benchmarks/real_cell_slide.py) is classified once as the product
 does it (detection, scale, stain fit, model choice), and the crops each
 block hands to the networks are kept, as each member's input. Then every
 member's logits and pre-logit features are computed for each of the eight
-D4 views, in the layout of scripts/gate_study.py; each cell's class is the
+D4 views, in the layout of research/gate_study.py; each cell's class is the
 pasted cell's within 4 µm (40 px), or -1. Any gating policy can then be
 replayed on the slide's cells as on the crop sets.
 """
@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from gate_study import every_view
 from scipy.spatial import cKDTree
 
 import napari_wbc.pipeline as pipeline
@@ -28,6 +27,7 @@ from napari_wbc.pipeline import ClassifyConfig, iter_classify_smear
 from napari_wbc.progress import run
 from napari_wbc.routing import load_model
 from napari_wbc.threads import configure_threads
+from research.gate_study import every_view
 
 
 def main(argv=None) -> int:

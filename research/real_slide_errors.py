@@ -1,6 +1,6 @@
 """Classify the real-cell slide and show the cells it got wrong (issue #15).
 
-    python scripts/real_slide_errors.py /tmp/napari-wbc-real-slide-20000.tif -o errors.png
+    python -m research.real_slide_errors /tmp/napari-wbc-real-slide-20000.tif -o errors.png
 
 The slide and its ``.csv`` of pasted cells come from
 ``benchmarks/real_cell_slide.py``. Classified with the defaults
@@ -12,16 +12,12 @@ true class, cut from the slide around each detected centre.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from benchmarks.bench_slide import MATCH_PX
 from scipy.spatial import cKDTree
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-
-from bench_slide import MATCH_PX
 
 from napari_wbc.images import read_smear
 from napari_wbc.pipeline import ClassifyConfig, iter_classify_smear

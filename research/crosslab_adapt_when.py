@@ -1,6 +1,6 @@
 """Would "adapt when the model finds the cells unlike its training cells" pick the held-out labs? (#12)
 
-    python scripts/crosslab_adapt_when.py outputs/lolo8c outputs/lolo8c-s1
+    python -m research.crosslab_adapt_when outputs/lolo8c outputs/lolo8c-s1
 
 For each held-out lab, the fold models of all roots (seeds) make one
 ensemble. Its trust statistics are fitted as the built-in model's are
@@ -22,12 +22,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-
-sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
-sys.path.insert(0, str(Path(__file__).parent))
-from bench_crosslab import Rows, fold_ensemble
-from bench_gate import lab_sets
-from fit_trust import model_crops
+from benchmarks.bench_crosslab import Rows, fold_ensemble
+from benchmarks.bench_gate import lab_sets
+from scripts.fit_trust import model_crops
 
 from napari_wbc.datasets import balanced_subset, load_lab_table, stratified_split
 from napari_wbc.features import member_outputs

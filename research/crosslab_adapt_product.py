@@ -1,6 +1,6 @@
 """Leave-one-lab-out through the product's own path, with and without label-free adaptation (#12).
 
-    python scripts/crosslab_adapt_product.py outputs/lolo8c outputs/lolo8c-s1
+    python -m research.crosslab_adapt_product outputs/lolo8c outputs/lolo8c-s1
 
 The fold models of each held-out lab (one per root: seeds) make one
 ensemble, as the built-in models are ensembles. It classifies the held-out
@@ -23,9 +23,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
-from bench_crosslab import Rows, fold_ensemble, metric_row
-from bench_gate import lab_sets
+from benchmarks.bench_crosslab import Rows, fold_ensemble, metric_row
+from benchmarks.bench_gate import lab_sets
 
 from napari_wbc.panels import panel_classes
 from napari_wbc.prediction import evaluate

@@ -1,7 +1,7 @@
 """Do the review flags catch a model's mistakes on other labs? (issue #13)
 
     python scripts/fit_trust.py          # once: the trust statistics, from PBC only
-    python scripts/trust_study.py [--model M] [-o outputs/trust]
+    python -m research.trust_study [--model M] [-o outputs/trust]
 
 Classifies cells as ``napari-wbc classify`` does (the ensemble's TTA,
 calibrated confidence, feature distance to the training cells, member
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from fit_trust import pbc_samples  # scripts/ is on the path when run as a script
+from scripts.fit_trust import pbc_samples
 
 from napari_wbc.datasets import load_lab_table, read_lab_crops
 from napari_wbc.inference import disagreement, load_any, predict_crops

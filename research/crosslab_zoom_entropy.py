@@ -1,6 +1,6 @@
 """Can a source choose its own field of view without labels? Entropy against macro-F1 per k (#12).
 
-    python scripts/crosslab_zoom_entropy.py outputs/lolo8c outputs/lolo8c-s1
+    python -m research.crosslab_zoom_entropy outputs/lolo8c outputs/lolo8c-s1
 
 For each held-out lab, the two seeds' fold models (one ensemble) classify
 its cells through ``evaluate``'s path at several test-time fields of view
@@ -18,10 +18,8 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
-from bench_crosslab import Rows, fold_ensemble
-from bench_gate import lab_sets
+from benchmarks.bench_crosslab import Rows, fold_ensemble
+from benchmarks.bench_gate import lab_sets
 
 from napari_wbc.metrics import classification_metrics
 from napari_wbc.prediction import iter_predict_crop_files

@@ -1,6 +1,6 @@
 """Held-out BCCD's whole fields, found and classified end to end, with and without --adapt (#12).
 
-    python scripts/crosslab_adapt_fields.py outputs/lolo8c outputs/lolo8c-s1
+    python -m research.crosslab_adapt_fields outputs/lolo8c outputs/lolo8c-s1
 
 The BCCD fold models (never trained on BCCD; one per root, seeds) make one
 ensemble that runs `napari-wbc evaluate bccd/wbc.csv` as a user would:
@@ -21,8 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
-from bench_crosslab import Rows, fold_ensemble, metric_row
+from benchmarks.bench_crosslab import Rows, fold_ensemble, metric_row
 
 from napari_wbc.pipeline import ClassifyConfig
 from napari_wbc.progress import run

@@ -1,6 +1,6 @@
 """Pictures of a leave-one-lab-out fold model's mistakes on its held-out lab, as the model sees them.
 
-    python scripts/crosslab_error_grid.py outputs/lolo8c/dr-bccd -o docs/images/crosslab-errors-bccd.png
+    python -m research.crosslab_error_grid outputs/lolo8c/dr-bccd -o docs/images/crosslab-errors-bccd.png
 
 One row per true class: up to 8 wrongly classified cells (the 96 px input,
 no TTA), each captioned with the class the model gave.
@@ -14,10 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from benchmarks.bench_crosslab import probabilities, to_input
 from PIL import Image, ImageDraw
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from bench_crosslab import probabilities, to_input
 
 from napari_wbc.datasets import SHARED_CLASSES, cached_lab_crops
 from napari_wbc.models.files import load_model

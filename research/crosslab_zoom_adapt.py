@@ -1,9 +1,9 @@
 """Leave one lab out: test-time zoom, prototype adaptation and the 5-part panel together (#12).
 
-    python scripts/crosslab_zoom_adapt.py outputs/lolo8c outputs/lolo8c-s1
+    python -m research.crosslab_zoom_adapt outputs/lolo8c outputs/lolo8c-s1
 
 The two seeds' fold models of each held-out lab make one ensemble (as in
-scripts/crosslab_adapt_product.py) and classify its cells through
+research/crosslab_adapt_product.py) and classify its cells through
 ``evaluate``'s path (scale measured, stain fitted, doubt-gated D4), with the
 measured scale multiplied by k before the crops are cut. k is the one the
 *other* held-out lab preferred (docs/crosslab/test-time-zoom.md: LISC chose
@@ -19,9 +19,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
-from bench_crosslab import Rows, fold_ensemble, metric_row
-from bench_gate import lab_sets
+from benchmarks.bench_crosslab import Rows, fold_ensemble, metric_row
+from benchmarks.bench_gate import lab_sets
 
 from napari_wbc.prediction import evaluate
 from napari_wbc.threads import configure_threads

@@ -1,6 +1,6 @@
 """Which resampling brings crops to the model's field of view best? (issue #12, 2x row)
 
-    python scripts/resample_study.py -o outputs/s8/resample
+    python -m research.resample_study -o outputs/s8/resample
 
 Chosen on PBC crops that are neither in the PBC specialist's training subset
 (up to 1,000 per class, seed 0) nor in the validation split the results
@@ -16,15 +16,12 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import sys
 import tempfile
 from pathlib import Path
 
 import pandas as pd
+from benchmarks.bench_crosslab import rescaled_pbc
 from PIL import Image
-
-sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
-from bench_crosslab import rescaled_pbc
 
 import napari_wbc.crop_scale as crop_scale
 from napari_wbc.datasets import (

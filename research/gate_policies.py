@@ -1,6 +1,6 @@
-"""Replay doubt-gating policies on the per-view outputs of scripts/gate_study.py (issue #15).
+"""Replay doubt-gating policies on the per-view outputs of research/gate_study.py (issue #15).
 
-    python scripts/gate_policies.py outputs/gate/views
+    python -m research.gate_policies outputs/gate/views
 
 For each set and policy: macro-F1 against every view of every member (the
 exhaustive result), predictions changed, and network cost per crop in
@@ -108,7 +108,7 @@ def main(argv=None):
         "--sets",
         nargs="*",
         default=["pbc", "lisc", "bccd", "slide"],
-        help="saved sets to replay (slide: scripts/slide_gate_views.py's, if saved)",
+        help="saved sets to replay (slide: research/slide_gate_views.py's, if saved)",
     )
     args = p.parse_args(argv)
     router = load_router()

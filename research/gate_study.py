@@ -1,6 +1,6 @@
 """Per-view, per-member outputs of the built-in models on whole labelled sets (issue #15).
 
-    python scripts/gate_study.py -o outputs/gate/views
+    python -m research.gate_study -o outputs/gate/views
 
 For PBC's validation split (never trained on), all of LISC and BCCD's typed
 cells (cut at twice the field of view, as benchmarks/bench_gate.py does),
@@ -8,13 +8,12 @@ the crops are read by the product's path (scale measured, routed by
 ``auto``, adapted where the product adapts by default) and every member's
 logits and pre-logit features are saved for each of the eight D4 views,
 one ``.npz`` per set. Any gating policy can then
-be replayed exactly (scripts/gate_policies.py) without running a network.
+be replayed exactly (research/gate_policies.py) without running a network.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,9 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-
-sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
-from bench_gate import lab_sets
+from benchmarks.bench_gate import lab_sets
 
 from napari_wbc.adapt import adapt_ensemble_and_passes, adapt_method, auto_adapts
 from napari_wbc.inference import TTA_SETS, _empty_sums, _iter_add_views, inference_model

@@ -14,7 +14,7 @@ weights, and reports on the balanced test set:
   (c) (b) with D4 test-time augmentation
   (d) the ensemble of the (c) models
 
-    python scripts/longtail_experiment.py -o outputs/longtail [--preset lite]
+    python -m research.longtail_experiment -o outputs/longtail [--preset lite]
 
 Prints a Markdown table and writes results.json in the output folder. Runs can
 be resumed: finished models are reused.

@@ -1,6 +1,6 @@
 """The built-in three-lab model (``wbc-lite``) at several test-time fields of view (#12).
 
-    python scripts/fov_scale_builtin.py 1.0 0.85
+    python -m research.fov_scale_builtin 1.0 0.85
 
 Leave one lab out, the fold models of ``wbc-lite``'s recipe classified both
 held-out labs better with cells cut at a tighter field of view than they
@@ -22,9 +22,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
-from bench_crosslab import Rows, metric_row
-from bench_gate import lab_sets
+from benchmarks.bench_crosslab import Rows, metric_row
+from benchmarks.bench_gate import lab_sets
 
 from napari_wbc.prediction import evaluate
 from napari_wbc.routing import load_model

@@ -4,7 +4,7 @@ Trains each candidate (stage 1 only, no ImageNet weights, as on an offline
 machine) on a small, balanced, seeded PBC subset and reports validation
 macro-F1 and the time taken. Used to choose the `lite` preset.
 
-    python scripts/screen_backbones.py [--per-class 150] [--epochs 8] [--input-size 64]
+    python -m research.screen_backbones [--per-class 150] [--epochs 8] [--input-size 64]
 """
 
 from __future__ import annotations

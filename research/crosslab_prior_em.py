@@ -1,6 +1,6 @@
 """Label-free class-prior adaptation (EM, Saerens et al. 2002) on the held-out labs (issue #12).
 
-    python scripts/crosslab_prior_em.py      # needs outputs/lolo8c and outputs/lolo8c-s1 fold models
+    python -m research.crosslab_prior_em      # needs outputs/lolo8c and outputs/lolo8c-s1 fold models
 
 The fold models of the shipped recipe (seeds 0 and 1) score their held-out
 lab's cells; the class prior of those cells is re-estimated without labels,
@@ -12,14 +12,11 @@ outputs/emprior/probe.json. No setting is tuned.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-from bench_crosslab import probabilities, score, to_input
+from benchmarks.bench_crosslab import probabilities, score, to_input
 
 from napari_wbc.datasets import cached_lab_crops
 from napari_wbc.models.files import load_model

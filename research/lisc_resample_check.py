@@ -1,6 +1,6 @@
 """LISC through the product's path with each resize filter (issue #12).
 
-    python scripts/lisc_resample_check.py outputs/lolo8c/dr-lisc/model.safetensors ...
+    python -m research.lisc_resample_check outputs/lolo8c/dr-lisc/model.safetensors ...
 
 Each model (trained without LISC) classifies every LISC crop with
 ``napari_wbc.prediction.evaluate`` (scale measured, as ``napari-wbc

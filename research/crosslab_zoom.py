@@ -1,6 +1,6 @@
 """Leave one lab out: the fold models with crops cut at k x the measured scale (issue #12).
 
-    python scripts/crosslab_zoom.py 0.6 0.7 0.78 0.85 1.0 1.18
+    python -m research.crosslab_zoom 0.6 0.7 0.78 0.85 1.0 1.18
 
 For each held-out lab (LISC: all 1,218 crops; BCCD: its 355 typed cells cut
 at twice the field of view, as benchmarks/bench_gate.py does) the two fold
@@ -20,9 +20,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
-from bench_gate import lab_sets
+from benchmarks.bench_gate import lab_sets
 
 from napari_wbc.inference import load_any
 from napari_wbc.metrics import classification_metrics

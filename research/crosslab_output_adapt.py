@@ -1,6 +1,6 @@
 """Leave one lab out: label-free adaptation at the output, on cached D4 features (#12).
 
-    python scripts/crosslab_output_adapt.py outputs/lolo5c-s0 outputs/lolo5c-s1 --cache outputs/oa5c
+    python -m research.crosslab_output_adapt outputs/lolo5c-s0 outputs/lolo5c-s1 --cache outputs/oa5c
 
 Each held-out lab's cells are read as ``evaluate`` reads them (scale measured,
 times the field-of-view factor the *other* held-out lab chose, stain as the
@@ -33,11 +33,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
-from bench_crosslab import fold_ensemble
-from bench_gate import lab_sets
-from crosslab_t3a import _prototype_weights
+from benchmarks.bench_crosslab import fold_ensemble
+from benchmarks.bench_gate import lab_sets
 
 from napari_wbc.adapt import PROTOTYPE_SUPPORT
 from napari_wbc.inference import TTA_SETS, _to_input, inference_model
@@ -45,6 +42,7 @@ from napari_wbc.metrics import classification_metrics
 from napari_wbc.progress import run
 from napari_wbc.threads import configure_threads
 from napari_wbc.trust import softmax
+from research.crosslab_t3a import prototype_weights
 
 #: The field-of-view factor chosen on the other held-out lab (crosslab_zoom_adapt.py).
 OTHER_LABS_K = {"lisc": 0.85, "bccd": 0.78}
@@ -108,7 +106,7 @@ def t3a_probs(features, weights, biases, support=PROTOTYPE_SUPPORT) -> np.ndarra
     out = []
     for f, w, b in zip(features, weights, biases, strict=True):
         first = f[0].astype(np.float64)
-        head = _prototype_weights(first, first @ w.T + b, w.astype(np.float64), support)
+        head = prototype_weights(first, first @ w.T + b, w.astype(np.float64), support)
         out.append(softmax(f.astype(np.float64) @ head.T))
     return np.stack(out)
 

@@ -1,6 +1,6 @@
 """Fine-tuning on a few cells of another lab: BCCD, at most 50 labelled cells.
 
-    python scripts/bccd_finetune_experiment.py [-o outputs/bccd-finetune] [--per-class 12]
+    python -m research.bccd_finetune_experiment [-o outputs/bccd-finetune] [--per-class 12]
 
 Draws (seeded) up to --per-class labelled white cells per class from
 ../shared/data/bccd/wbc.csv (classes with fewer than 2 cells to spare are left
