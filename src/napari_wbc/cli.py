@@ -1,9 +1,11 @@
 """The ``napari-wbc`` command line.
 
 Each subcommand is a thin layer over one core generator, driven with a
-terminal progress bar. Errors napari-wbc raises on purpose are printed as one
-line and exit with status 2; Ctrl-C exits with status 130 and leaves no
-half-written output.
+terminal progress bar (tqdm). The exit status is :data:`EXIT_STATUS`'s: 0
+when everything was written, 1 when ``classify`` could not process some of
+its images (or no command was given), 2 for an error napari-wbc reports on
+purpose (one line on stderr) or invalid arguments, 130 on Ctrl-C, which
+leaves no half-written output.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 
 from . import __version__
 from .cli_models import (
+    DEVICE_HELP,
     add_adapt_option,
     add_model_commands,
     add_model_option,
@@ -31,6 +34,17 @@ from .progress import run
 from .stain import DEFAULT_METHOD, stain_methods
 
 log = logging.getLogger("napari_wbc")
+
+#: What the exit status of ``napari-wbc`` means (shown at the end of ``--help``).
+EXIT_STATUS = """exit status:
+  0    everything was written
+  1    classify could not process some images (the others are written; each
+       failure is printed on stderr and listed in failures.csv), or no command
+       was given
+  2    an error napari-wbc reports on purpose (one line on stderr: a missing
+       input, a bad option value, view without a display) or invalid arguments
+  130  interrupted (Ctrl-C); outputs are written under a temporary name and
+       renamed when complete, so no half-written file is left"""
 
 
 # ------------------------------------------------------------------ normalize
@@ -169,8 +183,8 @@ def _display_problem() -> str | None:
         "napari-wbc view needs a display, and none is set (no DISPLAY or WAYLAND_DISPLAY). "
         "Run it on a desktop, over ssh -X, or under a virtual display: "
         "xvfb-run -a napari-wbc view (Debian/Ubuntu: apt-get install xvfb libgl1-mesa-dri "
-        "libxkbcommon-x11-0 libxcb-cursor0; see the README). For work without a window, use "
-        "napari-wbc classify / normalize."
+        "libxkbcommon-x11-0 libxcb-cursor0; see the README's 'Set up' section). For work "
+        "without a window, use napari-wbc classify / normalize."
     )
 
 
@@ -219,6 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="napari-wbc",
         description="Find, classify and count white blood cells in blood smears.",
+        epilog=EXIT_STATUS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"napari-wbc {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log more detail")
@@ -269,6 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Detect and classify the white cells of each image (files or folders), "
         "streaming tile by tile; writes <image>.csv and <image>.geojson (QuPath) per image and "
         "summary.csv with the differential counts.",
+        epilog="Exit status 0: every image was classified; 1: some images failed (the others "
+        "are written; the failures are listed in failures.csv); 2: an error (one line on "
+        "stderr). See napari-wbc --help.",
     )
     p.add_argument("inputs", nargs="+", type=Path, help="images or folders of images")
     add_model_option(p)
@@ -279,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_adapt_option(p)
     add_threads_option(p)
     p.add_argument("--block", type=int, default=2048, help="processing block edge in pixels")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument(
         "--scheduler", help="address of a dask.distributed scheduler to run the tiles on"
     )

@@ -21,6 +21,7 @@ from .models.files import resolve_model
 from .progress import Progress, TerminalBar, run
 
 __all__ = [
+    "DEVICE_HELP",
     "add_model_commands",
     "add_smear_options",
     "add_threads_option",
@@ -32,6 +33,13 @@ __all__ = [
     "member_paths",
     "smear_setup",
 ]
+
+
+#: Help of every command's ``--device``.
+DEVICE_HELP = (
+    "where the networks run: auto (the default: CUDA, else Apple MPS, else the CPU), "
+    "cpu, cuda, cuda:1, mps"
+)
 
 
 def drive(gen, quiet: bool, on_epoch=None):
@@ -76,14 +84,11 @@ def smear_setup(args, model, **options):
     Uses ``args.device``, ``args.pixel_size``, ``args.stain_normalization``
     and ``args.tta``; ``options`` are further :class:`ClassifyConfig` fields.
     """
+    from .api import loaded_model
     from .pipeline import ClassifyConfig
-    from .routing import load_model
 
-    ensemble = load_model(
-        model,
-        device="cpu" if args.device == "auto" else args.device,
-        classes=getattr(args, "classes", None),
-    )
+    # The same loading as the public napari_wbc.load_model / classify_smear.
+    ensemble = loaded_model(model, args.device, classes=getattr(args, "classes", None))
     config = ClassifyConfig(
         pixel_size_um=args.pixel_size,
         rbc_diameter_px=args.rbc_diameter_px,
@@ -122,13 +127,10 @@ def add_adapt_option(p) -> None:
         const="on",
         dest="adapt",
         default="auto",
-        help="adapt the model to these cells without labels first, for cells from a lab "
-        f"the models never saw (needs {ADAPT_PROTOTYPE_MIN_CELLS} cells or more of one source, "
-        f"{ADAPT_MIN_CELLS} with adabn); with several images, once to all their cells. By "
-        "default (neither --adapt nor --no-adapt) a crop set or image that --model auto "
-        "gives the three-lab model is adapted to its own cells when it holds enough: leave "
-        "one lab out it raised macro-F1 on both held-out labs; PBC-like images go to the "
-        "specialist unadapted (docs/results.md)",
+        help="adapt the model to these cells without labels before classifying them (needs "
+        f"{ADAPT_PROTOTYPE_MIN_CELLS} cells or more, {ADAPT_MIN_CELLS} with adabn; several "
+        "images are adapted to once, together). Default: only what --model auto gives "
+        "wbc-lite is adapted, when it holds enough cells (docs/results.md says why)",
     )
     group.add_argument(
         "--no-adapt",
@@ -240,7 +242,7 @@ def _add_crop_model_options(p) -> None:
     add_tta_option(p)
     add_threads_option(p)
     p.add_argument("--batch-size", type=int, default=32, help="crops per forward pass")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument(
         "--stain-source",
         choices=STAIN_SOURCES,
@@ -596,7 +598,7 @@ def add_model_commands(subparsers) -> None:
     )
     p.add_argument("--input-size", type=int, help="override the network input size (px)")
     add_threads_option(p)
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 

@@ -79,34 +79,55 @@ def relabel(
 
 
 class TerminalBar:
-    """A minimal progress bar on stderr for the CLI (a callback for :func:`run`)."""
+    """Progress events as tqdm bars on stderr, one line per stage (a callback for :func:`run`).
 
-    def __init__(self, stream=None, width: int = 30, min_interval: float = 0.1):
+    A stage with a known ``total`` gets a bar with its count, elapsed and
+    remaining time; one without just its message. tqdm is imported when the
+    first event arrives, so a quiet run never imports it.
+    """
+
+    def __init__(self, stream=None, min_interval: float = 0.1):
         self.stream = stream or sys.stderr
-        self.width = width
         self.min_interval = min_interval
+        self._bar = None
+        self._stage: str | None = None
         self._last = 0.0
-        self._stage = None
 
     def __call__(self, event: Progress) -> None:
         now = time.monotonic()
-        final = event.total and event.done >= event.total
+        final = bool(event.total) and event.done >= event.total
         if event.stage == self._stage and not final and now - self._last < self.min_interval:
             return
-        if self._stage is not None and event.stage != self._stage:
-            self.stream.write("\n")
-        self._stage, self._last = event.stage, now
+        self._last = now
+        # The message goes into the format itself: tqdm's postfix would add ", ".
+        message = event.message[:80].replace("{", "{{").replace("}", "}}")
         if event.total:
-            filled = int(self.width * min(event.done / event.total, 1.0))
-            bar = "#" * filled + "-" * (self.width - filled)
-            text = f"\r{event.stage:>10} [{bar}] {event.done}/{event.total} {event.message}"
+            layout = "{desc} {bar:30} {n_fmt}/{total_fmt} [{elapsed}<{remaining}] " + message
+            total, done = event.total, min(event.done, event.total)
         else:
-            text = f"\r{event.stage:>10} {event.message}"
-        self.stream.write(text[:160].ljust(60))
-        self.stream.flush()
+            layout, total, done = "{desc} [{elapsed}] " + message, None, event.done
+        if event.stage != self._stage:
+            self.close()
+            from tqdm import tqdm
+
+            self._bar = tqdm(
+                total=total,
+                initial=done,
+                desc=f"{event.stage:>10}",
+                bar_format=layout,
+                file=self.stream,
+                leave=True,
+                mininterval=self.min_interval,
+            )
+            self._stage = event.stage
+            return
+        bar = self._bar
+        bar.total, bar.n, bar.bar_format = total, done, layout
+        bar.refresh()
 
     def close(self) -> None:
-        if self._stage is not None:
-            self.stream.write("\n")
-            self.stream.flush()
+        """End the current stage's line."""
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
             self._stage = None
