@@ -32,6 +32,7 @@ CORE_MODULES = [
     "napari_wbc.export",
     "napari_wbc.training",
     "napari_wbc.cli_models",
+    "napari_wbc.api",
 ]
 GUI_PREFIXES = (
     "qtpy",
@@ -60,6 +61,14 @@ def test_package_import_is_light():
     assert "torch" not in mods
     assert not [m for m in mods if m.startswith(GUI_PREFIXES)]
     assert "napari" not in mods
+
+
+def test_the_public_calls_are_resolved_without_importing_torch():
+    # `import napari_wbc` names them; each is imported from its module when used,
+    # and the module that defines classify_smear imports the pipeline only when it runs.
+    mods = _imported_after("import napari_wbc\nnapari_wbc.classify_smear, napari_wbc.read_smear")
+    assert "torch" not in mods
+    assert "napari_wbc.pipeline" not in mods
 
 
 def test_reader_and_sample_hooks_do_not_import_torch():
