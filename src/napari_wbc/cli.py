@@ -115,7 +115,6 @@ def cmd_reference(args) -> int:
 def cmd_classify(args) -> int:
     from .images import list_image_files
     from .models.files import resolve_model
-    from .smears import iter_classify_files
 
     model = resolve_model(args.model)
     formats = [f.strip().lower() for f in args.format.split(",") if f.strip()]
@@ -124,6 +123,8 @@ def cmd_classify(args) -> int:
         raise WBCError(f"unknown format(s) {', '.join(bad)}; choose from csv, geojson")
     # Check the inputs before loading the model (and torch): a typo fails at once.
     n_images = len(list_image_files(args.inputs))
+    from .smears import iter_classify_files  # (imports torch)
+
     ensemble, config = smear_setup(args, model, block=args.block)
     client = None
     if args.scheduler:
