@@ -274,7 +274,7 @@ def test_the_automatic_choice_is_the_default_and_says_which_model_it_took(
     w.run()
     _wait(qtbot, w, timeout=240_000)
     # The sample is painted from PBC cells: the specialist classifies it.
-    assert "model wbc-pbc" in w.status.value
+    assert "Model chosen: wbc-pbc" in w.status.value
     assert w.result_layer.metadata["model"] == "wbc-pbc"
 
 
@@ -291,24 +291,6 @@ def test_a_new_result_layer_is_shown_step_by_step_as_the_labels_switch_says(widg
     assert layer.text.visible
 
 
-def test_prewarm_draws_off_the_layer_list_and_leaves_the_scene_as_it_was(
-    make_napari_viewer, qtbot, monkeypatch
-):
-    from napari_wbc._qt import _common
-    from napari_wbc._qt.classify import _PREWARM_STYLE
-
-    monkeypatch.setattr(_common, "_PREWARMED", [])
-    viewer = make_napari_viewer()
-    viewer.open_sample("napari-wbc", "smear")
-    canvas = viewer.window._qt_viewer.canvas
-    before = list(canvas.view.scene.children)
-    _common.prewarm_points_drawing(viewer, **_PREWARM_STYLE)
-    qtbot.wait(50)  # the draw step runs on the next turn of the event loop
-    assert _common._PREWARMED  # it ran (once per session)
-    assert [layer.name for layer in viewer.layers] == ["synthetic smear"]
-    assert list(canvas.view.scene.children) == before
-
-
 def test_a_5_part_panel_gives_five_classes_in_the_layer_and_the_count(widget, qtbot):
     from napari_wbc.panels import FIVE_PART
 
@@ -322,3 +304,148 @@ def test_a_5_part_panel_gives_five_classes_in_the_layer_and_the_count(widget, qt
     table = widget.counts
     rows = {table.item(r, 0).text() for r in range(table.rowCount())}
     assert rows - {"total"} <= set(FIVE_PART)
+
+
+#: Words of the core's stage names and messages a hematologist does not read
+#: (issue #33: "route: 25 cells to choose the model by", "doubtful: classified
+#: 4/4 crops in doubt (model 3/3, views 2-4)").
+JARGON = (
+    "route",
+    "doubtful",
+    "crops in doubt",
+    "views ",
+    "blocks:",
+    "model 1/",
+    "choose the model by",
+)
+
+
+def _ours(warning) -> bool:
+    """Whether a recorded warning comes from napari-wbc (or from napari, about our code)."""
+    text = str(warning.message)
+    return (
+        "napari_wbc" in str(warning.filename)
+        or "Private attribute access" in text  # napari: a plugin used its private API
+        or "Applying the encoding failed" in text  # a layer style our code set
+    )
+
+
+def test_a_normal_classify_run_is_quiet_and_in_plain_words(
+    make_napari_viewer, qtbot, tiny_model_path
+):
+    """No warning nor warning toast from our code, from opening the dock to the count."""
+    import warnings
+
+    from napari.utils.notifications import NotificationSeverity, notification_manager
+
+    from napari_wbc._qt._common import models_loaded
+
+    toasts = []
+    notification_manager.notification_ready.connect(toasts.append)
+    viewer = make_napari_viewer(show=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        viewer.open_sample("napari-wbc", "gallery")
+        _dock, w = viewer.window.add_plugin_dock_widget("napari-wbc", "Classify white cells")
+        qtbot.waitUntil(models_loaded, timeout=120_000)
+        qtbot.wait(300)  # anything the dock schedules once torch has loaded
+        w.model.value = MODEL_FILE
+        w.model_file.value = tiny_model_path
+        statuses = []
+        w.run()
+        # After the runner's own handler: the status as the event left it.
+        w.runner.worker.yielded.connect(lambda _e: statuses.append(w.status.value))
+        _wait(qtbot, w)
+        statuses.append(w.status.value)
+    notification_manager.notification_ready.disconnect(toasts.append)
+    assert len(w.result_layer.data) > 0, w.status.value
+    ours = [f"{x.category.__name__}: {x.message} ({x.filename})" for x in caught if _ours(x)]
+    assert ours == []
+    loud = [n.message for n in toasts if n.severity >= NotificationSeverity.WARNING]
+    assert loud == []
+    assert len(statuses) >= 3
+    for text in statuses:
+        assert not any(word in text for word in JARGON), text
+
+
+def test_plain_words_for_the_core_progress_messages():
+    from napari_wbc._qt._common import plain_status
+    from napari_wbc.progress import Progress
+
+    assert (
+        plain_status(Progress("route", 2, 6, "25 cells to choose the model by"))
+        == "Choosing the model: looking at 25 cells"
+    )
+    doubtful = plain_status(
+        Progress("doubtful", 8, 12, "classified 4/4 crops in doubt (model 3/3, views 2-4)")
+    )
+    assert doubtful == "Checking 4 uncertain cells more closely (66%)"
+    verdict = plain_status(
+        Progress(
+            "route",
+            1,
+            1,
+            "wbc-pbc: 4% of 25 cells look unlike the PBC specialist's training cells "
+            "(it is used when at most 30% do)",
+        )
+    )
+    assert verdict.startswith("Model chosen: wbc-pbc") and "≤" not in verdict
+    # A stage with no words of its own is shown as it comes.
+    assert plain_status(Progress("newstage", 0, 1, "working")) == "newstage: working"
+
+
+def test_corrections_count_in_the_table_and_train_defaults_to_the_result(
+    make_napari_viewer, qtbot, tiny_model_path
+):
+    """Issue #33: Train picks the Classify result; a correction changes the count at once."""
+    from napari_wbc._qt.train import SOURCE_POINTS, TrainWidget
+    from napari_wbc.annotations import EXCLUDED
+
+    viewer = make_napari_viewer()
+    viewer.open_sample("napari-wbc", "gallery")  # its truth is a Points layer too
+    _dock, train = viewer.window.add_plugin_dock_widget(
+        "napari-wbc", "Train classifier from annotations"
+    )
+    assert isinstance(train, TrainWidget) and train.source.value == SOURCE_POINTS
+    _dock, w = viewer.window.add_plugin_dock_widget("napari-wbc", "Classify white cells")
+    w.model.value = MODEL_FILE
+    w.model_file.value = tiny_model_path
+    w.run()
+    _wait(qtbot, w)
+    result = viewer.layers[f"{w.image.value.name} cells"]
+    assert train.layer.value.name == result.name  # not the truth layer above it
+    # A dock opened after the run picks the result too.
+    _dock, later = viewer.window.add_plugin_dock_widget(
+        "napari-wbc", "Train classifier from annotations"
+    )
+    assert later.layer.value.name == result.name
+
+    def counts():
+        return w.counts.rows()
+
+    before = counts()
+    classes = result.features["class"].astype(str).to_numpy()
+    first = classes[0]
+    new = next(c for c in train.pick.choices if c not in (first, EXCLUDED))
+    # The user picks the truth layer by mistake, then selects a cell in the result.
+    truth = next(layer for layer in viewer.layers if layer.name.endswith("truth"))
+    train.layer.value = truth
+    viewer.layers.selection.active = result
+    result.selected_data = {0}
+    train.pick.value = new
+    train.set_class_button.clicked()
+    assert result.features["class"].iloc[0] == new
+    assert bool(result.features["reviewed"].iloc[0])
+    assert train.layer.value.name == result.name  # the corrections are what it trains on
+    after = counts()
+    assert after[new] == before.get(new, 0) + 1
+    assert after[first] == before[first] - 1
+    assert after["total"] == before["total"]
+    # Excluded (not a white cell): out of the count.
+    result.selected_data = {1}
+    train.pick.value = EXCLUDED
+    train.set_class_button.clicked()
+    assert counts()["total"] == before["total"] - 1
+    # Only the two cells the user saw count as training labels.
+    table = train.update_counts()
+    assert int(table["count"].sum()) == 1  # the excluded one is no label

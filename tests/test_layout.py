@@ -48,3 +48,59 @@ def test_all_widgets_docked_fit_1280x800_with_half_the_width_for_the_canvas(
     )
     assert canvas.height() >= 400
     assert path.stat().st_size > 10_000
+
+
+def fully_visible(widget) -> bool:
+    """Whether a widget is drawn whole: its visible region is its whole rectangle."""
+    shown = widget.visibleRegion().boundingRect()
+    return widget.isVisible() and shown.size() == widget.size() and not shown.isEmpty()
+
+
+def test_three_docks_at_1280x800_show_their_buttons_status_and_every_count_row(
+    make_napari_viewer, qtbot
+):
+    """Issue #33: Run, Train, the statuses and the whole count table in view, no scrolling."""
+    import pandas as pd
+
+    viewer = make_napari_viewer(show=True)
+    viewer.open_sample("napari-wbc", "bccd")
+    window = viewer.window._qt_window
+    window.resize(1280, 800)
+    docked = {
+        name: viewer.window.add_plugin_dock_widget("napari-wbc", name)[1] for name in WIDGETS
+    }
+    classify = docked["Classify white cells"]
+    classes = [
+        "basophil", "eosinophil", "erythroblast", "ig",
+        "lymphocyte", "monocyte", "neutrophil", "platelet",
+    ]  # fmt: skip
+    table = pd.DataFrame(
+        {
+            "class": [*classes, "total"],
+            "count": [1, 2, 0, 3, 10, 4, 20, 0, 40],
+            "percent": [2.5, 5.0, 0.0, 7.5, 25.0, 10.0, 50.0, 0.0, 100.0],
+            "needs_review": [0] * 9,
+        }
+    )
+    classify.counts.show_counts(table)  # PBC's 8 classes and the total
+    for widget in docked.values():  # a two-line status in each
+        widget.status.value = (
+            "Finding and classifying the white cells (part 3 of 6), 25 cells so far"
+        )
+    settle(qtbot, 500)
+    window.resize(1280, 800)
+    settle(qtbot, 500)
+    assert window.height() <= 800
+    for name, widget in docked.items():
+        assert fully_visible(widget.run_button.native), f"{name}: main button hidden"
+        assert fully_visible(widget.status.native), f"{name}: status hidden"
+    assert docked["Train classifier from annotations"].run_button.text == "Train"
+    counts = classify.counts
+    assert fully_visible(counts)
+    assert counts.rowCount() == 9
+    viewport = counts.viewport().rect()
+    for row in range(counts.rowCount()):
+        rect = counts.visualItemRect(counts.item(row, 0))
+        assert viewport.contains(rect), f"row {row} ({counts.item(row, 0).text()}) cut off"
+    canvas = viewer.window._qt_viewer.canvas.native
+    assert canvas.width() >= window.width() / 2

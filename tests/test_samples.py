@@ -149,3 +149,32 @@ def test_open_sample_gives_image_and_truth_layers(make_napari_viewer, key):
     assert "class" in truth.features.columns
     # Truth and image share a scale, so the points sit on their cells.
     assert tuple(truth.scale) == tuple(image.scale)
+
+
+@pytest.mark.gui
+def test_both_real_samples_open_together_in_um_side_by_side(make_napari_viewer):
+    """Issue #33: no "Inconsistent units across layers", and BCCD does not hide the gallery."""
+    import warnings
+
+    viewer = make_napari_viewer()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # napari's inconsistent-units warning
+        viewer.open_sample("napari-wbc", "gallery")
+        viewer.open_sample("napari-wbc", "bccd")
+        viewer.open_sample("napari-wbc", "smear")
+    images = [layer for layer in viewer.layers if getattr(layer, "rgb", False)]
+    assert len(images) == 3
+    # What napari checks before it shows "Inconsistent units across layers".
+    assert viewer.layers.extent.units is not None
+    assert {tuple(str(u) for u in layer.units) for layer in viewer.layers} == {
+        ("micrometer", "micrometer")
+    }
+    # Their footprints in the world do not overlap.
+    boxes = [layer.extent.world[:, -2:] for layer in images]
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1 :]:
+            apart = (a[1] <= b[0]).any() or (b[1] <= a[0]).any()
+            assert apart, (a, b)
+    # BCCD's pixel size is measured when classifying, not taken from the display scale.
+    bccd = next(layer for layer in images if "BCCD" in layer.name)
+    assert bccd.metadata["pixel_size_um"] is None

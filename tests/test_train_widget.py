@@ -68,11 +68,17 @@ def test_labels_annotations_train_a_model_that_classifies(setup, qtbot, tiny_mod
     assert counts["lymphocyte"] == (picked.label == "lymphocyte").sum()
     assert "too few" in w.counts.value and "lymphocyte" in w.counts.value  # 3 < 5
 
+    bar = []
+    w.progress.changed.connect(lambda _v: bar.append(w.progress.value / w.progress.max))
     w.run(tiny_config())
     _wait(qtbot, w)
     out = tmp_path / "tuned.safetensors"
     assert out.is_file(), w.status.value
     assert w.model_path == out
+    during = bar[: bar.index(1.0) + 1] if 1.0 in bar else bar
+    assert during == sorted(during), during  # one bar over both stages
+    saved = read_model_config(out).metrics["macro_f1"]
+    assert f"macro-F1 of {saved:.2f}" in w.status.value
     assert len(w.plot.epochs) == 2  # one epoch per stage, plotted live
     assert w.plot.caption() == "epoch (stage 1, then stage 2)"
     assert 0 <= w.plot.epochs[-1]["val_macro_f1"] <= 1
@@ -257,3 +263,54 @@ def test_crops_folder_stage2_only(setup, qtbot, tmp_path):
     assert read_model_config(out).training["stages"] == "stage2"
     assert [e["stage"] for e in w.plot.epochs] == [2]
     assert w.plot.caption() == "epoch (stage 2)"  # not "stage 1, then stage 2"
+
+
+def trainer_events(epochs1=2, epochs2=2, batches=3):
+    """Progress events shaped as the trainer yields them (both stages)."""
+    from napari_wbc.progress import Progress
+
+    events = [Progress("scale", 1, 1, "red cell ≈ 50 px"), Progress("crops", 5, 10, "")]
+    for stage, epochs in (("stage1", epochs1), ("stage2", epochs2)):
+        if stage == "stage2":
+            events.append(Progress("stage2", 1, 2, "extracting features (train)"))
+        for epoch in range(epochs):
+            for b in range(1, batches + 1):
+                done = epoch * batches + b
+                info = {"epoch": epoch + 1, "batch": b, "loss": 1.0}
+                events.append(Progress(stage, done, epochs * batches, "", info))
+            events.append(Progress(stage, 0, 0, "validating 1/2"))
+            info = {"event": "epoch", "epoch": epoch + 1, "val_macro_f1": 0.5, "loss": 1.0}
+            events.append(Progress(stage, (epoch + 1) * batches, 0, "", info))
+    events.append(Progress("done", 1, 1, "saved"))
+    return events
+
+
+def test_one_progress_bar_over_both_stages_never_goes_back():
+    from napari_wbc._qt.train import training_bar
+
+    bar = training_bar(tiny_config(epochs_stage1=2, epochs_stage2=2))
+    shown = [bar(e) for e in trainer_events()]
+    values = [done / total for done, total in (s for s in shown if s is not None)]
+    assert values == sorted(values)  # never drops (to 0 at each epoch, as it did)
+    assert values[-1] == 1.0
+    # Halfway through all the epochs once stage 1's are done.
+    events = trainer_events()
+    last_stage1 = max(i for i, e in enumerate(events) if e.stage == "stage1" and e.total)
+    done, total = bar(events[last_stage1])
+    assert done / total == 0.5
+
+
+def test_the_status_gives_the_saved_models_score_not_the_last_rounds(setup, monkeypatch, tmp_path):
+    import napari_wbc.models.files as files
+
+    _viewer, w, _ = setup
+    from types import SimpleNamespace
+
+    # The best round's model, the one saved, scored 0.67; the last round 0.50.
+    saved = SimpleNamespace(metrics={"macro_f1": 0.67})
+    monkeypatch.setattr(files, "read_model_config", lambda _path: saved)
+    w.plot.add({"stage": 1, "loss": 1.0, "val_macro_f1": 0.67, "best_val_macro_f1": 0.67})
+    w.plot.add({"stage": 2, "loss": 0.8, "val_macro_f1": 0.50, "best_val_macro_f1": 0.67})
+    w._done(tmp_path / "tuned.safetensors")
+    assert "0.67" in w.status.value and "0.50" not in w.status.value
+    assert "Classify" in w.status.value

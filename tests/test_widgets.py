@@ -148,4 +148,19 @@ def test_png_opens_in_memory_and_is_not_called_lazy(make_napari_viewer, qtbot, t
     widget.run()
     _wait(qtbot, widget)
     assert "field (reinhard)" in viewer.layers, widget.status.value
-    assert "ready" in widget.status.value and "lazily" not in widget.status.value
+    assert "Done" in widget.status.value and "lazily" not in widget.status.value
+
+
+def test_false_colours_are_refused_and_the_widget_says_so(make_napari_viewer, qtbot):
+    """Issue #33: Macenko turned a BCCD field's red cells violet and nuclei green, silently."""
+    viewer = make_napari_viewer()
+    viewer.open_sample("napari-wbc", "bccd")
+    _dock, widget = viewer.window.add_plugin_dock_widget("napari-wbc", "Stain normalization")
+    widget.method.value = "macenko"
+    widget.run()
+    _wait(qtbot, widget, timeout=120_000)
+    out = [layer for layer in viewer.layers if layer.metadata.get("stain_source")]
+    assert len(out) == 1
+    assert out[0].metadata["stain_method"] != "macenko"
+    assert "macenko could not be used" in widget.status.value
+    assert "false colours" in widget.status.value

@@ -9,6 +9,15 @@ from .images import is_supported, read_smear
 #: Image formats read whole into memory (TIFF is read lazily, tile by tile).
 DECODED_WHOLE = (".jpg", ".jpeg", ".png", ".bmp")
 
+#: The BCCD fields' red cells measure 107.5 px (69 cells, scale.iter_resolve_scale):
+#: about 0.07 µm per pixel. Used only to show the sample in µm beside the others;
+#: the layer's metadata keeps no pixel size, so classifying measures the red cells.
+BCCD_RBC_PX = 107.5
+
+#: Where each built-in sample sits in the world (µm, top-left corner): side by
+#: side, so that opening several shows them all instead of one above another.
+SAMPLE_ORIGIN_UM = {"smear": (0.0, 0.0), "gallery": (0.0, 220.0), "bccd": (0.0, 450.0)}
+
 
 def smear_layer_data(smear, name: str | None = None) -> tuple:
     """Layer-data tuple for a :class:`~napari_wbc.images.Smear` (scale in µm when known)."""
@@ -82,11 +91,17 @@ def _real_sample(name: str) -> list:
     import numpy as np
 
     from .samples import load_sample
+    from .scale import RBC_DIAMETER_UM
 
     sample = load_sample(name)
-    scale = (sample.pixel_size_um,) * 2 if sample.pixel_size_um else (1.0, 1.0)
-    units = ("µm", "µm") if sample.pixel_size_um else ("pixel", "pixel")
-    common = {"scale": scale, "units": units}
+    # Every sample in µm (napari warns of inconsistent units across layers
+    # otherwise), each at its own place.
+    shown = sample.pixel_size_um or RBC_DIAMETER_UM / BCCD_RBC_PX
+    common = {
+        "scale": (shown, shown),
+        "units": ("µm", "µm"),
+        "translate": SAMPLE_ORIGIN_UM.get(name, (0.0, 0.0)),
+    }
     meta = {"pixel_size_um": sample.pixel_size_um, "sample": name, "licence": sample.info.licence}
     truth = sample.truth
     points = np.column_stack([truth["y"], truth["x"]]).astype(float)
@@ -94,7 +109,7 @@ def _real_sample(name: str) -> list:
     if {"width", "height"} <= set(truth.columns):  # boxes: a ring round each box
         size = truth[["width", "height"]].max(axis=1).to_numpy(float)
     else:  # a white cell is at most ~14 µm across
-        size = np.full(len(truth), 14.0 / (sample.pixel_size_um or 0.1))
+        size = np.full(len(truth), 14.0 / shown)
     return [
         (
             sample.image,

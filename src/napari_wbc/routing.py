@@ -81,7 +81,7 @@ class Route:
             )
         return (
             f"{self.model}: {self.ood_share:.0%} of {self.cells} cells look unlike the PBC "
-            f"specialist's training cells (specialist chosen at ≤ {ROUTE_MAX_OOD_SHARE:.0%})"
+            f"specialist's training cells (it is used when at most {ROUTE_MAX_OOD_SHARE:.0%} do)"
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -822,6 +822,35 @@ def iter_fit_stain_reference(
 # ---------------------------------------------------------------- applying
 
 
+def _check_output_colours(method: str, source, target) -> None:
+    """Refuse a transform that turns the image's nuclei and red cells into false colours.
+
+    A fit can pass every check and still swap the stains on an image (a
+    BCCD field under Macenko: red cells violet, nuclei mint green). The
+    source's mean nucleus and red-cell colours (its "regions" statistics)
+    are put through the transform: the nucleus must stay darker than the
+    red cell and purple, violet or blue.
+    """
+    stats = source.stats.get("regions")
+    if method in ("none", "regions") or not stats:
+        return  # "regions" maps those two colours onto the reference's by construction
+    probe = StainNormalizer("none", None, None)
+    probe.method, probe.source, probe.target = method, source, target
+    impl = get_stain_method(method)
+    probe._apply = impl.transform(source, target)
+    probe._fade = np.float32(impl.fade_od)
+    probe._lut = _od_lut(source.background)
+    od = np.array([stats["nucleus_od"], stats["rbc_od"]], np.float64)
+    i0 = np.asarray(source.background, np.float64) + 1.0
+    colours = np.clip(np.rint(i0 * np.exp(-od) - 1.0), 0, 255).astype(np.uint8)
+    nucleus, rbc = optical_density(probe._transform(colours), source.background).astype(float)
+    what = f"{method} turns this image's nuclei and red cells into false colours"
+    if nucleus.sum() < NUCLEUS_DENSITY * rbc.sum():
+        raise StainFitError(f"{what} (the nuclei come out lighter than the red cells)")
+    if nucleus[2] >= max(nucleus[0], nucleus[1]) or nucleus[1] <= min(nucleus[0], nucleus[2]):
+        raise StainFitError(f"{what} (the nuclei are no longer purple, violet or blue)")
+
+
 class StainNormalizer:
     """A fixed per-pixel transform from a source's stains to a target's.
 
@@ -857,6 +886,7 @@ class StainNormalizer:
             try:
                 source.method_stats(name)
                 target.method_stats(name)
+                _check_output_colours(name, source, target)
                 break
             except StainFitError as exc:
                 nxt = get_stain_method(name).fallback or "none"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import threading
 import time
@@ -80,6 +81,107 @@ CANCELLED = object()
 _UI_INTERVAL = 0.1
 
 
+def _first_number(text: str, pattern: str = r"(\d+)") -> str | None:
+    match = re.search(pattern, text)
+    return match.group(1) if match else None
+
+
+def _percent(event) -> str:
+    return f" ({100 * event.done // event.total}%)" if event.total else ""
+
+
+def _route(event) -> str:
+    n = _first_number(event.message, r"^(\d+) cells to")
+    if n is not None:  # cells being cut to choose by
+        return f"Choosing the model: looking at {n} cells"
+    return f"Model chosen: {event.message}" if event.message else "Choosing the model"
+
+
+def _doubtful(event) -> str:
+    n = _first_number(event.message, r"/(\d+) crops")
+    cells = f"{n} uncertain cells" if n else "the uncertain cells"
+    return f"Checking {cells} more closely{_percent(event)}"
+
+
+def _cells_found(event) -> str:
+    n = _first_number(event.message, r"^(\d+) cells")
+    found = f", {n} cells so far" if n else ""
+    part = f" (part {event.done} of {event.total})" if event.total > 1 else ""
+    return f"Finding and classifying the white cells{part}{found}"
+
+
+def _adapt(event) -> str:
+    if event.message.startswith("not adapted"):
+        return event.message[:1].upper() + event.message[1:]
+    return f"Adapting the model to this image's cells{_percent(event)}"
+
+
+def _training(stage: str):
+    what = {
+        "stage1": "Training the whole network",
+        "stage2": "Training the classifier on the cells' features",
+    }[stage]
+
+    def describe(event) -> str:
+        epoch = event.info.get("epoch")
+        if event.info.get("event") == "epoch":
+            best = event.info.get("best_val_macro_f1", event.info["val_macro_f1"])
+            return (
+                f"{what}: round {epoch} done, macro-F1 {event.info['val_macro_f1']:.2f} on "
+                f"the validation cells (the best round, {best:.2f}, is the one kept)"
+            )
+        if epoch is not None and "batch" in event.info:
+            return f"{what}: round {epoch}{_percent(event)}"
+        if event.message.startswith("validating"):
+            return f"{what}: checking it on the validation cells"
+        if event.message.startswith("extracting"):
+            return f"{what}: measuring the cells' features{_percent(event)}"
+        return f"{what}: {event.message}" if event.message else what
+
+    return describe
+
+
+#: Each stage of the core's work in words a hematologist reads without the docs
+#: (the core's stage names and messages are short and technical: "route",
+#: "doubtful: classified 4/4 crops in doubt (model 3/3, views 2-4)").
+_STAGE_WORDS: dict[str, Callable] = {
+    "model": lambda e: e.message or "Loading the model",
+    "scale": lambda e: "Measuring the red cells to set the scale",
+    "setup": lambda e: "Measuring the glass colour and the nuclear stain",
+    "sample": lambda e: "Reading the image's stain colours",
+    "fit": lambda e: "Measuring the stain colours",
+    "stain": lambda e: "Measuring the stain colours",
+    "cache": lambda e: "Preparing the model",
+    "detect": lambda e: f"Finding the white cells: {e.message}",
+    "blocks": _cells_found,
+    "route": _route,
+    "classify": lambda e: f"Classifying the cells{_percent(e)}",
+    "doubtful": _doubtful,
+    "adapt": _adapt,
+    "layer": lambda e: f"Drawing the {e.message}" if e.message else "Drawing the cells",
+    "crops": lambda e: f"Cutting out the annotated cells{_percent(e)}",
+    "write": lambda e: f"Cutting out the annotated cells{_percent(e)}",
+    "read": lambda e: f"Reading the cell images{_percent(e)}",
+    "features": lambda e: f"Measuring the cells' features{_percent(e)}",
+    "stage1": _training("stage1"),
+    "stage2": _training("stage2"),
+    "validate": lambda e: "Checking the saved model on the validation cells",
+    "apply": lambda e: "Applying the stain normalization",
+    "done": lambda e: "Finished",
+}
+
+
+def plain_status(event) -> str:
+    """A progress event as a sentence for the status line."""
+    describe = _STAGE_WORDS.get(event.stage)
+    if describe is not None:
+        try:
+            return describe(event)
+        except (KeyError, TypeError, ValueError):  # an event shaped unlike the core's today
+            log.debug("no plain words for %r", event, exc_info=True)
+    return f"{event.stage}: {event.message}" if event.message else event.stage
+
+
 _WARMING = []
 _LOADED = threading.Event()
 
@@ -127,53 +229,6 @@ def warm_up_models() -> None:
     thread = threading.Thread(target=load, name="napari-wbc warm-up", daemon=True)
     _WARMING.append(thread)
     thread.start()
-
-
-_PREWARMED = []
-
-
-def prewarm_points_drawing(viewer, **points_kwargs) -> None:
-    """Draw a throwaway Points layer once, off screen, so the first result draws fast.
-
-    napari's first Points layer in a session costs its layer classes' set-up
-    and the compilation of its shaders (about 0.25 s on software OpenGL),
-    paid on the main thread when a run's result appears. Paid here instead,
-    when the widget is idle, in two short steps (make, then draw), with a
-    layer that never enters the layer list: its visual joins the scene for
-    one draw and is closed. Best effort: it relies on napari's private
-    canvas, and anything unexpected only skips it.
-    """
-    if _PREWARMED:
-        return
-    _PREWARMED.append(True)
-    try:
-        import warnings
-
-        import numpy as np
-        from napari._vispy.utils.visual import create_vispy_layer
-        from napari.layers import Points
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # napari warns that _qt_viewer is private
-            canvas = viewer.window._qt_viewer.canvas
-        layer = Points(np.zeros((1, 2)), opacity=0.0, **points_kwargs)
-        visual = create_vispy_layer(layer, font_info=canvas.font_info())
-        visual.node.parent = canvas.view.scene
-    except Exception:  # a cost avoided, never a feature: skip it on any surprise
-        log.debug("Points pre-warm skipped", exc_info=True)
-        return
-
-    def draw():
-        try:
-            canvas.native.repaint()
-        except Exception:
-            log.debug("Points pre-warm draw skipped", exc_info=True)
-        finally:
-            visual.node.parent = None
-            visual.close()
-            canvas.native.update()
-
-    QTimer.singleShot(0, draw)
 
 
 def when_models_loaded(callback: Callable[[], None], poll_ms: int = 250) -> None:
@@ -225,23 +280,31 @@ class _PageScroll(QScrollArea):
         return hint
 
     def minimumSizeHint(self):
-        # As wide as the page needs (no horizontal scrolling), as low as a few rows.
+        # As wide as the page needs (no horizontal scrolling), as low as two rows:
+        # the dock's footer (its button, status and result) keeps its height.
         hint = super().minimumSizeHint()
         page = self.widget()
         if page is not None:
             bar = self.verticalScrollBar().sizeHint().width()
             hint.setWidth(page.minimumSizeHint().width() + bar)
-            hint.setHeight(120)
+            hint.setHeight(MIN_SETTINGS_HEIGHT)
         return hint
 
 
-class DockPage(Container):
-    """A widget whose controls sit in sections inside a vertical scroll area.
+#: The least height (px) a dock's scrolling settings area is squeezed to.
+MIN_SETTINGS_HEIGHT = 56
 
-    Docked on the right of napari beside other widgets, it never asks for
-    more height than the screen has (the page scrolls) nor for more width
-    than its narrowest useful layout (labels wrap, combo boxes shrink), so
-    the canvas stays on screen at 1280 × 800.
+
+class DockPage(Container):
+    """A widget whose settings scroll above a footer that never does.
+
+    The settings sit in sections inside a vertical scroll area; the main
+    button, the progress, the status and the result sit in the footer
+    below it (:meth:`add_footer`), always in view. Docked on the right of
+    napari beside the other widgets at 1280 × 800, the settings scroll
+    rather than push the button or the result out of sight, and the page
+    asks for no more width than its narrowest useful layout (labels wrap,
+    combo boxes shrink), so the canvas keeps half the window.
     """
 
     def __init__(self):
@@ -256,7 +319,13 @@ class DockPage(Container):
         self.scroll.setFrameShape(QFrame.Shape.NoFrame)
         self.scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
         self.scroll.setWidget(self.page)
-        self.native.layout().addWidget(self.scroll)
+        self.native.layout().addWidget(self.scroll, 1)
+        self.footer = QWidget()
+        self._footer_layout = QVBoxLayout(self.footer)
+        self._footer_layout.setContentsMargins(4, 2, 4, 4)
+        self._footer_layout.setSpacing(4)
+        self.footer.setSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Fixed)
+        self.native.layout().addWidget(self.footer, 0)
         # Expanding: beside other docked widgets this one takes the spare height.
         self.native.setSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Expanding)
 
@@ -290,6 +359,10 @@ class DockPage(Container):
         """Add a Qt widget to the page."""
         self._page_layout.addWidget(qwidget)
 
+    def add_footer(self, qwidget: QWidget) -> None:
+        """Add a Qt widget to the footer: always in view, never scrolled."""
+        self._footer_layout.addWidget(qwidget)
+
     def finish(self) -> None:
         """Push the controls to the top of the page."""
         self._page_layout.addStretch(1)
@@ -317,6 +390,7 @@ class WorkerRunner:
         self._on_cancelled: Callable[[], None] | None = None
         self._shown_at = 0.0
         self._last_stage = None
+        self._bar: Callable[[Progress], tuple[int, int] | None] | None = None
 
     @property
     def running(self) -> bool:
@@ -328,8 +402,14 @@ class WorkerRunner:
         on_done: Callable[[object], None],
         on_progress: Callable[[Progress], None] | None = None,
         on_cancelled: Callable[[], None] | None = None,
+        bar: Callable[[Progress], tuple[int, int] | None] | None = None,
     ) -> GeneratorWorker | None:
-        """Run ``gen`` in a worker; ``on_done(result)`` or ``on_cancelled()`` at the end."""
+        """Run ``gen`` in a worker; ``on_done(result)`` or ``on_cancelled()`` at the end.
+
+        ``bar(event)`` gives the progress bar's ``(done, total)`` for an event,
+        or None to leave it where it is (by default the event's own, and an
+        event of unknown total leaves it).
+        """
         if self.worker is not None:
             show_info(f"{self.description} is already running")
             return None
@@ -357,6 +437,7 @@ class WorkerRunner:
         self.worker = worker
         self.cancelling = False
         self._on_cancelled = on_cancelled
+        self._bar = bar
         self._shown_at, self._last_stage = 0.0, None
         self._pbar = napari_progress(total=0, desc=self.description)
         worker.yielded.connect(self._on_yielded)
@@ -388,20 +469,25 @@ class WorkerRunner:
         if event.stage == self._last_stage and not final and now - self._shown_at < _UI_INTERVAL:
             return
         self._shown_at, self._last_stage = now, event.stage
-        bar = self.widget.progress
-        bar.max = max(event.total, 1)
-        bar.value = min(event.done, bar.max) if event.total else 0
+        if self._bar is not None:
+            shown = self._bar(event)
+        else:
+            shown = (event.done, event.total) if event.total else None
+        if shown is not None:
+            done, total = shown
+            bar = self.widget.progress
+            bar.max = max(total, 1)
+            bar.value = min(max(done, 0), bar.max)
         if not self.cancelling:  # keep "cancelling…" until the work stops
-            text = f"{event.stage}: {event.message}" if event.message else event.stage
-            self.widget.status.value = text
+            self.widget.status.value = plain_status(event)
         pbar = self._pbar  # a handler below may process events and close it
-        if pbar is not None:
-            if pbar.total != event.total:
-                pbar.total = event.total
+        if pbar is not None and shown is not None:
+            if pbar.total != shown[1]:
+                pbar.total = shown[1]
             # The stage is shown in the widget; napari's activity bar keeps its
             # first description: setting a new one re-lays out the activity
             # panel, up to 0.1 s on the main thread each time.
-            pbar.n = event.done
+            pbar.n = shown[0]
 
     def _on_returned(self, value, on_done) -> None:
         if value is CANCELLED:
@@ -428,3 +514,10 @@ class WorkerRunner:
         self.widget.cancel_button.enabled = running
         if not running:
             self.widget.progress.value = 0
+
+
+def button_row(*widgets) -> QWidget:
+    """magicgui widgets side by side in one row, without margins."""
+    row = Container(widgets=list(widgets), layout="horizontal", labels=False)
+    row.margins = (0, 0, 0, 0)
+    return row.native

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import string
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -12,7 +11,6 @@ import pandas as pd
 from magicgui.widgets import (
     CheckBox,
     ComboBox,
-    Container,
     FileEdit,
     FloatSpinBox,
     ProgressBar,
@@ -20,21 +18,26 @@ from magicgui.widgets import (
 )
 from napari.layers import Labels, Points
 from napari.utils.notifications import show_info, show_warning
-from qtpy.QtCore import QTimer
+from qtpy.QtCore import Qt, QTimer
 from qtpy.QtGui import QColor
-from qtpy.QtWidgets import QAbstractItemView, QHeaderView, QTableWidget, QTableWidgetItem
+from qtpy.QtWidgets import (
+    QAbstractItemView,
+    QHeaderView,
+    QSizePolicy,
+    QTableWidget,
+    QTableWidgetItem,
+)
 
 from ._common import (
     OWNER_KEY,
     DockPage,
     WorkerRunner,
+    button_row,
     image_levels,
     models_loaded,
-    prewarm_points_drawing,
     rgb_image_layers,
     same_layer,
     warm_up_models,
-    when_models_loaded,
     wrapping_label,
 )
 
@@ -60,22 +63,6 @@ RING_WIDTH = 0.08
 
 #: Milliseconds between the steps that show a new result layer.
 _STEP_MS = 5
-
-#: The result layer's look, drawn once when the widget opens (pre-warm).
-_PREWARM_STYLE = dict(
-    face_color="transparent",
-    border_width=RING_WIDTH,
-    border_width_is_relative=True,
-    symbol=SYMBOL_CELL,
-    # Every glyph a class name may use: drawn once, they sit in the font atlas
-    # napari's text shares, and are not rendered again when the result shows.
-    text={
-        "string": string.ascii_letters + string.digits + " _-()",
-        "size": 8,
-        "color": "white",
-        "anchor": "upper_left",
-    },
-)
 
 #: Models saved by the training widget during this session, offered at once.
 SESSION_MODELS: list[Path] = []
@@ -191,10 +178,31 @@ class CountTable(QTableWidget):
         self.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
         self.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
         self.verticalHeader().setVisible(False)
+        # Compact rows, all of them shown: the table is as tall as its rows.
+        rows = self.verticalHeader()
+        rows.setMinimumSectionSize(1)
+        rows.setDefaultSectionSize(self.fontMetrics().height() + 4)
+        rows.setSectionResizeMode(QHeaderView.ResizeMode.Fixed)
         self.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
         self.horizontalHeader().setStretchLastSection(True)
-        self.setMinimumHeight(120)
+        self.setVerticalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        # The columns fit the dock's width (the last one stretches): never a
+        # horizontal scroll bar taking a row's height.
+        self.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        self.setSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Fixed)
+        self._fit_rows()
         self.setToolTip("Click a class (again) to step through its cells")
+
+    def _fit_rows(self) -> None:
+        """Make the table exactly as tall as its header and rows (a few empty rows before a run)."""
+        n = max(self.rowCount(), 3)
+        height = self.horizontalHeader().sizeHint().height()
+        height += n * self.verticalHeader().defaultSectionSize() + 2 * self.frameWidth()
+        self.setFixedHeight(height)
+
+    def setRowCount(self, rows: int) -> None:
+        super().setRowCount(rows)
+        self._fit_rows()
 
     def show_counts(self, table: pd.DataFrame) -> None:
         from ..export import class_colour
@@ -227,10 +235,6 @@ class ClassifyWidget(DockPage):
         super().__init__()
         warm_up_models()  # torch loads while the user picks the settings
         self.viewer = napari_viewer
-        # The first result layer's set-up and shader compilation, paid now
-        # instead of when the first run ends (issue #17, docs/benchmarks.md).
-        # Once torch has loaded, so the two do not compete for the interpreter.
-        when_models_loaded(lambda: prewarm_points_drawing(napari_viewer, **_PREWARM_STYLE))
         self.image = ComboBox(label="image", choices=self._image_choices)
         self.model = ComboBox(
             label="model",
@@ -313,21 +317,17 @@ class ClassifyWidget(DockPage):
             title="Settings",
             expanded=False,
         )
-        self.add_qt(Container(widgets=[self.run_button, self.cancel_button], layout="horizontal",
-                              labels=False).native)  # fmt: skip
-        self.add_form([self.progress])
-        self.add_qt(self.status.native)
-        self.counts = CountTable()
-        self.add_qt(self.counts)
         self.add_qt(self.show_labels.native)
-        exports = Container(
-            widgets=[self.export_csv, self.export_geojson, self.export_crops],
-            layout="horizontal",
-            labels=False,
-        )
-        exports.margins = (0, 0, 0, 0)
-        self.add_section("Export", exports.native, expanded=False)
         self.finish()
+        # Always in view: Run, the progress, the status and the count.
+        self.add_footer(button_row(self.run_button, self.cancel_button, self.progress))
+        self.add_footer(self.status.native)
+        self.counts = CountTable()
+        self.add_footer(self.counts)
+        self.export_label = wrapping_label(value="Export:")
+        self.add_footer(
+            button_row(self.export_label, self.export_csv, self.export_geojson, self.export_crops)
+        )
 
         self.runner = WorkerRunner(self, description="cell classification")
         self.result_layer: Points | None = None
@@ -477,7 +477,12 @@ class ClassifyWidget(DockPage):
             from ..progress import Progress
             from ..routing import load_model
 
-            yield Progress("model", 0, 1, f"loading {Path(model_path).stem}")
+            loading = (
+                "Loading the models to choose from"
+                if model_path == "auto"
+                else f"Loading the model ({Path(model_path).stem})"
+            )
+            yield Progress("model", 0, 1, loading)
             ensemble = load_model(
                 model_path,
                 device=config.device if config.device != "auto" else "cpu",
@@ -574,6 +579,10 @@ class ClassifyWidget(DockPage):
         events = self.result_layer.selected_data.events.items_changed
         events.disconnect(self._on_point_selected)  # no-op unless connected already
         events.connect(self._on_point_selected)
+        # A correction (Train widget: Set class of selected) changes the features.
+        changed = self.result_layer.events.features
+        changed.disconnect(self._on_features_changed)
+        changed.connect(self._on_features_changed)
         self._step = {}
         self.counts.show_counts(table)
         attrs = cells.attrs
@@ -583,13 +592,20 @@ class ClassifyWidget(DockPage):
             f"{attrs.get('rbc_diameter_px', 0):.0f} px ({attrs.get('scale', '')})"
         )
         if attrs.get("route"):
-            status += f"\nmodel {attrs['route']}"
+            status += f"\nModel chosen: {attrs['route']}"
         if attrs.get("warning"):
             # Most cells look unlike the model's training cells: say it where
             # the count is read, and once as a notification.
             status = f"⚠ {attrs['warning']}\n{status}"
             show_warning(f"{image_layer.name}: {attrs['warning']}")
         self.status.value = status
+
+    def _on_features_changed(self, _event=None) -> None:
+        """Count again after the user confirmed, corrected or excluded cells."""
+        layer = self.result_layer
+        if layer is None or self.busy or len(layer.features) != len(layer.data):
+            return  # a run refills the layer; its own count follows
+        self.counts.show_counts(corrected_count(layer.features, layer.metadata.get("classes")))
 
     # -- navigation ---------------------------------------------------------
     def _centre_on(self, index: int) -> None:
@@ -673,6 +689,26 @@ class ClassifyWidget(DockPage):
             out = f"{len(out)} crops in {path}"
         show_info(f"exported {out}")
         return out
+
+
+def corrected_count(features: pd.DataFrame, classes=None) -> pd.DataFrame:
+    """The differential count of the result layer's cells as the user left them.
+
+    A cell excluded (not a white cell) is not counted, a class the user added
+    gets a row, and a cell the user confirmed or corrected no longer waits
+    for review.
+    """
+    from ..annotations import EXCLUDED
+    from ..pipeline import differential_count
+
+    names = features["class"].astype(str)
+    classes = list(classes or [])
+    classes += sorted({n for n in names if n not in classes and n not in ("", EXCLUDED)})
+    cells = features.assign(**{"class": names})
+    if "needs_review" in cells.columns and "reviewed" in cells.columns:
+        reviewed = cells["reviewed"].fillna(False).astype(bool)
+        cells["needs_review"] = cells["needs_review"].fillna(False).astype(bool) & ~reviewed
+    return differential_count(cells, classes)
 
 
 def _count_table(cells: pd.DataFrame) -> pd.DataFrame:

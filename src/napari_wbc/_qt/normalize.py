@@ -5,10 +5,18 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import numpy as np
-from magicgui.widgets import ComboBox, Container, Label, ProgressBar, PushButton
+from magicgui.widgets import ComboBox, ProgressBar, PushButton
 from qtpy.QtWidgets import QSizePolicy
 
-from ._common import WorkerRunner, image_levels, narrow_combo, output_layer, rgb_image_layers
+from ._common import (
+    DockPage,
+    WorkerRunner,
+    button_row,
+    image_levels,
+    output_layer,
+    rgb_image_layers,
+    wrapping_label,
+)
 
 if TYPE_CHECKING:
     import napari
@@ -18,11 +26,11 @@ REFERENCE_LAYER = "another layer"
 REFERENCE_VIEW = "region in view"
 
 
-class StainNormalizeWidget(Container):
+class StainNormalizeWidget(DockPage):
     """Normalize the stain of an image layer into a new, lazily computed layer."""
 
     def __init__(self, napari_viewer: napari.viewer.Viewer):
-        super().__init__(labels=True)
+        super().__init__()
         self.viewer = napari_viewer
         self.image = ComboBox(label="image", choices=self._image_choices, nullable=False)
         self.method = ComboBox(label="method", choices=self._method_choices)
@@ -35,24 +43,15 @@ class StainNormalizeWidget(Container):
         self.run_button = PushButton(text="Run")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
         self.progress = ProgressBar(label="progress", value=0, max=1)
-        self.status = Label(label="", value="")
-        self.extend(
-            [
-                self.image,
-                self.method,
-                self.reference,
-                self.reference_layer,
-                self.run_button,
-                self.cancel_button,
-                self.progress,
-                self.status,
-            ]
-        )
-        # Docked beside the Classify and Train widgets, take no more height than needed.
+        self.status = wrapping_label(label="", value="")
+        self.add_form([self.image, self.method, self.reference, self.reference_layer])
+        self.finish()
+        # Always in view: Run, the progress and the status (which says when
+        # the method asked for could not be used).
+        self.add_footer(button_row(self.run_button, self.cancel_button, self.progress))
+        self.add_footer(self.status.native)
+        # Docked above the Classify and Train widgets, take no more height than needed.
         self.native.setSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Maximum)
-        self.status.native.setWordWrap(True)
-        for combo in (self.image, self.method, self.reference, self.reference_layer):
-            narrow_combo(combo)
         self.reference.changed.connect(self._on_reference_changed)
         self.run_button.clicked.connect(self.run)
         self.cancel_button.clicked.connect(self.cancel)
@@ -138,14 +137,16 @@ class StainNormalizeWidget(Container):
             lazy = (
                 " (computed lazily as you view it)" if not isinstance(out[0], np.ndarray) else ""
             )
-            self.status.value = f"{name} ready{lazy}"
+            self.status.value = f"Done: {name}{lazy}"
             if used != method:
-                # The fit was implausible for this method: say what was done instead.
+                # The fit, or the colours it gives, are implausible for this
+                # method on this image: say so, and what was done instead.
                 from napari.utils.notifications import show_warning
 
+                instead = "left as it was" if used == "none" else f"normalized with {used} instead"
                 self.status.value = (
-                    f"{name} ready: {method} refused ({normalizer.fallback_reason}), "
-                    f"{used} used instead"
+                    f"⚠ {method} could not be used on this image: "
+                    f"{normalizer.fallback_reason}. It was {instead}: {name}."
                 )
                 show_warning(self.status.value)
 

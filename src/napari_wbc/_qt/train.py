@@ -27,6 +27,7 @@ from ..annotations import DEFAULT_MIN_CONFIDENCE, EXCLUDED
 from ._common import (
     DockPage,
     WorkerRunner,
+    button_row,
     image_levels,
     rgb_image_layers,
     same_layer,
@@ -132,6 +133,49 @@ class LossPlot(QWidget):
                 painter.drawEllipse(point, 2.5, 2.5)
 
 
+def training_bar(config):
+    """The progress bar over every epoch of the stages run: ``bar(event) -> (done, total)``.
+
+    The trainer counts each stage's batches from 0 and validates between
+    epochs with no total; one bar over both stages never goes back.
+    Preparation (scale, crops, features) leaves the bar where it is.
+    """
+    steps = 1000
+    stage1 = config.epochs_stage1 if config.stages in ("both", "stage1") else 0
+    stage2 = config.epochs_stage2 if config.stages in ("both", "stage2") else 0
+    total = max(stage1 + stage2, 1) * steps
+
+    def bar(event):
+        if event.stage == "done":
+            return total, total
+        if event.stage not in ("stage1", "stage2") or "batch" not in event.info:
+            return None
+        if not event.total:
+            return None
+        offset, epochs = (0, stage1) if event.stage == "stage1" else (stage1, stage2)
+        return offset * steps + event.done * epochs * steps // event.total, total
+
+    return bar
+
+
+def saved_macro_f1(path) -> float | None:
+    """The validation macro-F1 a saved model file records, if any."""
+    from ..errors import WBCError
+    from ..models.files import read_model_config
+
+    try:
+        metrics = read_model_config(path).metrics or {}
+    except (OSError, ValueError, WBCError):
+        return None
+    value = metrics.get("macro_f1")
+    return None if value is None else float(value)
+
+
+def _is_result(layer) -> bool:
+    """Whether a layer is a Classify widget's result (cells with predicted classes)."""
+    return isinstance(layer, Points) and bool(layer.metadata.get("napari_wbc_cells"))
+
+
 class TrainWidget(DockPage):
     """Fine-tune a classifier on cells annotated in napari, and review classified cells."""
 
@@ -203,16 +247,12 @@ class TrainWidget(DockPage):
             title="Training settings",
             expanded=False,
         )  # fmt: skip
-        buttons = Container(
-            widgets=[self.run_button, self.cancel_button], layout="horizontal", labels=False
-        )
-        buttons.margins = (0, 0, 0, 0)
-        self.add_qt(buttons.native)
-        self.add_form([self.progress])
-        self.add_qt(self.status.native)
         self.plot = LossPlot()
-        self.add_qt(self.plot)
+        self.add_section("Loss and validation per round", self.plot)
         self.finish()
+        # Always in view: Train, the progress and the status.
+        self.add_footer(button_row(self.run_button, self.cancel_button, self.progress))
+        self.add_footer(self.status.native)
 
         self.runner = WorkerRunner(self, description="training")
         self.model_path: Path | None = None
@@ -241,8 +281,12 @@ class TrainWidget(DockPage):
         return [(layer.name, layer) for layer in rgb_image_layers(self.viewer)]
 
     def _layer_choices(self, _w=None):
+        """Layers of the chosen kind; Classify results first, the newest first (the default)."""
         kind = Points if self.source.value == SOURCE_POINTS else Labels
-        return [(layer.name, layer) for layer in self.viewer.layers if isinstance(layer, kind)]
+        layers = [layer for layer in self.viewer.layers if isinstance(layer, kind)]
+        results = [layer for layer in reversed(layers) if _is_result(layer)]
+        others = [layer for layer in layers if not _is_result(layer)]
+        return [(layer.name, layer) for layer in results + others]
 
     def _base_choices(self, _w=None):
         from ..models.registry import get_preset, list_presets
@@ -256,10 +300,14 @@ class TrainWidget(DockPage):
     def _pick_choices(self, _w=None) -> list[str]:
         return [*self._class_list(), EXCLUDED]
 
-    def _refresh_layers(self, _event=None):
+    def _refresh_layers(self, event=None):
         self.image.reset_choices()
         self.layer.reset_choices()
         self.base.reset_choices()
+        new = getattr(event, "value", None) if getattr(event, "type", "") == "inserted" else None
+        if new is not None and _is_result(new) and self.source.value == SOURCE_POINTS:
+            # A new Classify result: its cells are the ones to confirm or correct.
+            self.layer.value = self._choice_for(new)
 
     def _on_source_changed(self, value):
         self.layer.visible = value != SOURCE_CROPS
@@ -327,7 +375,10 @@ class TrainWidget(DockPage):
         """
         layer = self._points_target()
         if layer is None or not layer.selected_data:
-            self.runner.notify_error("select some points of a points layer first")
+            self.runner.notify_error(
+                "select a cell first: choose the cells layer, then click the cell "
+                "with the select tool (arrow)"
+            )
             return
         features = layer.features.copy()
         if "class" not in features.columns:
@@ -359,10 +410,29 @@ class TrainWidget(DockPage):
         self.update_counts()
 
     def _points_target(self) -> Points | None:
-        if self.source.value == SOURCE_POINTS and isinstance(self.layer.value, Points):
-            return self.layer.value
+        """The Points layer whose selected cells "Set class" applies to.
+
+        The layer chosen above when cells are selected in it; else the layer
+        where the user selected them (then chosen above, so that the
+        corrections made there are the ones trained on).
+        """
+        chosen = self.layer.value if self.source.value == SOURCE_POINTS else None
+        chosen = chosen if isinstance(chosen, Points) else None
+        if chosen is not None and chosen.selected_data:
+            return chosen
         active = self.viewer.layers.selection.active
-        return active if isinstance(active, Points) else None
+        if isinstance(active, Points) and active.selected_data:
+            if self.source.value == SOURCE_POINTS and not same_layer(active, chosen):
+                self.layer.value = self._choice_for(active)
+            return active
+        return chosen if chosen is not None else (active if isinstance(active, Points) else None)
+
+    def _choice_for(self, layer):
+        """The layer choice that is ``layer`` (choices hold napari's proxies)."""
+        for choice in self.layer.choices:
+            if same_layer(choice, layer):
+                return choice
+        return self.layer.value
 
     def _cells(self) -> pd.DataFrame | None:
         """Annotated cells in image pixels (y, x, label); None for ready-made crops."""
@@ -480,6 +550,7 @@ class TrainWidget(DockPage):
             on_done=self._done,
             on_progress=self._on_progress,
             on_cancelled=self._cancelled,
+            bar=training_bar(config),
         )
 
     def _drive(self, gen):
@@ -509,10 +580,17 @@ class TrainWidget(DockPage):
         self.model_path = Path(path)
         register_session_model(path)
         self.base.reset_choices()
-        last = self.plot.epochs[-1]["val_macro_f1"] if self.plot.epochs else float("nan")
+        f1 = saved_macro_f1(path)
+        if f1 is None and self.plot.epochs:  # no metrics in the file: the trainer's best
+            f1 = self.plot.epochs[-1].get("best_val_macro_f1")
+        score = (
+            f" It scores a macro-F1 of {f1:.2f} on the validation cells (the best of its "
+            "rounds, which is the one saved)."
+            if f1 is not None
+            else ""
+        )
         self.status.value = (
-            f"saved {Path(path).name} (val macro-F1 {last:.2f}); "
-            "it is now offered in the Classify widget"
+            f"Saved {Path(path).name}.{score} It is now offered in the Classify widget."
         )
 
     # -- review ----------------------------------------------------------------
