@@ -332,3 +332,33 @@ def test_adaptation_is_automatic_unless_asked_for_or_refused(capsys):
     with pytest.raises(SystemExit):
         parser.parse_args(["evaluate", "x.csv", "--adapt", "--no-adapt"])
     assert "not allowed with" in capsys.readouterr().err
+
+
+def test_teach_writes_a_model_that_works_with_model_everywhere(
+    model_path, disc_dir, tmp_path, capsys
+):
+    few = tmp_path / "few.csv"
+    rows = [f"{disc_dir / c / f'{i}.png'},{c}" for c in sorted(DISC_CLASSES) for i in range(3)]
+    few.write_text("path,label\n" + "\n".join(rows) + "\n")
+    out = tmp_path / "my-lab.json"
+    argv = ["teach", str(few), "-o", str(out), "--model", str(model_path), "-q"]
+    assert cli(argv + ["--crop-scale", "as-is"]) == 0
+    printed = capsys.readouterr().out
+    assert "with 12 cells" in printed and f"--model {out}" in printed
+    taught = read_ensemble(out)
+    assert taught.metrics["taught"]["cells"] == {c: 3 for c in sorted(DISC_CLASSES)}
+    assert cli(["evaluate", str(disc_dir), "--model", str(out), "--json", "-q"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["n"] == 4 * 40 and metrics["macro_f1"] > 0.5
+    # never overwrites; says what to do
+    assert cli(argv) == 2
+    assert "choose another name" in capsys.readouterr().err
+
+
+def test_teach_refuses_a_class_the_model_does_not_know(model_path, disc_dir, tmp_path, capsys):
+    few = tmp_path / "few.csv"
+    few.write_text(f"path,label\n{disc_dir / 'big_pink' / '0.png'},blast\n")
+    out = tmp_path / "x.json"
+    assert cli(["teach", str(few), "-o", str(out), "--model", str(model_path), "-q"]) == 2
+    assert "knows no class 'blast'" in capsys.readouterr().err
+    assert not out.exists()

@@ -236,13 +236,19 @@ def add_threads_option(p) -> None:
 
 def _add_crop_model_options(p) -> None:
     """Options shared by the commands that classify crops (evaluate, predict)."""
-    from .preprocess import CROP_SCALE_MIN_CROPS, CROP_SCALES, STAIN_MIN_CROPS, STAIN_SOURCES
-
     add_model_option(p)
     add_tta_option(p)
     add_threads_option(p)
     p.add_argument("--batch-size", type=int, default=32, help="crops per forward pass")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    _add_crop_reading_options(p)
+    add_adapt_option(p)
+
+
+def _add_crop_reading_options(p) -> None:
+    """How crop files are read as the model wants them: ``--stain-source``, ``--crop-scale``."""
+    from .preprocess import CROP_SCALE_MIN_CROPS, CROP_SCALES, STAIN_MIN_CROPS, STAIN_SOURCES
+
     p.add_argument(
         "--stain-source",
         choices=STAIN_SOURCES,
@@ -259,7 +265,6 @@ def _add_crop_model_options(p) -> None:
         f"(measure {CROP_SCALE_MIN_CROPS} crops or more, else as they are); "
         "--pixel-size or --rbc-diameter-px give it instead",
     )
-    add_adapt_option(p)
 
 
 def _format_metrics(m: dict[str, Any]) -> str:
@@ -518,6 +523,39 @@ def cmd_predict(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------ teach
+
+
+def cmd_teach(args) -> int:
+    from .datasets import load_labelled_crops
+    from .teach import TeachConfig, iter_teach_crop_files, save_taught
+
+    out = args.output.with_suffix(".json")
+    if out.exists():
+        raise DataError(f"{out} exists; a taught model is saved as new files, choose another name")
+    table = load_labelled_crops(args.data)
+    taught = drive(
+        iter_teach_crop_files(
+            resolve_model(args.model),
+            table["path"].tolist(),
+            table["label"].tolist(),
+            scale=crop_scale_of(args),
+            stain_source=args.stain_source,
+            config=TeachConfig(seed=args.seed),
+            device=args.device,
+        ),
+        args.quiet,
+    )
+    path = save_taught(out, taught)
+    cells = taught.metrics["taught"]["cells"]
+    print(
+        f"taught {taught.metrics['taught']['base']} with {sum(cells.values())} cells "
+        f"({', '.join(f'{c} {n}' for c, n in cells.items())}); saved {path}"
+    )
+    print(f"use it with: napari-wbc classify IMAGE --model {path}")
+    return 0
+
+
 # ---------------------------------------------------------------------- parser
 
 
@@ -640,3 +678,30 @@ def add_model_commands(subparsers) -> None:
     p.add_argument("-o", "--output", type=Path, help="CSV to write; default: standard output")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_predict)
+
+    p = subparsers.add_parser(
+        "teach",
+        help="teach a model your lab from a few labelled cells (seconds)",
+        description="Refit the model's classifier to a few cells of your lab whose class you "
+        "have checked (about five per class), keeping its backbone: the paper's stage 2 on "
+        "frozen features. The result is saved as new model files that work with --model "
+        "everywhere. With --model auto (the default), the three-lab model is taught.",
+    )
+    p.add_argument(
+        "data", type=Path, help="CSV with path,label columns, or a class-per-folder tree of crops"
+    )
+    p.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        required=True,
+        help="the taught model (.json; never overwrites)",
+    )
+    add_model_option(p)
+    add_threads_option(p)
+    add_scale_options(p)
+    _add_crop_reading_options(p)
+    p.add_argument("--seed", type=int, default=0, help="seed of the refit's draws")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_teach)

@@ -49,6 +49,7 @@ __all__ = [
     "TeachError",
     "choose_cells_to_teach",
     "iter_teach",
+    "iter_teach_crop_files",
     "save_taught",
     "teach",
 ]
@@ -223,6 +224,54 @@ def iter_teach(
         trust=ensemble.trust,
         fov_scale=ensemble.fov_scale,
     )
+
+
+def iter_teach_crop_files(
+    model: str | os.PathLike | Ensemble,
+    paths: Sequence[str | os.PathLike],
+    labels: Sequence[str],
+    scale: str | float = "auto",
+    stain_source: str = "auto",
+    config: TeachConfig | None = None,
+    device: str = "cpu",
+) -> ProgressGen[Ensemble]:
+    """Teach a model from labelled crop files (the ``napari-wbc teach`` command).
+
+    Parameters
+    ----------
+    model : path, built-in name or Ensemble
+        The model to teach. ``"auto"`` means the cross-lab model
+        (:data:`napari_wbc.routing.GENERALIST`): a lab that needs teaching is
+        by definition not the PBC specialist's.
+    paths, labels : sequences
+        The crops (one cell each) and their confirmed classes.
+    scale, stain_source : see :meth:`napari_wbc.preprocess.Preprocessor.resolve_crop_scale`
+        and :meth:`~napari_wbc.preprocess.Preprocessor.iter_read_crop_files`;
+        the crops are read as ``evaluate`` reads them.
+    config : TeachConfig, optional
+    device : str
+
+    Returns
+    -------
+    Ensemble
+        From :func:`iter_teach`; save it with :func:`save_taught`.
+    """
+    from napari_wbc.inference import load_any
+    from napari_wbc.models.files import resolve_model
+    from napari_wbc.routing import AUTO_MODEL, GENERALIST
+
+    if isinstance(model, Ensemble):
+        ensemble = model
+    else:
+        name = GENERALIST if str(model) == AUTO_MODEL else model
+        ensemble = load_any(resolve_model(name), device)
+    paths = [str(p) for p in paths]
+    found = ensemble.preprocessor.resolve_crop_scale(paths, scale)
+    crops = yield from ensemble.preprocessor.iter_read_crop_files(
+        paths, stain_source, None if found is None else found.rbc_diameter_px
+    )
+    source = f"{len(paths)} crops from {Path(paths[0]).parent}" if paths else ""
+    return (yield from iter_teach(ensemble, crops, labels, config, source=source))
 
 
 def _refit(model, feats, y, n_classes, stats, config) -> torch.nn.Module:
