@@ -274,7 +274,7 @@ def test_the_automatic_choice_is_the_default_and_says_which_model_it_took(
     w.run()
     _wait(qtbot, w, timeout=240_000)
     # The sample is painted from PBC cells: the specialist classifies it.
-    assert "Model chosen: wbc-pbc" in w.status.value
+    assert "Model chosen: the PBC specialist (wbc-pbc)" in w.status.value
     assert w.result_layer.metadata["model"] == "wbc-pbc"
 
 
@@ -389,7 +389,12 @@ def test_plain_words_for_the_core_progress_messages():
             "(it is used when at most 30% do)",
         )
     )
-    assert verdict.startswith("Model chosen: wbc-pbc") and "≤" not in verdict
+    assert verdict.startswith("Model chosen: the PBC specialist (wbc-pbc). 4% of 25 cells")
+    assert "≤" not in verdict
+    scale = plain_status(
+        Progress("scale", 1, 1, "red cell ≈ 108 px (estimated from 69 red cells); crops 516 px")
+    )
+    assert scale == "Red cells measured: about 108 px across (estimated from 69 red cells)"
     # A stage with no words of its own is shown as it comes.
     assert plain_status(Progress("newstage", 0, 1, "working")) == "newstage: working"
 

@@ -90,11 +90,32 @@ def _percent(event) -> str:
     return f" ({100 * event.done // event.total}%)" if event.total else ""
 
 
+def plain_route(note: str) -> str:
+    """The automatic model choice's note, the model named as the Classify widget names it."""
+    from ..routing import GENERALIST, SPECIALIST
+
+    names = {
+        SPECIALIST: "the PBC specialist",
+        GENERALIST: "the three-lab ensemble",
+    }
+    model, sep, why = note.partition(": ")
+    if sep and model in names:
+        return f"Model chosen: {names[model]} ({model}). {why[:1].upper()}{why[1:]}"
+    return f"Model chosen: {note}"
+
+
 def _route(event) -> str:
     n = _first_number(event.message, r"^(\d+) cells to")
     if n is not None:  # cells being cut to choose by
         return f"Choosing the model: looking at {n} cells"
-    return f"Model chosen: {event.message}" if event.message else "Choosing the model"
+    return plain_route(event.message) if event.message else "Choosing the model"
+
+
+def _scale(event) -> str:
+    measured = re.match(r"red cell ≈ (\d+) px \(([^)]*)\)", event.message)
+    if measured:
+        return f"Red cells measured: about {measured.group(1)} px across ({measured.group(2)})"
+    return "Measuring the red cells to set the scale"
 
 
 def _doubtful(event) -> str:
@@ -146,7 +167,7 @@ def _training(stage: str):
 #: "doubtful: classified 4/4 crops in doubt (model 3/3, views 2-4)").
 _STAGE_WORDS: dict[str, Callable] = {
     "model": lambda e: e.message or "Loading the model",
-    "scale": lambda e: "Measuring the red cells to set the scale",
+    "scale": _scale,
     "setup": lambda e: "Measuring the glass colour and the nuclear stain",
     "sample": lambda e: "Reading the image's stain colours",
     "fit": lambda e: "Measuring the stain colours",

@@ -35,6 +35,7 @@ from ._common import (
     button_row,
     image_levels,
     models_loaded,
+    plain_route,
     rgb_image_layers,
     same_layer,
     warm_up_models,
@@ -592,7 +593,7 @@ class ClassifyWidget(DockPage):
             f"{attrs.get('rbc_diameter_px', 0):.0f} px ({attrs.get('scale', '')})"
         )
         if attrs.get("route"):
-            status += f"\nModel chosen: {attrs['route']}"
+            status += f"\n{plain_route(attrs['route'])}"
         if attrs.get("warning"):
             # Most cells look unlike the model's training cells: say it where
             # the count is read, and once as a notification.
