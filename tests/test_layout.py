@@ -94,7 +94,11 @@ def test_three_docks_at_1280x800_show_their_buttons_status_and_every_count_row(
     for name, widget in docked.items():
         assert fully_visible(widget.run_button.native), f"{name}: main button hidden"
         assert fully_visible(widget.status.native), f"{name}: status hidden"
-    assert docked["Train classifier from annotations"].run_button.text == "Train"
+    train = docked["Train classifier from annotations"]
+    assert train.run_button.text == "Train"
+    # Confirming or correcting a cell is one click, in view too.
+    for widget in (train.review_button, train.pick, train.set_class_button):
+        assert fully_visible(widget.native), widget
     counts = classify.counts
     assert fully_visible(counts)
     assert counts.rowCount() == 9

@@ -314,3 +314,9 @@ def test_the_status_gives_the_saved_models_score_not_the_last_rounds(setup, monk
     w._done(tmp_path / "tuned.safetensors")
     assert "0.67" in w.status.value and "0.50" not in w.status.value
     assert "Classify" in w.status.value
+
+
+def test_set_class_gives_a_class_by_default_never_exclude(setup):
+    _viewer, w, _ = setup
+    assert w.pick.value == w._class_list()[0]
+    assert w.pick.value != EXCLUDED

@@ -29,6 +29,7 @@ from ._common import (
     WorkerRunner,
     button_row,
     image_levels,
+    narrow_combo,
     rgb_image_layers,
     same_layer,
     warm_up_models,
@@ -192,11 +193,16 @@ class TrainWidget(DockPage):
         self.classes = LineEdit(label="classes", tooltip="label value = position in this list")
         self.new_class = LineEdit(label="new class")
         self.review_by = ComboBox(label="review by", choices=["confidence", "disagreement"])
-        self.review_button = PushButton(text="Next cell to review")
-        self.pick = ComboBox(label="class", choices=self._pick_choices)
+        self.review_button = PushButton(
+            text="Next cell", tooltip="Select and centre on the next cell to review"
+        )
+        self.pick = ComboBox(
+            label="class", choices=self._pick_choices, tooltip="The class to give the cells"
+        )
         self.set_class_button = PushButton(
-            text="Set class of selected",
-            tooltip="Confirms or corrects the selected cells; only those are trained on",
+            text="Set class",
+            tooltip="Set the class of the selected cells: confirms or corrects them; only the "
+            "cells you confirmed or corrected are trained on",
         )
         self.include_predicted = CheckBox(
             text="use confident predictions",
@@ -227,12 +233,8 @@ class TrainWidget(DockPage):
 
         self.add_form([self.image, self.source, self.layer, self.crops])
         review = Container(
-            widgets=[
-                self.review_by, self.review_button, self.pick, self.set_class_button,
-                self.include_predicted, self.min_confidence,
-            ],
-            labels=True,
-        )  # fmt: skip
+            widgets=[self.review_by, self.include_predicted, self.min_confidence], labels=True
+        )
         review.margins = (0, 0, 0, 0)
         self._forms.append(review)
         self.add_section("Review and correct", review.native)
@@ -250,7 +252,10 @@ class TrainWidget(DockPage):
         self.plot = LossPlot()
         self.add_section("Loss and validation per round", self.plot)
         self.finish()
-        # Always in view: Train, the progress and the status.
+        # Always in view: confirming or correcting a cell (one click each), Train,
+        # the progress and the status.
+        narrow_combo(self.pick, characters=5)
+        self.add_footer(button_row(self.review_button, self.pick, self.set_class_button))
         self.add_footer(button_row(self.run_button, self.cancel_button, self.progress))
         self.add_footer(self.status.native)
 
@@ -262,7 +267,7 @@ class TrainWidget(DockPage):
         self.source.changed.connect(self._on_source_changed)
         self.base.changed.connect(self._on_base_changed)
         self.add_class_button.clicked.connect(lambda: self.add_class(self.new_class.value))
-        self.classes.changed.connect(lambda _v: self.pick.reset_choices())
+        self.classes.changed.connect(self._on_classes_changed)
         self.set_class_button.clicked.connect(lambda: self.set_class(self.pick.value))
         self.include_predicted.changed.connect(self._on_include_predicted)
         self.min_confidence.changed.connect(lambda _v: self.update_counts())
@@ -308,6 +313,11 @@ class TrainWidget(DockPage):
         if new is not None and _is_result(new) and self.source.value == SOURCE_POINTS:
             # A new Classify result: its cells are the ones to confirm or correct.
             self.layer.value = self._choice_for(new)
+
+    def _on_classes_changed(self, _value=None):
+        self.pick.reset_choices()
+        if self.pick.value == EXCLUDED and self._class_list():
+            self.pick.value = self._class_list()[0]  # "Set class" never excludes by default
 
     def _on_source_changed(self, value):
         self.layer.visible = value != SOURCE_CROPS
