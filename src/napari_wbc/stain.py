@@ -871,9 +871,19 @@ class StainNormalizer:
         Statistics of the image being normalized (fit once on the whole image).
     target : StainReference
         The reference to map onto.
+    check_colours : bool
+        Also refuse a method whose transform turns the source's mean nucleus
+        and red cell into false colours (:func:`_check_output_colours`), and
+        fall back. Off by default: models were validated without it.
     """
 
-    def __init__(self, method: str, source: StainReference | None, target: StainReference | None):
+    def __init__(
+        self,
+        method: str,
+        source: StainReference | None,
+        target: StainReference | None,
+        check_colours: bool = False,
+    ):
         requested = get_stain_method(method).name
         if requested != "none" and (source is None or target is None):
             raise StainError(f"{requested} normalization needs a source and a target reference")
@@ -886,7 +896,8 @@ class StainNormalizer:
             try:
                 source.method_stats(name)
                 target.method_stats(name)
-                _check_output_colours(name, source, target)
+                if check_colours:
+                    _check_output_colours(name, source, target)
                 break
             except StainFitError as exc:
                 nxt = get_stain_method(name).fallback or "none"
@@ -1011,8 +1022,15 @@ def iter_prepare_normalizer(
     source: StainReference | None = None,
     max_pixels: int = 1_000_000,
     seed: int = 0,
+    check_colours: bool = False,
 ) -> ProgressGen[StainNormalizer]:
-    """Fit the source statistics once (on a coarse level) and build the normalizer."""
+    """Fit the source statistics once (on a coarse level) and build the normalizer.
+
+    ``check_colours``: also refuse a method whose transform turns the image's
+    mean nucleus and red cell into false colours, and fall back (what a user
+    viewing the normalized image needs; models keep the behaviour they were
+    validated with).
+    """
     method = get_stain_method(method).name
     if method == "none":
         return StainNormalizer("none", None, None)
@@ -1025,7 +1043,7 @@ def iter_prepare_normalizer(
             )
         except StainError as exc:
             raise type(exc)(f"cannot normalize this image: {exc}") from exc
-    return StainNormalizer(method, source, target)
+    return StainNormalizer(method, source, target, check_colours=check_colours)
 
 
 def iter_normalize(

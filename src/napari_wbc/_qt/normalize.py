@@ -117,7 +117,10 @@ class StainNormalizeWidget(DockPage):
                     ref_levels[-1] if len(ref_levels) > 1 else ref_levels[0],
                     description=ref_text,
                 )
-            normalizer = yield from iter_prepare_normalizer(levels, method, reference)
+            # Refuse false colours too: this image is for the user's eyes.
+            normalizer = yield from iter_prepare_normalizer(
+                levels, method, reference, check_colours=True
+            )
             # In-memory images are normalized here, off the main thread; dask
             # levels stay lazy and are computed tile by tile as napari shows them.
             yield Progress("apply", 0, 1, "applying")
