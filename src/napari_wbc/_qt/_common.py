@@ -14,7 +14,7 @@ from napari.layers import Image
 from napari.qt.threading import GeneratorWorker, create_worker
 from napari.utils import progress as napari_progress
 from napari.utils.notifications import show_error, show_info
-from qtpy.QtCore import Qt, QTimer
+from qtpy.QtCore import Qt
 from qtpy.QtWidgets import QComboBox, QFrame, QScrollArea, QSizePolicy, QVBoxLayout, QWidget
 from superqt import QCollapsible
 
@@ -250,14 +250,6 @@ def warm_up_models() -> None:
     thread = threading.Thread(target=load, name="napari-wbc warm-up", daemon=True)
     _WARMING.append(thread)
     thread.start()
-
-
-def when_models_loaded(callback: Callable[[], None], poll_ms: int = 250) -> None:
-    """Call ``callback`` on the main thread once :func:`warm_up_models` has finished."""
-    if models_loaded():
-        QTimer.singleShot(0, callback)
-    else:
-        QTimer.singleShot(poll_ms, lambda: when_models_loaded(callback, poll_ms))
 
 
 def same_layer(a, b) -> bool:
