@@ -48,11 +48,18 @@ __all__ = [
     "TeachConfig",
     "TeachError",
     "choose_cells_to_teach",
+    "free_model_path",
+    "iter_cut_smear_cells",
     "iter_teach",
     "iter_teach_crop_files",
+    "iter_teach_smear",
     "save_taught",
+    "taught_models_dir",
     "teach",
 ]
+
+#: Environment variable naming the folder taught models are saved in.
+TAUGHT_DIR_ENV = "NAPARI_WBC_TAUGHT_MODELS"
 
 
 class TeachError(WBCError, ValueError):
@@ -296,19 +303,20 @@ def _refit(model, feats, y, n_classes, stats, config) -> torch.nn.Module:
         centres = torch.as_tensor(stats.centres, dtype=torch.float32)
         scale = torch.as_tensor(stats.scale, dtype=torch.float32)
     opt = torch.optim.AdamW(head, lr=config.lr, weight_decay=config.weight_decay)
-    for _ in range(config.steps):
-        cls = rng.choice(taught_classes, size=n_taught)
-        idx = np.array([by_class[c][rng.integers(len(by_class[c]))] for c in cls])
-        batch, target = x[idx], torch.from_numpy(y[idx])
-        if n_replay:
-            rc = torch.from_numpy(rng.integers(n_classes, size=n_replay))
-            noise = torch.randn(n_replay, centres.shape[1], generator=gen)
-            batch = torch.cat([batch, centres[rc] + noise * scale])
-            target = torch.cat([target, rc])
-        loss = criterion(classify_features(model, batch), target)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    with torch.enable_grad():  # a worker thread may come with gradients off
+        for _ in range(config.steps):
+            cls = rng.choice(taught_classes, size=n_taught)
+            idx = np.array([by_class[c][rng.integers(len(by_class[c]))] for c in cls])
+            batch, target = x[idx], torch.from_numpy(y[idx])
+            if n_replay:
+                rc = torch.from_numpy(rng.integers(n_classes, size=n_replay))
+                noise = torch.randn(n_replay, centres.shape[1], generator=gen)
+                batch = torch.cat([batch, centres[rc] + noise * scale])
+                target = torch.cat([target, rc])
+            loss = criterion(classify_features(model, batch), target)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
     for p in head:
         p.requires_grad_(False)
     return model.eval()
@@ -426,3 +434,147 @@ def save_taught(path: str | os.PathLike, ensemble: Ensemble) -> Path:
         trust=ensemble.trust.to_dict() if ensemble.trust is not None else None,
         fov_scale=ensemble.fov_scale,
     )
+
+
+def taught_models_dir() -> Path:
+    """Where the napari widget saves taught models (``$NAPARI_WBC_TAUGHT_MODELS``,
+    default ``~/.napari-wbc/models``)."""
+    return Path(os.environ.get(TAUGHT_DIR_ENV, "~/.napari-wbc/models")).expanduser()
+
+
+def free_model_path(folder: str | os.PathLike, stem: str) -> Path:
+    """``folder/<stem>.json``, or ``<stem>-2.json``, ``-3``… : the first name whose files are free.
+
+    A taught model is an ensemble file with member files beside it
+    (:func:`save_taught`); a name is free when neither exists.
+    """
+    folder = Path(folder)
+    stem = "".join(c if c.isalnum() or c in "-_." else "-" for c in stem).strip("-.") or "taught"
+    for k in range(1, 10_000):
+        name = stem if k == 1 else f"{stem}-{k}"
+        path = folder / f"{name}.json"
+        if not path.exists() and not any(folder.glob(f"{name}-[0-9]*.safetensors")):
+            return path
+    raise TeachError(f"no free name for {stem} in {folder}")
+
+
+def iter_cut_smear_cells(
+    image,
+    ensemble: Ensemble,
+    positions: np.ndarray,
+    rbc_diameter_px: float,
+    stain_normalize: bool = True,
+    stain_method: str | None = None,
+) -> ProgressGen[np.ndarray]:
+    """The crops of cells of a smear as :func:`napari_wbc.pipeline.iter_classify_smear` cut them.
+
+    The same steps as the smear pipeline: the ensemble's preprocessor fits
+    the smear's stains once at the scale the classification measured
+    (:meth:`~napari_wbc.preprocess.Preprocessor.iter_prepare_smear`), then cuts
+    and normalises each cell's crop (:meth:`~napari_wbc.preprocess.SmearInput.crops`);
+    only the cells' windows are read from a dask image.
+
+    Parameters
+    ----------
+    image : (Y, X, 3) uint8 array, dask array or Smear
+    ensemble : Ensemble
+        The model the cells were classified with.
+    positions : (N, 2) array
+        The cells' (y, x) centres in image pixels.
+    rbc_diameter_px : float
+        The scale of the classification (its ``rbc_diameter_px``).
+    stain_normalize, stain_method
+        As the classification's :class:`~napari_wbc.pipeline.ClassifyConfig`.
+
+    Yields
+    ------
+    Progress
+        The stain fit's events, then "crops".
+    """
+    from .pixels import as_dask_rgb
+
+    arr = as_dask_rgb(image)
+    positions = np.asarray(positions, float).reshape(-1, 2)
+    model_input = yield from ensemble.preprocessor.iter_prepare_smear(
+        [arr], float(rbc_diameter_px), stain_normalize, stain_method
+    )
+    crops = []
+    for i, (y, x) in enumerate(positions):
+        # The window is the whole image: SmearInput.crops reads only each crop's part.
+        crops.append(model_input.crops(arr, (0, 0), [y], [x]))
+        yield Progress("crops", i + 1, len(positions), f"{i + 1} of {len(positions)} cells cut")
+    side = model_input.side
+    return np.concatenate(crops) if crops else np.zeros((0, side, side, 3), np.uint8)
+
+
+def iter_teach_smear(
+    image,
+    positions: np.ndarray,
+    labels: Sequence[str],
+    model: str | os.PathLike | Ensemble,
+    rbc_diameter_px: float,
+    stain_normalize: bool = True,
+    config: TeachConfig | None = None,
+    device: str = "cpu",
+    source: str = "",
+    save_to: str | os.PathLike | None = None,
+) -> ProgressGen[Ensemble | Path]:
+    """Teach the model that classified a smear the cells a person confirmed or corrected on it.
+
+    The napari widget's Teach: the cells are cut as the classification cut
+    them (:func:`iter_cut_smear_cells`) and the model's classifier is refit
+    (:func:`iter_teach`).
+
+    Parameters
+    ----------
+    image : (Y, X, 3) uint8 array, dask array or Smear
+    positions : (N, 2) array
+        The taught cells' (y, x) centres in image pixels.
+    labels : sequence of str
+        Their confirmed or corrected classes.
+    model : path, built-in name or Ensemble
+        The model the smear was classified with (with the automatic choice,
+        the one it chose: the result's ``model``); ``"auto"`` means the
+        cross-lab model, as for :func:`iter_teach_crop_files`.
+    rbc_diameter_px : float
+        The classification's scale (the result's ``rbc_diameter_px``).
+    stain_normalize : bool
+        Whether the classification normalised the stains.
+    config : TeachConfig, optional
+    device : str
+    source : str
+        What the cells came from (the image's name), for the provenance.
+    save_to : path, optional
+        Save the taught model there (:func:`save_taught`) and return the
+        path of its ensemble file instead of the ensemble.
+
+    Returns
+    -------
+    Ensemble or Path
+    """
+    from .inference import load_any
+    from .models.files import resolve_model
+    from .routing import AUTO_MODEL, GENERALIST
+
+    labels = [str(v) for v in labels]
+    positions = np.asarray(positions, float).reshape(-1, 2)
+    if len(positions) != len(labels):
+        raise TeachError(
+            f"{len(positions)} cells for {len(labels)} labels; give one label per cell"
+        )
+    if not labels:
+        raise TeachError("no taught cells: confirm or correct at least one cell per class")
+    if isinstance(model, Ensemble):
+        ensemble = model
+    else:
+        yield Progress("model", 0, 1, "Loading the model to teach")
+        name = GENERALIST if str(model) == AUTO_MODEL else model
+        ensemble = load_any(resolve_model(name), device)
+    crops = yield from iter_cut_smear_cells(
+        image, ensemble, positions, rbc_diameter_px, stain_normalize
+    )
+    source = f"{len(labels)} cells of {source}" if source else f"{len(labels)} cells of a smear"
+    taught = yield from iter_teach(ensemble, crops, labels, config, source=source)
+    if save_to is None:
+        return taught
+    return save_taught(save_to, taught)
