@@ -53,6 +53,7 @@ __all__ = [
     "iter_teach",
     "iter_teach_crop_files",
     "iter_teach_smear",
+    "match_cells",
     "save_taught",
     "taught_models_dir",
     "teach",
@@ -578,3 +579,26 @@ def iter_teach_smear(
     if save_to is None:
         return taught
     return save_taught(save_to, taught)
+
+
+def match_cells(
+    taught: np.ndarray, cells: np.ndarray, diameters: np.ndarray | None = None
+) -> np.ndarray:
+    """For each taught (y, x), the index of the same cell among ``cells`` (y, x), or -1.
+
+    The same cell is the nearest one within half a cell's width (the median
+    of ``diameters``; 20 px without them): a smear classified again finds its
+    cells where it found them before, give or take a few pixels.
+    """
+    taught = np.asarray(taught, float).reshape(-1, 2)
+    cells = np.asarray(cells, float).reshape(-1, 2)
+    out = np.full(len(taught), -1, int)
+    if not len(cells):
+        return out
+    d = None if diameters is None else np.asarray(diameters, float)
+    width = float(np.nanmedian(d)) if d is not None and np.isfinite(d).any() else 20.0
+    dist = np.sqrt(((taught[:, None] - cells[None]) ** 2).sum(-1))
+    nearest = dist.argmin(1)
+    close = dist[np.arange(len(taught)), nearest] <= width / 2
+    out[close] = nearest[close]
+    return out

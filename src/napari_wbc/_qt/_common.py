@@ -188,6 +188,9 @@ _STAGE_WORDS: dict[str, Callable] = {
     "stage2": _training("stage2"),
     "validate": lambda e: "Checking the saved model on the validation cells",
     "apply": lambda e: "Applying the stain normalization",
+    "teach": lambda e: (
+        f"Teaching the model your cells: {e.message[:1].lower()}{e.message[1:]}{_percent(e)}"
+    ),
     "done": lambda e: "Finished",
 }
 

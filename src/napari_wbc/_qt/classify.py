@@ -169,6 +169,44 @@ def _refill_points(layer, data: np.ndarray, kwargs: dict) -> None:
     layer.refresh()
 
 
+def set_cells_class(layer, rows, name: str) -> None:
+    """Give cells of a Points layer the class ``name``: a confirmation or a correction.
+
+    The one way every widget sets a class (Train's "Set class", Teach's
+    "Right" and "Set class"): on a Classify result the cells are also marked
+    ``reviewed`` (only reviewed cells are training labels), their ring takes
+    the class colour and is no longer a review square; on other layers the
+    point is filled with it. Setting the features tells the Classify widget
+    to count again.
+    """
+    rows = sorted(int(r) for r in rows)
+    features = layer.features.copy()
+    if "class" not in features.columns:
+        features["class"] = pd.Series([""] * len(layer.data), dtype=object)
+    features["class"] = features["class"].astype(object)
+    features.loc[rows, "class"] = name
+    classified = bool(layer.metadata.get("napari_wbc_cells"))
+    if classified:
+        if "reviewed" not in features.columns:
+            features["reviewed"] = False
+        features.loc[rows, "reviewed"] = True
+    layer.features = features
+    colour = class_rgba([name])[0]
+    if classified:  # hollow rings: colour the ring; reviewed cells are no longer squares
+        border = np.asarray(layer.border_color).copy()
+        border[rows] = colour
+        layer.border_color = border
+        symbols = np.asarray(layer.symbol, dtype=object).copy()
+        if symbols.ndim:
+            symbols[rows] = SYMBOL_CELL
+            layer.symbol = list(symbols)
+    else:
+        face = np.asarray(layer.face_color).copy()
+        face[rows] = colour
+        layer.face_color = face
+    layer.refresh()
+
+
 class CountTable(QTableWidget):
     """The differential count: count and percentage per class, and a total."""
 
@@ -329,6 +367,10 @@ class ClassifyWidget(DockPage):
         self.add_footer(
             button_row(self.export_label, self.export_csv, self.export_geojson, self.export_crops)
         )
+        from .teach import TeachPanel
+
+        self.teacher = TeachPanel(self)  # Teach this lab: its rows in the footer
+        self._then = None
 
         self.runner = WorkerRunner(self, description="cell classification")
         self.result_layer: Points | None = None
@@ -338,7 +380,7 @@ class ClassifyWidget(DockPage):
 
         self.model.changed.connect(lambda v: setattr(self.model_file, "visible", v == MODEL_FILE))
         self.source.changed.connect(self._on_source_changed)
-        self.run_button.clicked.connect(self.run)
+        self.run_button.clicked.connect(lambda: self.run())
         self.cancel_button.clicked.connect(self.cancel)
         self.show_labels.changed.connect(self._on_show_labels)
         self.export_csv.clicked.connect(lambda: self._export("csv"))
@@ -428,8 +470,11 @@ class ClassifyWidget(DockPage):
         return choice
 
     # -- run ---------------------------------------------------------------
-    def run(self):
-        """Classify in a worker; the Points layer is made when it finishes."""
+    def run(self, then=None):
+        """Classify in a worker; the Points layer is made when it finishes.
+
+        ``then()`` is called once the result is shown (Teach classifies again).
+        """
         # torch and timm load in the worker (inference, pipeline): imported
         # here they would freeze napari for seconds at the first Run.
         from ..errors import WBCError
@@ -471,6 +516,7 @@ class ClassifyWidget(DockPage):
         show_labels = self.show_labels.value
         panel = self.classes.value
         frame = image_frame(layer)
+        image_name = layer.name
         self._clear_counts()
 
         def work():
@@ -499,8 +545,17 @@ class ClassifyWidget(DockPage):
             )
             yield Progress("layer", 0, 1, f"{len(cells)} cells")
             # Everything the layer needs is built here, off the main thread.
-            return cells, cell_markers(cells, frame, show_labels), _count_table(cells)
+            markers = cell_markers(cells, frame, show_labels)
+            # What the run used, so that Teach cuts and refits as it classified.
+            markers[1]["metadata"].update(
+                model_asked=str(model_path),
+                image_layer=image_name,
+                stain_normalize=config.stain_normalize,
+                panel=panel,
+            )
+            return cells, markers, _count_table(cells)
 
+        self._then = then
         self.runner.start(
             work(),
             on_done=lambda result: self._show(layer, *result),
@@ -509,13 +564,14 @@ class ClassifyWidget(DockPage):
         )
 
     def cancel(self):
-        """Stop the run at its next block; no partial layer or count is left."""
+        """Stop the run (or the teaching) at its next block; no partial layer or count is left."""
         self.runner.cancel()
+        self.teacher.runner.cancel()
 
     @property
     def busy(self) -> bool:
-        """Whether a run is going on or its result is still being shown."""
-        return self.runner.running or self._revealing
+        """Whether a run or a teaching is going on or its result is still being shown."""
+        return self.runner.running or self._revealing or self.teacher.busy
 
     def _reveal(self, steps: list) -> None:
         """Run ``steps`` one per turn of the event loop (a new result layer, shown in steps)."""
@@ -600,6 +656,10 @@ class ClassifyWidget(DockPage):
             status = f"⚠ {attrs['warning']}\n{status}"
             show_warning(f"{image_layer.name}: {attrs['warning']}")
         self.status.value = status
+        self.teacher.result_shown()
+        then, self._then = self._then, None
+        if then is not None:
+            then()
 
     def _on_features_changed(self, _event=None) -> None:
         """Count again after the user confirmed, corrected or excluded cells."""

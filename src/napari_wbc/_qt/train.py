@@ -35,7 +35,7 @@ from ._common import (
     warm_up_models,
     wrapping_label,
 )
-from .classify import SESSION_MODELS, camera, class_rgba, register_session_model
+from .classify import SESSION_MODELS, camera, register_session_model, set_cells_class
 
 if TYPE_CHECKING:
     import napari
@@ -390,32 +390,8 @@ class TrainWidget(DockPage):
                 "with the select tool (arrow)"
             )
             return
-        features = layer.features.copy()
-        if "class" not in features.columns:
-            features["class"] = pd.Series([""] * len(layer.data), dtype=object)
-        features["class"] = features["class"].astype(object)
         rows = sorted(layer.selected_data)
-        features.loc[rows, "class"] = name
-        classified = bool(layer.metadata.get("napari_wbc_cells"))
-        if classified:
-            if "reviewed" not in features.columns:
-                features["reviewed"] = False
-            features.loc[rows, "reviewed"] = True
-        layer.features = features
-        colour = class_rgba([name])[0]
-        if classified:  # hollow rings: colour the ring; reviewed cells are no longer squares
-            border = np.asarray(layer.border_color).copy()
-            border[rows] = colour
-            layer.border_color = border
-            symbols = np.asarray(layer.symbol, dtype=object).copy()
-            if symbols.ndim:
-                symbols[rows] = "disc"
-                layer.symbol = list(symbols)
-        else:
-            face = np.asarray(layer.face_color).copy()
-            face[rows] = colour
-            layer.face_color = face
-        layer.refresh()
+        set_cells_class(layer, rows, name)
         self.status.value = f"{len(rows)} point(s) set to {name}"
         self.update_counts()
 
