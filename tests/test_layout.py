@@ -59,7 +59,7 @@ def fully_visible(widget) -> bool:
 def test_three_docks_at_1280x800_show_their_buttons_status_and_every_count_row(
     make_napari_viewer, qtbot
 ):
-    """Issue #33: Run, Train, the statuses and the whole count table in view, no scrolling."""
+    """Issue #33: Run, Train, Teach, the statuses and the whole count table in view, no scrolling."""
     import pandas as pd
 
     viewer = make_napari_viewer(show=True)
@@ -99,6 +99,18 @@ def test_three_docks_at_1280x800_show_their_buttons_status_and_every_count_row(
     # Confirming or correcting a cell is one click, in view too.
     for widget in (train.review_button, train.pick, train.set_class_button):
         assert fully_visible(widget.native), widget
+    # Teach this lab: its button in view, and while a cell is asked about, its answers too.
+    teacher = classify.teacher
+    assert fully_visible(teacher.teach_button.native)
+    assert fully_visible(teacher.refit_button.native)
+    teacher.set_asking(True)
+    settle(qtbot, 300)
+    window.resize(1280, 800)
+    settle(qtbot, 300)
+    assert window.height() <= 800
+    for widget in (teacher.right_button, teacher.pick, teacher.set_class_button):
+        assert fully_visible(widget.native), widget
+    assert fully_visible(classify.run_button.native) and fully_visible(classify.status.native)
     counts = classify.counts
     assert fully_visible(counts)
     assert counts.rowCount() == 9

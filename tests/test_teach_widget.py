@@ -36,7 +36,7 @@ def test_five_corrected_cells_teach_the_model_and_count(
     assert train.layer.value.name == result.name
 
     teacher.teach_button.clicked()
-    assert not teacher.step_row.isHidden()
+    assert teacher.asking and teacher.pages.currentWidget() is teacher.answers
     asked = list(teacher.queue)
     assert len(asked) >= 6
     predicted = result.features["class"].astype(str).to_numpy()

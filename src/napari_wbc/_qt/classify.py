@@ -23,9 +23,11 @@ from qtpy.QtGui import QColor
 from qtpy.QtWidgets import (
     QAbstractItemView,
     QHeaderView,
+    QMenu,
     QSizePolicy,
     QTableWidget,
     QTableWidgetItem,
+    QToolButton,
 )
 
 from ._common import (
@@ -346,9 +348,6 @@ class ClassifyWidget(DockPage):
         self.progress = ProgressBar(label="progress", value=0, max=1)
         self.status = wrapping_label(value="")
         self.show_labels = CheckBox(text="show class names", value=True)
-        self.export_csv = PushButton(text="CSV…")
-        self.export_geojson = PushButton(text="GeoJSON…", tooltip="GeoJSON that QuPath imports")
-        self.export_crops = PushButton(text="Crops…")
 
         self.add_form([self.image, self.model, self.model_file, self.source, self.cells_layer])
         self.add_form(
@@ -363,14 +362,26 @@ class ClassifyWidget(DockPage):
         self.add_footer(self.status.native)
         self.counts = CountTable()
         self.add_footer(self.counts)
-        self.export_label = wrapping_label(value="Export:")
-        self.add_footer(
-            button_row(self.export_label, self.export_csv, self.export_geojson, self.export_crops)
-        )
         from .teach import TeachPanel
 
-        self.teacher = TeachPanel(self)  # Teach this lab: its rows in the footer
+        self.teacher = TeachPanel(self)  # Teach this lab
         self._then = None
+        # One row for Teach and Export (a menu): the footer fits beside two other docks.
+        self.export_button = QToolButton()
+        self.export_button.setText("Export")
+        self.export_button.setPopupMode(QToolButton.ToolButtonPopupMode.InstantPopup)
+        menu = QMenu(self.export_button)
+        self.export_actions = {}
+        for kind, text in (
+            ("csv", "Cells as CSV…"),
+            ("geojson", "Cells as GeoJSON (QuPath imports it)…"),
+            ("crops", "A crop of every cell, a folder per class…"),
+        ):
+            action = menu.addAction(text)
+            action.triggered.connect(lambda _checked=False, kind=kind: self._export(kind))
+            self.export_actions[kind] = action
+        self.export_button.setMenu(menu)
+        self.add_footer(self.teacher.footer_row(self.export_button))
 
         self.runner = WorkerRunner(self, description="cell classification")
         self.result_layer: Points | None = None
@@ -383,9 +394,6 @@ class ClassifyWidget(DockPage):
         self.run_button.clicked.connect(lambda: self.run())
         self.cancel_button.clicked.connect(self.cancel)
         self.show_labels.changed.connect(self._on_show_labels)
-        self.export_csv.clicked.connect(lambda: self._export("csv"))
-        self.export_geojson.clicked.connect(lambda: self._export("geojson"))
-        self.export_crops.clicked.connect(lambda: self._export("crops"))
         # Every click, also on the row already selected, steps to the next cell.
         self.counts.cellClicked.connect(lambda row, _col: self.step_class(row))
         for event in (napari_viewer.layers.events.inserted, napari_viewer.layers.events.removed):

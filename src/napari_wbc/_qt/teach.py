@@ -18,8 +18,9 @@ from magicgui.widgets import ComboBox, PushButton
 from napari.layers import Points
 from qtpy.QtCore import Qt, QTimer
 from qtpy.QtGui import QKeySequence, QShortcut
+from qtpy.QtWidgets import QHBoxLayout, QStackedWidget, QWidget
 
-from ._common import WorkerRunner, button_row, image_levels, narrow_combo, same_layer
+from ._common import WorkerRunner, image_levels, narrow_combo, same_layer
 
 #: Cells asked about per predicted class.
 CELLS_PER_CLASS = 5
@@ -60,18 +61,36 @@ class TeachPanel:
         self.set_class_button = PushButton(
             text="Set class", tooltip="Give the cell the class chosen here"
         )
-        narrow_combo(self.pick, characters=5)
-        classify.add_footer(button_row(self.teach_button, self.refit_button))
-        self.step_row = button_row(self.right_button, self.pick, self.set_class_button)
-        self.step_row.setVisible(False)
-        classify.add_footer(self.step_row)
+        narrow_combo(self.pick, characters=2)
+        # One row of the Classify dock's footer (:meth:`footer_row`): Teach this lab
+        # (and Export) at rest, the answers while a cell is asked about; Refit beside them.
+        # Pages of a stack, not widgets shown and hidden: the row keeps its size, so
+        # napari's dock area does not widen when the pages change.
+        self.rest = QWidget()
+        self.answers = QWidget()
+        for page, widgets in (
+            (self.rest, [self.teach_button.native]),
+            (
+                self.answers,
+                [self.right_button.native, self.pick.native, self.set_class_button.native],
+            ),
+        ):
+            layout = QHBoxLayout(page)
+            layout.setContentsMargins(0, 0, 0, 0)
+            layout.setSpacing(2)
+            for widget in widgets:
+                layout.addWidget(widget)
+        self.pages = QStackedWidget()
+        self.pages.addWidget(self.rest)
+        self.pages.addWidget(self.answers)
+        self.asking = False
+
         # For the WorkerRunner: the dock's status, progress and Cancel.
         self.status = classify.status
         self.progress = classify.progress
         self.cancel_button = classify.cancel_button
         self.run_button = self.refit_button
         self.runner = WorkerRunner(self, description="teaching")
-
 
         self.teach_button.clicked.connect(lambda: self.start())
         self.right_button.clicked.connect(lambda: self.confirm())
@@ -102,7 +121,7 @@ class TeachPanel:
     def result_shown(self) -> None:
         """A Classify run finished: the cells asked about so far belong to the last result."""
         self.queue, self.position, self.layer = [], 0, None
-        self.step_row.setVisible(False)
+        self.set_asking(False)
         self._update_refit()
 
     def start(self) -> int | None:
@@ -120,7 +139,7 @@ class TeachPanel:
         self.queue = [int(i) for i in choose_cells_to_teach(probs, layer.data, CELLS_PER_CLASS)]
         self.position = 0
         self.pick.reset_choices()
-        self.step_row.setVisible(True)
+        self.set_asking(True)
         return self.show_cell()
 
     def current(self) -> int | None:
@@ -171,8 +190,25 @@ class TeachPanel:
         self._update_refit()
         self.show_cell()
 
+    def footer_row(self, *rest) -> QWidget:
+        """The Teach row for the Classify footer; ``rest``: more widgets for the page at rest."""
+        for widget in rest:
+            self.rest.layout().addWidget(widget)
+        row = QWidget()
+        layout = QHBoxLayout(row)
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.setSpacing(2)
+        layout.addWidget(self.pages, 1)
+        layout.addWidget(self.refit_button.native)
+        return row
+
+    def set_asking(self, asking: bool) -> None:
+        """Show the answers (Right, class, Set class) while a cell is asked about, else Teach."""
+        self.asking = bool(asking)
+        self.pages.setCurrentWidget(self.answers if self.asking else self.rest)
+
     def _finished_asking(self) -> None:
-        self.step_row.setVisible(False)
+        self.set_asking(False)
         n = len(self._reviewed()[1]) if self.layer is not None else 0
         self.status.value = (
             f"{n} cells confirmed or corrected. Refit teaches the model these cells and "
@@ -247,7 +283,7 @@ class TeachPanel:
             save_to=output,
         )
         self._taught = (yx, labels)
-        self.step_row.setVisible(False)
+        self.set_asking(False)
         return self.runner.start(gen, on_done=self._saved, on_cancelled=self._cancelled)
 
     def _cancelled(self) -> None:
