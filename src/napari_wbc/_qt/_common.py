@@ -311,6 +311,43 @@ class _PageScroll(QScrollArea):
 MIN_SETTINGS_HEIGHT = 56
 
 
+class _Footer(QWidget):
+    """The footer: as tall as its wrapped texts need at its present width, and no more.
+
+    Its status lines wrap (their height depends on the width). Reported as
+    height-for-width, the whole dock became height-for-width, and Qt's dock
+    layout then took the dock's preferred height, settings unscrolled, as its
+    least: after a run the window grew past 800 px. The footer answers
+    instead with the height its layout needs at the width it has, updated
+    when that width changes.
+    """
+
+    def hasHeightForWidth(self) -> bool:
+        return False
+
+    def _height(self) -> int:
+        layout = self.layout()
+        width = self.width()
+        if layout is None or width <= 0 or not layout.hasHeightForWidth():
+            return layout.sizeHint().height() if layout is not None else 0
+        return layout.heightForWidth(width)
+
+    def sizeHint(self):
+        hint = super().sizeHint()
+        hint.setHeight(self._height())
+        return hint
+
+    def minimumSizeHint(self):
+        hint = super().minimumSizeHint()
+        hint.setHeight(self._height())
+        return hint
+
+    def resizeEvent(self, event):
+        super().resizeEvent(event)
+        if event.oldSize().width() != event.size().width():
+            self.updateGeometry()
+
+
 class DockPage(Container):
     """A widget whose settings scroll above a footer that never does.
 
@@ -336,7 +373,7 @@ class DockPage(Container):
         self.scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
         self.scroll.setWidget(self.page)
         self.native.layout().addWidget(self.scroll, 1)
-        self.footer = QWidget()
+        self.footer = _Footer()
         self._footer_layout = QVBoxLayout(self.footer)
         self._footer_layout.setContentsMargins(4, 2, 4, 4)
         self._footer_layout.setSpacing(4)

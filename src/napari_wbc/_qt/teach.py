@@ -166,7 +166,7 @@ class TeachPanel:
             self.pick.value = name
         self.status.value = (
             f"Cell {self.position + 1} of {len(self.queue)}: {name}? "
-            "Right ✓ (Enter) if so, else choose its class and Set class."
+            "Right ✓ (Enter), or pick its class: Set class."
         )
         return index
 
