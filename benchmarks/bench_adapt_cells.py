@@ -22,7 +22,7 @@ from bench_crosslab import probabilities, score, to_input
 
 from napari_wbc.adapt import adapt_batchnorm
 from napari_wbc.datasets import cached_lab_crops
-from napari_wbc.models.files import load_model
+from napari_wbc.models.files import load_network
 
 SIZES = (8, 16, 32, 64, 128, 256)
 
@@ -38,7 +38,7 @@ def main(argv=None) -> int:
     print("| held-out lab | cells adapted on | macro-F1 mean | min | max |")
     print("|---|---:|---:|---:|---:|")
     for model_file in sorted(args.root.glob("*-*/model.safetensors")):
-        model, config = load_model(model_file, cache=False)
+        model, config = load_network(model_file, cache=False)
         lab = config.training.get("holdout")
         if lab not in ("lisc", "bccd", "pbc"):
             continue

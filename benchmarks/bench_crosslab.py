@@ -50,7 +50,7 @@ from napari_wbc.adapt import adapt_batchnorm
 from napari_wbc.crop_scale import measure_crop_scale, to_field_of_view
 from napari_wbc.datasets import SHARED_CLASSES, cached_lab_crops, decode_image, stratified_split
 from napari_wbc.metrics import classification_metrics
-from napari_wbc.models.files import load_model
+from napari_wbc.models.files import load_network
 
 FACTORS = (0.5, 0.7, 1.4, 2.0)
 
@@ -134,7 +134,7 @@ def fold_ensemble(roots, lab: str, **kwargs):
 
     members = []
     for root in roots:
-        model, config = load_model(Path(root) / f"dr-{lab}" / "model.safetensors", cache=False)
+        model, config = load_network(Path(root) / f"dr-{lab}" / "model.safetensors", cache=False)
         members.append(EnsembleMember(model, config, 1.0))
     return Ensemble(members, tta="d4", name=f"fold {lab}", **kwargs)
 
@@ -198,7 +198,7 @@ def main(argv=None) -> int:
     cache = Path("outputs/crosslab/cache")
     results = []
     for model_file in sorted(args.root.glob("*-*/model.safetensors")):
-        model, config = load_model(model_file, cache=False)
+        model, config = load_network(model_file, cache=False)
         # Scored over the model's own classes: a held-out cell called "ig" by
         # an 8-class model is an error, not skipped.
         classes = tuple(config.spec.classes)

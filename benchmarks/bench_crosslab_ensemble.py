@@ -21,7 +21,7 @@ import torch
 from bench_crosslab import probabilities, score, to_input
 
 from napari_wbc.datasets import cached_lab_crops
-from napari_wbc.models.files import load_model
+from napari_wbc.models.files import load_network
 
 
 def main(argv=None) -> int:
@@ -33,7 +33,7 @@ def main(argv=None) -> int:
     folds = defaultdict(list)
     for root in args.roots:
         for file in sorted(root.glob("*-*/model.safetensors")):
-            model, config = load_model(file, cache=False)
+            model, config = load_network(file, cache=False)
             folds[config.training.get("holdout")].append((file, model, config))
     print("| held-out lab | models | TTA | macro-F1 | balanced acc. |")
     print("|---|---|---|---:|---:|")

@@ -45,7 +45,7 @@ from scripts.train_crosslab import lab_crops, predict
 
 from napari_wbc.datasets import SHARED_CLASSES
 from napari_wbc.metrics import classification_metrics
-from napari_wbc.models.files import load_model
+from napari_wbc.models.files import load_network
 
 
 def image_folds(paths: list[str], labels: list[str], n_folds: int, seed: int = 0) -> np.ndarray:
@@ -174,7 +174,7 @@ def main(argv=None) -> int:
         models = list(pool.map(lambda j: train(args, *j), jobs))
 
     def run(model_path: Path, idx: np.ndarray) -> np.ndarray:
-        model, config = load_model(model_path, cache=False)
+        model, config = load_network(model_path, cache=False)
         spec = config.spec
         return predict(model, crops[idx], spec.input_size, spec.mean, spec.std).argmax(1)
 

@@ -28,7 +28,8 @@ from scripts.fit_trust import model_crops
 
 from napari_wbc.datasets import balanced_subset, load_lab_table, stratified_split
 from napari_wbc.features import member_outputs
-from napari_wbc.inference import _combine, iter_predict_sums
+from napari_wbc.gate import iter_predict_sums
+from napari_wbc.passes import combine
 from napari_wbc.progress import run
 from napari_wbc.threads import configure_threads
 from napari_wbc.trust import IMAGE_OOD_SHARE, fit_trust_stats
@@ -76,7 +77,7 @@ def main(argv=None) -> int:
             rbc = None if found is None else found.rbc_diameter_px
             crops = run(ens.preprocessor.iter_read_crop_files(sample, "auto", rbc))
             sums = run(iter_predict_sums(ens, crops, tta="none"))
-            out = _combine(ens, sums.sums, sums.views)
+            out = combine(ens, sums.sums, sums.views)
             share = float(np.mean(out["ood_distance"] > ens.trust.ood_threshold))
             row = {
                 "fold": lab,

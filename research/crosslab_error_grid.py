@@ -18,7 +18,7 @@ from benchmarks.bench_crosslab import probabilities, to_input
 from PIL import Image, ImageDraw
 
 from napari_wbc.datasets import SHARED_CLASSES, cached_lab_crops
-from napari_wbc.models.files import load_model
+from napari_wbc.models.files import load_network
 
 
 def main(argv=None) -> int:
@@ -28,7 +28,7 @@ def main(argv=None) -> int:
     p.add_argument("--per-class", type=int, default=8)
     args = p.parse_args(argv)
     torch.set_num_threads(2)
-    model, config = load_model(args.run / "model.safetensors", cache=False)
+    model, config = load_network(args.run / "model.safetensors", cache=False)
     lab = config.training["holdout"]
     classes = tuple(config.spec.classes)
     table, crops = cached_lab_crops(

@@ -37,11 +37,13 @@ from benchmarks.bench_crosslab import fold_ensemble
 from benchmarks.bench_gate import lab_sets
 
 from napari_wbc.adapt import PROTOTYPE_SUPPORT
-from napari_wbc.inference import TTA_SETS, _to_input, inference_model
+from napari_wbc.bnfold import inference_model
 from napari_wbc.metrics import classification_metrics
+from napari_wbc.passes import to_input
 from napari_wbc.progress import run
 from napari_wbc.threads import configure_threads
 from napari_wbc.trust import softmax
+from napari_wbc.tta import TTA_SETS
 from research.crosslab_t3a import prototype_weights
 
 #: The field-of-view factor chosen on the other held-out lab (crosslab_zoom_adapt.py).
@@ -69,7 +71,7 @@ def cache_features(roots, lab: str, k: float, out: Path, sets, cells: str | None
     feats, weights, biases = [], [], []
     for member in ensemble.members:
         spec = member.config.spec
-        x = _to_input(crops, spec.input_size, torch.device("cpu"))
+        x = to_input(crops, spec.input_size, torch.device("cpu"))
         mean = torch.tensor(spec.mean).view(1, 3, 1, 1)
         std = torch.tensor(spec.std).view(1, 3, 1, 1)
         x = (x - mean) / std

@@ -19,7 +19,7 @@ import torch
 from benchmarks.bench_crosslab import probabilities, score, to_input
 
 from napari_wbc.datasets import cached_lab_crops
-from napari_wbc.models.files import load_model
+from napari_wbc.models.files import load_network
 
 RUNS = ("lolo8c", "lolo8c-s1")
 
@@ -46,7 +46,7 @@ def main() -> None:
     for lab in ("bccd", "lisc"):
         probs = {}
         for run in RUNS:
-            model, config = load_model(Path(f"outputs/{run}/dr-{lab}/model.safetensors"))
+            model, config = load_network(Path(f"outputs/{run}/dr-{lab}/model.safetensors"))
             classes = tuple(config.spec.classes)
             table, crops = cached_lab_crops(lab, cache, 128, round(config.spec.fov_rbc, 2))
             x = to_input(crops, config)

@@ -22,7 +22,7 @@ import torch
 from benchmarks.bench_crosslab import Rows, score, to_input
 
 from napari_wbc.datasets import cached_lab_crops
-from napari_wbc.models.files import load_model
+from napari_wbc.models.files import load_network
 
 SUPPORTS = (1, 5, 10, 20, 50, 100, 1_000_000)
 
@@ -72,7 +72,7 @@ def ensemble_rows(roots, supports=(0, 20, 50, 100)):
     folds = defaultdict(list)
     for root in roots:
         for file in sorted(root.glob("*-*/model.safetensors")):
-            model, config = load_model(file, cache=False)
+            model, config = load_network(file, cache=False)
             folds[config.training.get("holdout")].append((model, config))
     rows = Rows()
     for lab, members in folds.items():
@@ -109,7 +109,7 @@ def cells_rows(root: Path, sizes=(8, 16, 32, 64, 128, 192, 256), draws: int = 5,
     """Prototypes from a few random cells of the held-out lab, scored on all of its cells."""
     rows = Rows()
     for file in sorted(root.glob("*-*/model.safetensors")):
-        model, config = load_model(file, cache=False)
+        model, config = load_network(file, cache=False)
         lab = config.training.get("holdout")
         classes = tuple(config.spec.classes)
         table, crops = cached_lab_crops(lab, "outputs/crosslab/cache", 128, 4.8)
@@ -167,7 +167,7 @@ def main(argv=None) -> int:
         return 0
     rows = Rows(args.json)
     for file in sorted(args.root[0].glob("*-*/model.safetensors")):
-        model, config = load_model(file, cache=False)
+        model, config = load_network(file, cache=False)
         lab = config.training.get("holdout")
         classes = tuple(config.spec.classes)
         table, crops = cached_lab_crops(lab, "outputs/crosslab/cache", 128, 4.8)

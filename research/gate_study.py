@@ -14,6 +14,7 @@ be replayed exactly (research/gate_policies.py) without running a network.
 from __future__ import annotations
 
 import argparse
+import functools
 import tempfile
 import time
 from pathlib import Path
@@ -24,11 +25,14 @@ import torch
 from benchmarks.bench_gate import lab_sets
 
 from napari_wbc.adapt import adapt_ensemble_and_passes, adapt_method, auto_adapts
-from napari_wbc.inference import TTA_SETS, _empty_sums, _iter_add_views, inference_model
-from napari_wbc.prediction import _iter_route_crops
+from napari_wbc.bnfold import inference_model
+from napari_wbc.passes import empty_sums, iter_add_views
+from napari_wbc.prediction import iter_route_sample
 from napari_wbc.progress import run
-from napari_wbc.routing import load_model
+from napari_wbc.routing import ROUTE_CELLS, load_model
+from napari_wbc.session import ClassifySession
 from napari_wbc.threads import configure_threads
+from napari_wbc.tta import TTA_SETS
 
 
 def sets(folder: Path) -> dict[str, pd.DataFrame]:
@@ -41,7 +45,7 @@ def every_view(ens, crops) -> tuple[np.ndarray, list[np.ndarray]]:
     """Every member's logits (M, V, N, C) and pre-logit features ([(V, N, D_j)]) for the D4 views.
 
     ``crops``: (N, H, W, 3) uint8 as the ensemble classifies them; each view
-    is run through the product's own pass (:func:`napari_wbc.inference._iter_add_views`).
+    is run through the product's own pass (:func:`napari_wbc.passes.iter_add_views`).
     """
     prepared = []
     for member in ens.members:
@@ -51,9 +55,9 @@ def every_view(ens, crops) -> tuple[np.ndarray, list[np.ndarray]]:
         prepared.append((inference_model(member.model), spec.input_size, mean, std))
     logits, features = [], [[] for _ in ens.members]
     for view in TTA_SETS["d4"]:
-        s = _empty_sums(ens, len(crops))
+        s = empty_sums(ens, len(crops))
         run(
-            _iter_add_views(
+            iter_add_views(
                 ens,
                 prepared,
                 crops,
@@ -92,7 +96,13 @@ def main(argv=None) -> int:
         paths = table["path"].astype(str).tolist()
         t = time.perf_counter()
         found = router.specialist.preprocessor.resolve_crop_scale(paths, "auto")
-        ens, route, *_ = run(_iter_route_crops(router, paths, "auto", found, "cpu", 64))
+        session = ClassifySession(router, device="cpu", batch_size=64)
+        pick = np.unique(np.linspace(0, len(paths) - 1, min(len(paths), ROUTE_CELLS)).astype(int))
+        sample = functools.partial(
+            iter_route_sample, paths=paths, pick=pick, stain_source="auto", found=found
+        )
+        ens = run(session.iter_choose(sample))
+        route = session.route
         crops = run(ens.preprocessor.iter_read_crop_files(paths, "auto", found.rbc_diameter_px))
         if not args.no_adapt and auto_adapts(route, len(paths)):
             # As the product does by default for a set the three-lab model is given.

@@ -55,14 +55,14 @@ def main(argv=None) -> int:
     p.add_argument(
         "--input-resize",
         default=None,
-        help="also set the network input step's mode (napari_wbc.inference.INPUT_RESIZE)",
+        help="also set the network input step's mode (napari_wbc.passes.INPUT_RESIZE)",
     )
     args = p.parse_args(argv)
     configure_threads(2)
     if args.input_resize:
-        import napari_wbc.inference as inference
+        import napari_wbc.passes as passes
 
-        inference.INPUT_RESIZE = args.input_resize
+        passes.INPUT_RESIZE = args.input_resize
     table = dev_set(args.per_class)
     print("dev set:", table["label"].value_counts().to_dict(), flush=True)
     model = load_any(builtin_model_path("wbc-pbc"))

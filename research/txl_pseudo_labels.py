@@ -32,7 +32,7 @@ from scripts.train_crosslab import CACHE_SIZE, FOV_RBC
 
 from napari_wbc.atomic import atomic_write_stream
 from napari_wbc.datasets import read_lab_crops
-from napari_wbc.models.files import load_model
+from napari_wbc.models.files import load_network
 from napari_wbc.settings import data_root
 
 log = logging.getLogger("txl_pseudo_labels")
@@ -71,7 +71,9 @@ def main(argv=None) -> int:
     crops = read_lab_crops(table, CACHE_SIZE, FOV_RBC)
     prob, classes = 0.0, None
     for root in args.roots:
-        model, config = load_model(root / f"dr-{args.holdout}" / "model.safetensors", cache=False)
+        model, config = load_network(
+            root / f"dr-{args.holdout}" / "model.safetensors", cache=False
+        )
         classes = tuple(config.spec.classes)
         prob = prob + probabilities(model, to_input(crops, config), tta=True) / len(args.roots)
     top = prob.argmax(1)

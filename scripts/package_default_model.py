@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from napari_wbc.models.files import load_model, save_ensemble, save_model
+from napari_wbc.models.files import load_network, save_ensemble, save_model
 
 TARGET = Path(__file__).resolve().parents[1] / "src/napari_wbc/resources/models"
 NOTES = (
@@ -39,7 +39,7 @@ def main() -> None:
     old = sorted(TARGET.glob("wbc-lite-*.safetensors"))
     paths, metrics = [], {}
     for i, source in enumerate(args.members):
-        model, config = load_model(source, cache=False)
+        model, config = load_network(source, cache=False)
         config.name = f"wbc-lite-{i}"
         path = TARGET / f"wbc-lite-{i}.safetensors"
         paths.append(save_model(path, model, config, half=True))

@@ -77,14 +77,14 @@ def cut_and_run(monkeypatch):
 
     ``windows``: the window of every block whose cells are found and cut
     (``napari_wbc.pipeline.find_tile_cells``); ``rows``: the number of crops
-    of each call that runs the networks (``napari_wbc.inference._iter_add_views``).
+    of each call that runs the networks (``napari_wbc.passes.iter_add_views``).
     Clear them between runs.
     """
-    import napari_wbc.inference as inference
+    import napari_wbc.passes as passes
     import napari_wbc.pipeline as pipeline
 
     windows, rows = [], []
-    real_cut, real_views = pipeline.find_tile_cells, inference._iter_add_views
+    real_cut, real_views = pipeline.find_tile_cells, passes.iter_add_views
 
     def counted_cut(window, tile, *args, **kwargs):
         windows.append(tile.window)
@@ -95,5 +95,5 @@ def cut_and_run(monkeypatch):
         return (yield from real_views(*args, **kwargs))
 
     monkeypatch.setattr(pipeline, "find_tile_cells", counted_cut)
-    monkeypatch.setattr(inference, "_iter_add_views", counted_views)
+    monkeypatch.setattr(passes, "iter_add_views", counted_views)
     return windows, rows

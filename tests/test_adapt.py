@@ -9,7 +9,7 @@ import torch
 
 from napari_wbc.adapt import MIN_CELLS, AdaptationError, adapt_batchnorm, save_adapted_model
 from napari_wbc.models.build import build_model
-from napari_wbc.models.files import ModelConfig, load_model, save_model
+from napari_wbc.models.files import ModelConfig, load_network, save_model
 from napari_wbc.models.registry import get_spec
 
 
@@ -38,7 +38,7 @@ def _cells(n: int, shift: float = 1.5, seed: int = 0) -> torch.Tensor:
 
 def test_adapted_statistics_differ_and_base_file_untouched(base_file, tmp_path):
     digest = hashlib.sha256(base_file.read_bytes()).hexdigest()
-    base, config = load_model(base_file, cache=False)
+    base, config = load_network(base_file, cache=False)
     before = _bn_means(base)
     adapted = adapt_batchnorm(base, _cells(64))
     # The adapted copy learned the new cells' statistics ...
@@ -48,13 +48,13 @@ def test_adapted_statistics_differ_and_base_file_untouched(base_file, tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(before, _bn_means(base), strict=True))
     out = save_adapted_model(tmp_path / "adapted.safetensors", adapted, config, "test cells", 64)
     assert hashlib.sha256(base_file.read_bytes()).hexdigest() == digest
-    reloaded, reloaded_config = load_model(out, cache=False)
+    reloaded, reloaded_config = load_network(out, cache=False)
     assert all(torch.allclose(a, b) for a, b in zip(after, _bn_means(reloaded), strict=True))
     assert reloaded_config.training["adapted"]["cells"] == 64
 
 
 def test_adaptation_is_deterministic(base_file):
-    base, _ = load_model(base_file, cache=False)
+    base, _ = load_network(base_file, cache=False)
     x = _cells(80)
     a = _bn_means(adapt_batchnorm(base, x))
     b = _bn_means(adapt_batchnorm(base, x))
@@ -62,13 +62,13 @@ def test_adaptation_is_deterministic(base_file):
 
 
 def test_too_few_cells_refused(base_file):
-    base, _ = load_model(base_file, cache=False)
+    base, _ = load_network(base_file, cache=False)
     with pytest.raises(AdaptationError, match=f"at least {MIN_CELLS} cells"):
         adapt_batchnorm(base, _cells(MIN_CELLS - 1))
 
 
 def test_never_overwrites_a_model_file(base_file):
-    base, config = load_model(base_file, cache=False)
+    base, config = load_network(base_file, cache=False)
     adapted = adapt_batchnorm(base, _cells(40))
     digest = hashlib.sha256(base_file.read_bytes()).hexdigest()
     with pytest.raises(AdaptationError, match="exists"):
@@ -278,7 +278,7 @@ def test_prototype_adaptation_of_an_ensemble_saves_as_new_files(tiny_model_path,
     config = read_model_config(out)
     assert config.training["adapted"]["method"] == "prototypes"
     assert "T3A" in config.notes
-    reloaded, _ = load_model(out, cache=False)
+    reloaded, _ = load_network(out, cache=False)
     assert torch.allclose(reloaded.get_classifier().weight, new_head)
     with pytest.raises(AdaptationError, match="unknown adaptation"):
         adapt_method("tent")
@@ -423,7 +423,7 @@ def test_the_adaptations_look_at_the_crops_is_the_adapted_models_first_view(
     # its new last layer, handed on instead of run again.
     import numpy as np
 
-    import napari_wbc.inference as inference
+    import napari_wbc.passes as passes
     from napari_wbc.adapt import PROTOTYPE_MIN_CELLS, adapt_ensemble_and_passes
     from napari_wbc.inference import iter_predict_crops, load_any
     from napari_wbc.progress import run
@@ -437,10 +437,10 @@ def test_the_adaptations_look_at_the_crops_is_the_adapted_models_first_view(
     assert (known.views == 1).all()
     fresh = run(iter_predict_crops(adapted, crops, gate=True))
     runs = []
-    real = inference._iter_add_views
+    real = passes.iter_add_views
     monkeypatch.setattr(
-        inference,
-        "_iter_add_views",
+        passes,
+        "iter_add_views",
         lambda *a, **k: (runs.append(1), (yield from real(*a, **k)))[1],
     )
     reused = run(iter_predict_crops(adapted, crops, gate=True, known=known))
@@ -456,8 +456,8 @@ def test_the_adaptations_look_at_the_crops_is_the_adapted_models_first_view(
     fresh = run(iter_predict_crops(adapted, crops, gate=True))
     ran = []
     monkeypatch.setattr(
-        inference,
-        "_iter_add_views",
+        passes,
+        "iter_add_views",
         lambda *a, **k: (ran.append(a[7].copy()), (yield from real(*a, **k)))[1],
     )
     reused = run(iter_predict_crops(adapted, crops, gate=True, known=known))

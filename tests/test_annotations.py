@@ -165,7 +165,7 @@ def tiny_train_config(**kw):
 
 
 def test_finetune_keeps_base_weights_and_adds_a_class(tmp_path, tiny_model_path):
-    from napari_wbc.models import load_model, read_model_config
+    from napari_wbc.models import load_network, read_model_config
 
     image, cells = smear_with_cells()
     out = tmp_path / "tuned.safetensors"
@@ -180,8 +180,8 @@ def test_finetune_keeps_base_weights_and_adds_a_class(tmp_path, tiny_model_path)
     assert path == out and out.is_file()
     assert not list(tmp_path.glob(".*"))  # working folder removed
     assert any(e.info.get("event") == "epoch" for e in events)
-    tuned, tuned_config = load_model(out, cache=False)
-    base, base_config = load_model(tiny_model_path, cache=False)
+    tuned, tuned_config = load_network(out, cache=False)
+    base, base_config = load_network(tiny_model_path, cache=False)
     assert tuned_config.classes == (*base_config.classes, "blast")
     assert tuned_config.training["base_model"] == str(tiny_model_path)
     new, old = tuned.state_dict(), base.state_dict()
@@ -196,7 +196,7 @@ def test_finetune_keeps_base_weights_and_adds_a_class(tmp_path, tiny_model_path)
 
 
 def test_stage2_alone_keeps_the_base_backbone(tmp_path, tiny_model_path):
-    from napari_wbc.models import load_model, read_model_config
+    from napari_wbc.models import load_network, read_model_config
 
     image, cells = smear_with_cells()
     cells = cells[cells.label != "blast"]
@@ -204,8 +204,8 @@ def test_stage2_alone_keeps_the_base_backbone(tmp_path, tiny_model_path):
     config = tiny_train_config(stages="stage2", epochs_stage2=2, lr_stage2=0.05)
     classes = list(read_model_config(tiny_model_path).classes)
     run(iter_finetune(image, cells, classes, tiny_model_path, out, config, rbc_diameter_px=10))
-    tuned, _ = load_model(out, cache=False)
-    base, _ = load_model(tiny_model_path, cache=False)
+    tuned, _ = load_network(out, cache=False)
+    base, _ = load_network(tiny_model_path, cache=False)
     changed = [
         k for k, v in tuned.state_dict().items() if not np.array_equal(v, base.state_dict()[k])
     ]

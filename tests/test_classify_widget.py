@@ -215,10 +215,10 @@ def test_trained_models_are_offered_at_once(widget, tiny_model_path):
 
 
 def test_a_smear_unlike_the_training_data_is_called_out(widget, qtbot, tiny_model_path):
-    from napari_wbc.models.files import load_model, save_ensemble
+    from napari_wbc.models.files import load_network, save_ensemble
     from napari_wbc.trust import FeatureStats, TrustStats
 
-    model, config = load_model(tiny_model_path)
+    model, config = load_network(tiny_model_path)
     width = model.num_features
     # Statistics under which every cell is far from the training cells.
     stats = TrustStats(

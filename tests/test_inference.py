@@ -8,8 +8,6 @@ import torch
 
 from napari_wbc.errors import DataError, ModelFileError, WBCError
 from napari_wbc.inference import (
-    TTA_SETS,
-    D4Transform,
     Ensemble,
     EnsembleMember,
     disagreement,
@@ -21,6 +19,7 @@ from napari_wbc.models.build import build_model
 from napari_wbc.models.files import TTA_NAMES, ModelConfig, save_model
 from napari_wbc.models.registry import get_preset
 from napari_wbc.progress import Progress, run
+from napari_wbc.tta import TTA_SETS, D4Transform
 
 
 @pytest.fixture(scope="module")
@@ -272,7 +271,7 @@ def _sub_ensemble_probs(ensemble, members, crops, tta):
 
 
 def test_members_are_ordered_by_their_cost(ensemble):
-    from napari_wbc.inference import member_cost, member_order
+    from napari_wbc.gate import member_cost, member_order
 
     costs = [member_cost(m.model, m.config.spec.input_size) for m in ensemble.members]
     assert all(c > 0 for c in costs)
@@ -287,7 +286,7 @@ def test_members_are_ordered_by_their_cost(ensemble):
 
 
 def test_gate_settles_each_cell_at_the_first_stage_sure_of_it(ensemble):
-    from napari_wbc.inference import member_order
+    from napari_wbc.gate import member_order
 
     crops = random_crops(40, seed=5)
     order = member_order(ensemble)
@@ -325,7 +324,7 @@ def test_gate_settles_each_cell_at_the_first_stage_sure_of_it(ensemble):
 
 
 def test_default_gate_stages_and_exhaustive_run(ensemble):
-    from napari_wbc.inference import GATE_STAGES, member_order
+    from napari_wbc.gate import GATE_STAGES, member_order
 
     crops = random_crops(12, seed=6)
     # Settle everything on the cheapest member's first view (it always
@@ -371,7 +370,7 @@ def test_folded_batch_norms_give_the_same_outputs(arch):
 
     import timm
 
-    from napari_wbc.inference import fold_batch_norms
+    from napari_wbc.bnfold import fold_batch_norms
 
     model = _with_statistics(timm.create_model(arch, num_classes=5, pretrained=False))
     folded = copy.deepcopy(model)
@@ -392,7 +391,7 @@ def test_folded_batch_norms_give_the_same_outputs(arch):
 def test_inference_model_is_a_folded_copy_renewed_when_weights_change():
     import timm
 
-    from napari_wbc.inference import inference_model
+    from napari_wbc.bnfold import inference_model
 
     model = _with_statistics(timm.create_model("resnet10t", num_classes=3, pretrained=False))
     fast = inference_model(model)
@@ -413,18 +412,18 @@ def test_inference_model_is_a_folded_copy_renewed_when_weights_change():
 
 
 def test_members_are_folded_only_for_sets_worth_it(tiny_members, monkeypatch):
-    import napari_wbc.inference as inference
+    import napari_wbc.bnfold as bnfold
 
     ensemble = Ensemble(tiny_members[:1], tta="none")
     model = ensemble.members[0].model
     crops = random_crops(6, seed=9)
     few = predict_crops(ensemble, crops)
-    assert inference._FOLDED.get(model) is None  # a few crops: not worth a copy
-    monkeypatch.setattr(inference, "FOLD_MIN_CROPS", 4)
+    assert not bnfold.is_folded(model)  # a few crops: not worth a copy
+    monkeypatch.setattr(bnfold, "FOLD_MIN_CROPS", 4)
     many = predict_crops(ensemble, crops)
-    assert inference._FOLDED.get(model) is not None
+    assert bnfold.is_folded(model)
     np.testing.assert_allclose(few["probs"], many["probs"], atol=1e-4)
-    monkeypatch.setattr(inference, "FOLD_MIN_CROPS", 1000)
+    monkeypatch.setattr(bnfold, "FOLD_MIN_CROPS", 1000)
     again = predict_crops(ensemble, crops)  # once folded, the copy is used
     np.testing.assert_allclose(again["probs"], many["probs"], atol=1e-6)
 
@@ -433,7 +432,7 @@ def test_member_cost_counts_what_torch_counts(ensemble):
     # The hook count equals torch's own FLOP counter on convolutional members.
     from torch.utils.flop_counter import FlopCounterMode
 
-    from napari_wbc.inference import member_cost
+    from napari_wbc.gate import member_cost
 
     model = ensemble.members[0].model.eval()
     with torch.inference_mode(), FlopCounterMode(display=False) as counter:
@@ -444,10 +443,10 @@ def test_member_cost_counts_what_torch_counts(ensemble):
 
 def _count_passes(monkeypatch):
     """Crop × view × member passes run by the ensemble from now on."""
-    from napari_wbc import inference
+    from napari_wbc import passes
 
     count = [0]
-    real = inference._iter_add_views
+    real = passes.iter_add_views
 
     def counted(ensemble, prepared, crops, transforms, members, first, sums, rows, *rest):
         count[0] += len(rows) * len(transforms) * len(members)
@@ -457,13 +456,13 @@ def _count_passes(monkeypatch):
             )
         )
 
-    monkeypatch.setattr(inference, "_iter_add_views", counted)
+    monkeypatch.setattr(passes, "iter_add_views", counted)
     return count
 
 
 @pytest.mark.parametrize("gate", [False, True])
 def test_earlier_passes_are_taken_not_run_again(ensemble, monkeypatch, gate):
-    from napari_wbc.inference import iter_predict_sums
+    from napari_wbc.gate import iter_predict_sums
 
     crops = random_crops(40, seed=3)
     rows = np.array([0, 5, 7, 20, 39])
@@ -485,7 +484,7 @@ def test_earlier_passes_are_taken_not_run_again(ensemble, monkeypatch, gate):
 
 
 def test_earlier_passes_of_another_model_or_view_are_refused(ensemble, tiny_members):
-    from napari_wbc.inference import iter_predict_sums
+    from napari_wbc.gate import iter_predict_sums
 
     crops = random_crops(8, seed=4)
     flips = run(iter_predict_sums(ensemble, crops, tta="flips"))
@@ -498,26 +497,26 @@ def test_earlier_passes_of_another_model_or_view_are_refused(ensemble, tiny_memb
 
 
 def test_the_gate_resizes_each_crop_once_for_all_its_stages(ensemble, monkeypatch):
-    from napari_wbc import inference
+    from napari_wbc import passes
 
     crops = random_crops(30, seed=8)
     sizes = len({m.config.spec.input_size for m in ensemble.members})
     # Nothing settles before the last stage: every cell goes through all three.
     stages = [(2, 1, 1.1), (None, 1, 1.1), (None, 4, None)]
     resized: list[int] = []
-    real = inference._to_input
+    real = passes.to_input
 
     def counted(batch, size, device):
         resized.append(len(batch))
         return real(batch, size, device)
 
-    monkeypatch.setattr(inference, "_to_input", counted)
+    monkeypatch.setattr(passes, "to_input", counted)
     kept = run(iter_predict_crops(ensemble, crops, tta="d4", gate=stages))
     assert (kept["passes"] == 12).all()
     assert sum(resized) == 30 * sizes
     # Beyond the memory allowed, crops are resized again at each stage: the same answer.
     resized.clear()
-    monkeypatch.setattr(inference, "RESIZED_KEEP_BYTES", 0)
+    monkeypatch.setattr(passes, "RESIZED_KEEP_BYTES", 0)
     again = run(iter_predict_crops(ensemble, crops, tta="d4", gate=stages))
     assert sum(resized) >= 3 * 30
     np.testing.assert_array_equal(kept["probs"], again["probs"])

@@ -20,7 +20,7 @@ from napari_wbc.models.build import build_model
 from napari_wbc.models.files import (
     ModelConfig,
     clear_model_cache,
-    load_model,
+    load_network,
     read_ensemble,
     read_model_config,
     save_ensemble,
@@ -71,7 +71,7 @@ def sample_input(spec, seed=1):
 def test_float32_round_trip_is_bit_exact(tmp_path, arch):
     model, config = make_model(arch)
     path = save_model(tmp_path / "m.safetensors", model, config)
-    loaded, _ = load_model(path, cache=False)
+    loaded, _ = load_network(path, cache=False)
     assert loaded is not model
     original, again = model.state_dict(), loaded.state_dict()
     assert original.keys() == again.keys()
@@ -87,7 +87,7 @@ def test_float32_round_trip_is_bit_exact(tmp_path, arch):
 def test_config_survives_the_round_trip(tmp_path):
     model, config = make_model()
     path = save_model(tmp_path / "m.safetensors", model, config)
-    _, loaded = load_model(path)
+    _, loaded = load_network(path)
     for cfg in (loaded, read_model_config(path)):
         assert cfg.spec == config.spec
         assert cfg.name == "tiny test_resnet"
@@ -118,7 +118,7 @@ def test_half_storage_is_smaller_and_close(tmp_path):
     full = save_model(tmp_path / "full.safetensors", model, config)
     half = save_model(tmp_path / "half.safetensors", model, config, half=True)
     assert half.stat().st_size < 0.65 * full.stat().st_size
-    loaded, _ = load_model(half, cache=False)
+    loaded, _ = load_network(half, cache=False)
     for key, value in model.state_dict().items():
         restored = loaded.state_dict()[key]
         assert restored.dtype == value.dtype, key  # float32 again after loading
@@ -169,22 +169,22 @@ def test_config_json_round_trip():
 def test_repeated_loads_come_from_the_cache_until_the_file_changes(tmp_path):
     model, config = make_model()
     path = save_model(tmp_path / "m.safetensors", model, config)
-    first, cfg1 = load_model(path)
-    second, cfg2 = load_model(str(path))
+    first, cfg1 = load_network(path)
+    second, cfg2 = load_network(str(path))
     assert first is second
     cfg1.notes = "changed by the caller"
-    assert cfg2.notes == "made in a test" and load_model(path)[1].notes == "made in a test"
-    assert load_model(path, cache=False)[0] is not first
+    assert cfg2.notes == "made in a test" and load_network(path)[1].notes == "made in a test"
+    assert load_network(path, cache=False)[0] is not first
 
     other, _ = make_model(seed=5)
     save_model(path, other, config)
-    third, _ = load_model(path)
+    third, _ = load_network(path)
     assert third is not first
     key = "conv1.0.weight"
     assert torch.equal(third.state_dict()[key], other.state_dict()[key])
 
     clear_model_cache()
-    assert load_model(path)[0] is not third
+    assert load_network(path)[0] is not third
 
 
 def test_cache_is_least_recently_used(tmp_path, monkeypatch):
@@ -192,11 +192,11 @@ def test_cache_is_least_recently_used(tmp_path, monkeypatch):
     a, b, c = (
         save_model(tmp_path / f"{n}.safetensors", *make_model(seed=i)) for i, n in enumerate("abc")
     )
-    model_a, model_b = load_model(a)[0], load_model(b)[0]
-    assert load_model(a)[0] is model_a  # a is now the most recently used
-    load_model(c)  # evicts b, the least recently used
-    assert load_model(a)[0] is model_a
-    assert load_model(b)[0] is not model_b
+    model_a, model_b = load_network(a)[0], load_network(b)[0]
+    assert load_network(a)[0] is model_a  # a is now the most recently used
+    load_network(c)  # evicts b, the least recently used
+    assert load_network(a)[0] is model_a
+    assert load_network(b)[0] is not model_b
 
 
 # --- refusals -------------------------------------------------------------------
@@ -209,7 +209,7 @@ def saved(tmp_path):
 
 
 def assert_refused(path, *fragments):
-    for reader in (lambda p: load_model(p, cache=False), read_model_config):
+    for reader in (lambda p: load_network(p, cache=False), read_model_config):
         with pytest.raises(ModelFileError) as err:
             reader(path)
         msg = str(err.value)
@@ -254,7 +254,7 @@ def test_corrupt_weight_bytes_are_refused(saved):
         data[offset] ^= 0xFF
     saved.write_bytes(bytes(data))
     with pytest.raises(ModelFileError, match="corrupt"):
-        load_model(saved, cache=False)
+        load_network(saved, cache=False)
 
 
 def test_corrupt_config_bytes_are_refused(saved):
@@ -264,7 +264,7 @@ def test_corrupt_config_bytes_are_refused(saved):
     saved.write_bytes(data.replace(b"monocyte", b"monocytf"))
     assert read_model_config(saved).classes[5] == "monocytf"
     with pytest.raises(ModelFileError, match="checksum"):
-        load_model(saved, cache=False)
+        load_network(saved, cache=False)
     # Broken JSON in the config (the header stays valid) is refused even by the
     # cheap reader. The config is an escaped string inside the header.
     key = b'classes\\": ['
@@ -309,7 +309,7 @@ def test_weights_that_do_not_fit_the_architecture_are_refused(tmp_path, monkeypa
     monkeypatch.setattr(files, "_check_model_matches", lambda *a: None)
     path = save_model(tmp_path / "m.safetensors", model, config)
     with pytest.raises(ModelFileError, match="do not fit"):
-        load_model(path, cache=False)
+        load_network(path, cache=False)
 
 
 def test_save_refuses_a_model_its_spec_cannot_rebuild(tmp_path):
@@ -344,7 +344,7 @@ def test_interrupted_save_keeps_the_old_file(tmp_path, monkeypatch, exc):
     with pytest.raises(type(exc)):
         save_model(path, new_model, config)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
-    loaded, _ = load_model(path, cache=False)
+    loaded, _ = load_network(path, cache=False)
     key = "conv1.0.weight"
     assert torch.equal(loaded.state_dict()[key], old_model.state_dict()[key])
     assert not torch.equal(loaded.state_dict()[key], new_model.state_dict()[key])

@@ -98,7 +98,7 @@ def test_restricted_trust_keeps_the_panels_centres_and_calibration(ensemble):
 def test_one_view_passes_of_the_full_model_carry_over_to_its_panel(ensemble):
     import dataclasses
 
-    from napari_wbc.inference import iter_predict_sums
+    from napari_wbc.gate import iter_predict_sums
     from napari_wbc.panels import restrict_passes
     from napari_wbc.progress import run
 

@@ -186,7 +186,7 @@ def test_the_specialists_look_is_not_run_again_and_the_other_model_loads_when_ne
     # The cells the specialist classified to decide (every member, the crop
     # as it is) are the first views of its D4 run: taken, not run again; the
     # three-lab model is loaded only when a source goes to it.
-    from napari_wbc import inference
+    from napari_wbc import passes
     from napari_wbc.datasets import balanced_subset, load_lab_table, stratified_split
     from napari_wbc.prediction import evaluate
     from napari_wbc.routing import ROUTE_CELLS
@@ -197,7 +197,7 @@ def test_the_specialists_look_is_not_run_again_and_the_other_model_loads_when_ne
     _, validation = stratified_split(table["label"].tolist(), 0.2, seed=0)
     data = balanced_subset(table.iloc[validation], per_class=12, seed=3)
     count = [0]
-    real = inference._iter_add_views
+    real = passes.iter_add_views
 
     def counted(ensemble, prepared, crops, transforms, members, first, sums, rows, *rest):
         count[0] += len(rows) * len(transforms) * len(members)
@@ -207,7 +207,7 @@ def test_the_specialists_look_is_not_run_again_and_the_other_model_loads_when_ne
             )
         )
 
-    monkeypatch.setattr(inference, "_iter_add_views", counted)
+    monkeypatch.setattr(passes, "iter_add_views", counted)
     full = evaluate(router, data, exhaustive=True)
     assert full["route"]["model"] == SPECIALIST
     assert router._generalist is None  # never needed

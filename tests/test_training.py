@@ -14,7 +14,7 @@ torch = pytest.importorskip("torch")
 
 from napari_wbc.datasets import balanced_subset, load_labelled_crops  # noqa: E402
 from napari_wbc.errors import DataError, WBCError  # noqa: E402
-from napari_wbc.models import load_model, read_model_config  # noqa: E402
+from napari_wbc.models import load_network, read_model_config  # noqa: E402
 from napari_wbc.prediction import evaluate  # noqa: E402
 from napari_wbc.progress import run  # noqa: E402
 from napari_wbc.stain import default_reference  # noqa: E402
@@ -144,7 +144,7 @@ def test_stage2_changes_only_the_classifier(discs, tmp_path):
 
     train(discs, tiny_config(stages="stage2", epochs_stage2=3, lr_stage2=1e-2), out)
     after = _tensors(out)
-    model, config = load_model(out, cache=False)
+    model, config = load_network(out, cache=False)
     head = _classifier_keys(model)
     assert head and set(before) == set(after)
     for key in before:

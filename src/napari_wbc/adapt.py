@@ -181,7 +181,7 @@ def _adapt_prototypes(model, images, support, batch_size, min_cells, runner=None
     """:func:`adapt_prototypes`, and the pooled features of ``images`` (N, D) it used.
 
     ``runner``: an equivalent copy of ``model`` to compute the features with
-    (its batch norms folded: :func:`napari_wbc.inference.inference_model`).
+    (its batch norms folded: :func:`napari_wbc.bnfold.inference_model`).
     """
     _check_cells(int(images.shape[0]), min_cells)
     head = model.get_classifier() if hasattr(model, "get_classifier") else None
@@ -428,21 +428,16 @@ def adapt_ensemble_and_passes(
     find their features; the adapted members' answers for those crops are
     the same features through the new last layer, so they need not be run
     again. Returns the adapted ensemble and those passes
-    (:class:`napari_wbc.inference.ViewSums`, for ``known=`` of
+    (:class:`napari_wbc.passes.ViewSums`, for ``known=`` of
     :func:`napari_wbc.inference.iter_predict_crops`; for the sampled crops
     only when a set larger than :data:`MAX_CELLS` was sampled), or None for
     AdaBN.
     """
     import dataclasses
 
-    from napari_wbc.inference import (
-        FOLD_MIN_CROPS,
-        EnsembleMember,
-        ViewSums,
-        _empty_sums,
-        _to_input,
-        inference_model,
-    )
+    from napari_wbc.bnfold import FOLD_MIN_CROPS, inference_model
+    from napari_wbc.inference import EnsembleMember
+    from napari_wbc.passes import ViewSums, empty_sums, to_input
 
     method = adapt_method(method) or DEFAULT_METHOD
     least = cells_needed(method) if min_cells is None else min_cells
@@ -460,7 +455,7 @@ def adapt_ensemble_and_passes(
         spec = member.config.spec
         key = (spec.input_size, tuple(spec.mean), tuple(spec.std))
         if key not in inputs:
-            x = _to_input(chosen, spec.input_size, device)
+            x = to_input(chosen, spec.input_size, device)
             mean = torch.tensor(spec.mean, device=device).view(1, 3, 1, 1)
             std = torch.tensor(spec.std, device=device).view(1, 3, 1, 1)
             inputs[key] = (x - mean) / std
@@ -489,7 +484,7 @@ def adapt_ensemble_and_passes(
     )
     if method != "prototypes":
         return adapted, None
-    sums = _empty_sums(adapted, len(pick))
+    sums = empty_sums(adapted, len(pick))
     with torch.no_grad():
         for j, (member, pre) in enumerate(zip(members, features, strict=True)):
             logits = member.model.get_classifier()(pre.to(device)).float()

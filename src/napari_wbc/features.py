@@ -14,8 +14,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .inference import TTA_SETS, Ensemble
+from .inference import Ensemble
 from .progress import Progress, ProgressGen, run
+from .tta import TTA_SETS
 
 
 def prepare_input(crops: np.ndarray, spec, device) -> torch.Tensor:

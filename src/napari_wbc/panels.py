@@ -153,7 +153,7 @@ def _restrict_ensemble(ensemble, classes: tuple[str, ...]):
 
 
 def restrict_passes(passes, restricted):
-    """Passes of an ensemble (:class:`napari_wbc.inference.ViewSums`) as ``restricted`` would give them.
+    """Passes of an ensemble (:class:`napari_wbc.passes.ViewSums`) as ``restricted`` would give them.
 
     ``restricted`` is that ensemble answering with a panel
     (:func:`restrict_classes`): the same networks, whose classifiers keep

@@ -21,7 +21,7 @@ import logging
 import math
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -30,10 +30,12 @@ import pandas as pd
 from .errors import WBCError
 from .pixels import as_dask_rgb
 from .progress import Progress, ProgressGen, run
-from .routing import ROUTE_CELLS, ModelRouter
+from .routing import ROUTE_CELLS
 from .scale import iter_resolve_scale
+from .session import ClassifySession
 from .threads import Prefetched
 from .tiling import Tile, tile_grid
+from .trust import REVIEW_CONFIDENCE, REVIEW_DISAGREEMENT
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +78,8 @@ class ClassifyConfig:
     batch_size : int
         Crops per forward pass.
     review_confidence : float
-        Cells classified with less confidence are flagged ``needs_review``.
+        Cells classified with less confidence are flagged ``needs_review``
+        (:func:`napari_wbc.trust.review_flags`, the review rule).
     review_disagreement : float
         Cells where more than this fraction of members disagree with the
         ensemble are flagged ``needs_review``.
@@ -109,12 +112,11 @@ class ClassifyConfig:
     tta: str | None = None
     block: int = 2048
     batch_size: int = 32
-    review_confidence: float = 0.6
-    review_disagreement: float = 0.0
+    review_confidence: float = REVIEW_CONFIDENCE
+    review_disagreement: float = REVIEW_DISAGREEMENT
     device: str = "auto"
     adapt: bool | str = "auto"
     exhaustive: bool = False
-    extra: dict = field(default_factory=dict)
 
 
 class StageTimer:
@@ -137,22 +139,31 @@ class StageTimer:
 
 
 class _Prepared(NamedTuple):
+    """What every pass over a smear needs: its pixels, scale, cells or detector, input, grid."""
+
     arr: Any
     scale: Any
     rbc_px: float
     given: pd.DataFrame | None
     detector: Any
-    ensemble: Any
-    route: Any
     model_input: Any
     side: int
     tiles: list
-    #: What choosing the model did that classifying reuses (or None).
-    head: Any = None
 
 
-def _iter_prepare(image, ensemble, config, points, labels, file_pixel_size_um, detector, timer):
-    """What every pass over a smear needs: scale, detector, model choice, stain, blocks."""
+class _Cut(NamedTuple):
+    """Blocks already cut (to choose the model or to adapt it), classified first.
+
+    ``blocks``: ``(block index, cells, crops)`` in the grid's order; the
+    session's passes index their crops, concatenated in this order.
+    """
+
+    model_input: Any
+    blocks: list
+
+
+def _iter_prepare(image, session, config, points, labels, file_pixel_size_um, detector, timer):
+    """Scale, detector, model choice and stain fit of a smear: ``session.prepared``."""
     if file_pixel_size_um is None and hasattr(image, "levels"):
         file_pixel_size_um = image.pixel_size_um
     arr = as_dask_rgb(image)
@@ -174,48 +185,49 @@ def _iter_prepare(image, ensemble, config, points, labels, file_pixel_size_um, d
             detector = yield from (detector or ClassicalDetector()).iter_prepare(arr, rbc_px)
     else:
         detector = None
-    route = head = None
-    if isinstance(ensemble, ModelRouter):
+    if session.router is not None:
         with timer("model choice"):
-            ensemble, route, head = yield from _iter_route(
-                arr, rbc_px, given, detector, ensemble, config
+            yield from session.iter_choose(
+                lambda specialist: _iter_route_sample(
+                    arr, rbc_px, given, detector, specialist, config
+                )
             )
-    if head is not None:
-        model_input = head.model_input
+    if session.cut is not None:
+        model_input = session.cut.model_input
     else:
         with timer("stain fit"):
-            model_input = yield from ensemble.preprocessor.iter_prepare_smear(
+            model_input = yield from session.ensemble.preprocessor.iter_prepare_smear(
                 [arr], rbc_px, config.stain_normalize, config.stain_method
             )
     side = model_input.side
     yield Progress("scale", 1, 1, f"red cell ≈ {rbc_px:.0f} px ({scale.note}); crops {side} px")
     tiles = _tiles((height, width), side, rbc_px, detector, config)
-    return _Prepared(
-        arr, scale, rbc_px, given, detector, ensemble, route, model_input, side, tiles, head
-    )
+    session.prepared = _Prepared(arr, scale, rbc_px, given, detector, model_input, side, tiles)
+    return session.prepared
 
 
 def iter_smear_blocks(
     image,
-    ensemble,
+    session: ClassifySession,
     config: ClassifyConfig | None = None,
     file_pixel_size_um: float | None = None,
     detector=None,
-) -> ProgressGen[tuple[Any, list]]:
+) -> ProgressGen[ClassifySession]:
     """Find and cut every white cell of a smear as the classifier will see them.
 
     For adapting one model to the cells of several images (a folder of
     camera fields, each with too few cells on its own; napari_wbc.smears).
-    Returns the smear's preparation (scale, model choice, stain fit, block
-    grid) and every block's ``(index, cells, crops)``, in the grid's order;
-    give both to :func:`iter_classify_smear` (``prepared=``) to classify
-    the smear without preparing and cutting it again.
+    Returns ``session`` holding the smear's preparation (scale, model
+    choice, stain fit, block grid) and every block's ``(index, cells,
+    crops)`` in the grid's order (``session.cut``); give it to
+    :func:`iter_classify_smear` (``session=``) to classify the smear
+    without preparing and cutting it again.
     """
     config = config or ClassifyConfig()
     prep = yield from _iter_prepare(
-        image, ensemble, config, None, None, file_pixel_size_um, detector, StageTimer()
+        image, session, config, None, None, file_pixel_size_um, detector, StageTimer()
     )
-    blocks = list(prep.head.blocks) if prep.head is not None else []
+    blocks = list(session.cut.blocks) if session.cut is not None else []
     done = {k for k, _, _ in blocks}
     yield from _iter_cut_cells(
         prep.arr,
@@ -229,10 +241,11 @@ def iter_smear_blocks(
         order=[k for k in range(len(prep.tiles)) if k not in done],
     )
     blocks.sort(key=lambda block: block[0])
-    return prep, blocks
+    session.cut = _Cut(prep.model_input, blocks)
+    return session
 
 
-def _block_crops(blocks) -> list[np.ndarray]:
+def block_crops(blocks) -> list[np.ndarray]:
     """The crops of blocks ``(index, cells, crops)``, concatenated in their order."""
     return [crop for _, own, cut in blocks if own is not None for crop in cut]
 
@@ -247,197 +260,147 @@ def iter_classify_smear(
     source_path=None,
     file_pixel_size_um: float | None = None,
     detector=None,
-    adapted: dict | None = None,
-    prepared: tuple | None = None,
+    session: ClassifySession | None = None,
 ) -> ProgressGen[pd.DataFrame]:
     """Find and classify the white cells of a smear of any size.
 
-    Parameters
-    ----------
-    image : ndarray, dask array or Smear
-        Full-resolution (Y, X, 3) uint8 RGB.
-    ensemble : napari_wbc.inference.Ensemble or napari_wbc.routing.ModelRouter
-        The classifier (see :func:`napari_wbc.inference.load_any`); a router
-        picks one of its ensembles for this smear first (``df.attrs``
-        ``model`` and ``route`` say which and why).
-    config : ClassifyConfig
-    points : ndarray (N, 2), optional
-        Cell centres (y, x) in pixels to classify instead of detecting.
-    labels : array-like (Y, X), optional
-        A label image of cell masks (0 = background), one cell per label, to
-        classify instead of detecting.
-    client : dask.distributed.Client, optional
-        Run the blocks on this cluster. Workers read their windows from
-        ``source_path`` and load the model from the ensemble's file, so both
-        must be reachable from the workers.
-    source_path : path, optional
-        The image file, needed with ``client``.
-    file_pixel_size_um : float, optional
-        The pixel size the image file records; used when ``config`` gives no
-        scale (see :func:`napari_wbc.scale.iter_resolve_scale`). Taken from
-        ``image`` when it is a Smear.
-    detector : napari_wbc.detection.Detector, optional
-        What finds the cells; default the nuclear-stain
-        :class:`~napari_wbc.detection.ClassicalDetector`.
-    adapted : dict, optional
-        Copies already adapted to a larger source (``id(ensemble)`` → the
-        adapted ensemble; :func:`iter_smear_blocks` cut the cells): the model
-        chosen for this smear is replaced by its copy, when it has one.
-    prepared : tuple, optional
-        ``(preparation, blocks, passes)``: this smear already prepared and
-        cut by :func:`iter_smear_blocks` with the same ``config``, and the
-        passes its adapted copy already ran on its cells
-        (:class:`napari_wbc.inference.ViewSums`, rows among the blocks'
-        crops; or None): nothing is prepared or cut again.
+    ``image``: full-resolution (Y, X, 3) uint8 RGB, as an array, a dask array
+    or a Smear (whose pixel size is then ``file_pixel_size_um``). ``ensemble``:
+    an :class:`~napari_wbc.inference.Ensemble`, or a
+    :class:`~napari_wbc.routing.ModelRouter` that picks one for this smear
+    (``df.attrs`` ``model`` and ``route``). ``points`` (N, 2) cell centres or
+    ``labels``, a label image of cell masks, are classified instead of
+    detected; ``detector`` finds the cells otherwise (default the
+    :class:`~napari_wbc.detection.ClassicalDetector`). ``client``: a
+    dask.distributed Client running the blocks, whose workers read
+    ``source_path`` and the ensemble's file. ``session``: the model's
+    :class:`~napari_wbc.session.ClassifySession` for this smear, already
+    prepared and cut by :func:`iter_smear_blocks` (a folder adapted once).
 
-    Yields
-    ------
-    Progress
-        Stages "scale", "stain", ("route" with ``--model auto``), "blocks"; each "blocks" event carries the
-        running differential count in ``info["counts"]`` and the cells of the
-        finished block in ``info["cells"]``.
+    Yields "scale", "stain", ("route"), ("adapt"), "classify" and "blocks"
+    progress; each "blocks" event carries the running differential count in
+    ``info["counts"]`` and the finished block's cells in ``info["cells"]``.
 
-    Returns
-    -------
-    DataFrame
-        One row per cell: y, x, diameter, class, confidence, needs_review,
-        disagreement, p_<class> for every class. ``df.attrs`` holds the scale
-        used (``rbc_diameter_px``, ``pixel_size_um`` when known, ``scale``,
-        ``scale_source``), ``crop_px``, ``stain_normalized`` and ``classes``;
-        ``seconds``, the time this thread spent per stage ("scale",
-        "detector setup", "model choice", "stain fit", "adapt", and summed
-        over blocks "waiting for blocks", "classify", "table"; they add up
-        to the run), and ``seconds_background``, the time the background
-        thread spent reading, searching and cutting the blocks ahead ("read",
-        "detect", "cut crops", overlapped with "classify"; on a cluster
-        neither is recorded per block); with a router, ``model``
-        and ``route`` (which model classified the smear, and why). The
-        ``passes`` column holds each cell's forward passes.
+    Returns one row per cell (y, x, diameter, class, confidence,
+    disagreement, needs_review, passes, p_<class>; with trust statistics
+    ood_score, out_of_distribution). ``df.attrs``: the scale
+    (``rbc_diameter_px``, ``pixel_size_um``, ``scale``, ``scale_source``),
+    ``crop_px``, ``stain_normalized``, ``classes``, ``adapted_cells``,
+    ``seconds`` per stage of this thread and ``seconds_background`` of the
+    thread reading, searching and cutting blocks ahead, and with a router
+    ``model`` and ``route``.
     """
     config = config or ClassifyConfig()
-    timer = StageTimer()
-    background = StageTimer()  # the blocks' reading, detection and cutting
-    if prepared is None:
-        prep = yield from _iter_prepare(
-            image, ensemble, config, points, labels, file_pixel_size_um, detector, timer
+    timer, background = StageTimer(), StageTimer()  # background: reading, detecting, cutting
+    if session is None:
+        local = client is None
+        session = ClassifySession(ensemble, config.adapt, config.device, config.batch_size, local)
+    if session.prepared is None:
+        yield from _iter_prepare(
+            image, session, config, points, labels, file_pixel_size_um, detector, timer
         )
-    else:
-        prep, blocks, passes = prepared
-        if passes is None and prep.head is not None:
-            passes = prep.head.passes  # the model choice's, on the first blocks
-        prep = prep._replace(head=_Head(prep.model_input, blocks, passes))
-    arr, scale, rbc_px, given, detector, ensemble, route, model_input, side, tiles, head = prep
-    adapted_cells, notes = 0, []
-    if adapted is not None and not config.adapt and id(ensemble) in adapted:
-        # Adapted once to a larger source (a folder, napari_wbc.smears): the
-        # chosen model's adapted copy classifies this image.
-        ensemble = adapted[id(ensemble)]
-        adapted_cells = int(ensemble.metrics["adapted"]["cells"])
-    from .adapt import adapt_method, auto_adapts, is_auto
-
-    method = adapt_method(config.adapt)
-    quiet = is_auto(config.adapt)
-    if quiet:
-        from .routing import ROUTE_CELLS
-
-        # Cells are cut for the model choice until ROUTE_CELLS are found;
-        # when fewer were, that was every cell of the image.
-        found = None if route is None else route.found
-        seen = found if found is not None and found < ROUTE_CELLS else None
-        if client is not None or not auto_adapts(route, seen):
-            method = None
+    prep = session.prepared
+    session.take_adapted()  # a folder's copy adapted to all its images
+    # Cells are cut for the model choice until ROUTE_CELLS are found: fewer, every cell.
+    found = None if session.route is None else session.route.found
+    method = session.adapt_method(found if found is not None and found < ROUTE_CELLS else None)
     if method:
-        if client is not None:
-            raise WBCError(
-                "adaptation runs on this machine only; adapt once (napari-wbc predict --adapt "
-                "--save-adapted) and give the cluster that model"
-            )
         with timer("adapt"):
-            ensemble, adapted_cells, note, head = yield from _iter_adapt(
-                arr, tiles, given, detector, model_input, ensemble, method, quiet
-            )
-        if note:
-            notes.append(note)
-    classes = list(ensemble.classes)
+            yield from _iter_adapt(prep, session, method)
+    if client is None:
+        results = _iter_local_blocks(prep, session, config, timer, background)
+    else:  # in the order they complete
+        jobs = [(t, None if prep.given is None else t.select(prep.given)) for t in prep.tiles]
+        remote = (session.ensemble, prep.model_input, config, jobs, prep.detector)
+        results = enumerate(_iter_remote(client, source_path, *remote))
+    tables = yield from _iter_count(results, list(session.ensemble.classes), len(prep.tiles))
+    return _smear_table(tables, prep, session, timer, background)
+
+
+def _iter_local_blocks(prep: _Prepared, session, config, timer, background):
+    """Classify the smear's blocks on this machine: ``(block index, table)`` and progress.
+
+    Crops of several blocks are classified together, in batches of about
+    :data:`CROSS_BLOCK_CELLS`: a block holds a few dozen cells at most, and
+    with gated TTA its cells in doubt alone make batches of a few crops,
+    which run far below the network's throughput. One result per block, in
+    block order; the live count lags by a few blocks.
+    """
+    ensemble, head = session.ensemble, session.cut
+    pending: list[tuple[int, pd.DataFrame | None, np.ndarray | None]] = []
+    done: set[int] = set()
+    known = None
+    if head is not None and head.model_input is prep.model_input:
+        # Blocks cut, and cells seen, to choose the model or to adapt
+        # it: they make the first batch.
+        pending.extend(head.blocks)
+        done = {k for k, _, _ in head.blocks}
+        if session.passes is not None and ensemble is session.passes.ensemble:
+            known = session.passes
+    todo = (
+        (k, tile, None if prep.given is None else tile.select(prep.given))
+        for k, tile in enumerate(prep.tiles)
+        if k not in done
+    )
+
+    def flush(known=None):
+        found = [(own, crops) for _, own, crops in pending if own is not None]
+        # Classification yields its progress (so Cancel works inside it),
+        # then one result per block.
+        tables = iter(
+            (yield from iter_classify_cells(found, ensemble, config, timer, known))
+            if found
+            else []
+        )
+        out = [(k, None if own is None else next(tables)) for k, own, _ in pending]
+        pending.clear()
+        yield from out
+
+    def cut(job):
+        k, tile, own = job
+        if own is not None and own.empty:
+            return k, None, None
+        y0, y1, x0, x1 = tile.window
+        with background("read"):
+            window = np.asarray(prep.arr[y0:y1, x0:x1].compute())
+        return (
+            k,
+            *find_tile_cells(window, tile, prep.model_input, own, prep.detector, background),
+        )
+
+    # Blocks are read, searched and cut on a background thread while the
+    # networks classify the blocks before them (both release the GIL).
+    blocks = Prefetched(cut, todo, PREFETCH_BLOCKS)
+    # The first batch is small, so the networks start while the
+    # background thread cuts the next batch's blocks.
+    most = FIRST_BATCH_BLOCKS
+    try:
+        if pending:
+            yield from flush(known)
+            most = CROSS_BLOCK_BLOCKS
+        while True:
+            with timer("waiting for blocks"):
+                block = next(blocks, None)
+            if block is None:
+                break
+            pending.append(block)
+            cells = sum(len(o) for _, o, _ in pending if o is not None)
+            if cells >= CROSS_BLOCK_CELLS or len(pending) >= most:
+                yield from flush()
+                most = CROSS_BLOCK_BLOCKS
+    finally:
+        blocks.close()  # on Cancel: no block is read after this
+    yield from flush()
+
+
+def _iter_count(results, classes: list[str], n_blocks: int) -> ProgressGen[list]:
+    """Pass on the classification's progress; count each block's cells as it comes.
+
+    ``results``: progress events and ``(block index, table or None)``.
+    Returns the ``(block index, table)`` of the blocks with cells.
+    """
     counts = dict.fromkeys(classes, 0)
     tables = []
-
-    def jobs():
-        for tile in tiles:
-            own = None if given is None else tile.select(given)
-            yield tile, own
-
-    def local_results():
-        # Crops of several blocks are classified together, in batches of
-        # about CROSS_BLOCK_CELLS: a block holds a few dozen cells at most, and
-        # with gated TTA its cells in doubt alone make batches of a few crops,
-        # which run far below the network's throughput. One result per block,
-        # in block order, as before; the live count lags by a few blocks.
-        # Results are (block index, table).
-        pending: list[tuple[int, pd.DataFrame | None, np.ndarray | None]] = []
-        done: set[int] = set()
-        known = None
-        if head is not None and head.model_input is model_input:
-            # Blocks cut, and cells seen, to choose the model or to adapt
-            # it: they make the first batch.
-            pending.extend(head.blocks)
-            done = {k for k, _, _ in head.blocks}
-            if head.passes is not None and ensemble is head.passes.ensemble:
-                known = head.passes
-        todo = ((k, *job) for k, job in enumerate(jobs()) if k not in done)
-
-        def flush(known=None):
-            found = [(own, crops) for _, own, crops in pending if own is not None]
-            # Classification yields its progress (so Cancel works inside it),
-            # then one result per block.
-            tables = iter(
-                (yield from iter_classify_cells(found, ensemble, config, timer, known))
-                if found
-                else []
-            )
-            out = [(k, None if own is None else next(tables)) for k, own, _ in pending]
-            pending.clear()
-            yield from out
-
-        def cut(job):
-            k, tile, own = job
-            if own is not None and own.empty:
-                return k, None, None
-            y0, y1, x0, x1 = tile.window
-            with background("read"):
-                window = np.asarray(arr[y0:y1, x0:x1].compute())
-            return (k, *find_tile_cells(window, tile, model_input, own, detector, background))
-
-        # Blocks are read, searched and cut on a background thread while the
-        # networks classify the blocks before them (both release the GIL).
-        blocks = Prefetched(cut, todo, PREFETCH_BLOCKS)
-        # The first batch is small, so the networks start while the
-        # background thread cuts the next batch's blocks.
-        most = FIRST_BATCH_BLOCKS
-        try:
-            if pending:
-                yield from flush(known)
-                most = CROSS_BLOCK_BLOCKS
-            while True:
-                with timer("waiting for blocks"):
-                    block = next(blocks, None)
-                if block is None:
-                    break
-                pending.append(block)
-                cells = sum(len(o) for _, o, _ in pending if o is not None)
-                if cells >= CROSS_BLOCK_CELLS or len(pending) >= most:
-                    yield from flush()
-                    most = CROSS_BLOCK_BLOCKS
-        finally:
-            blocks.close()  # on Cancel: no block is read after this
-        yield from flush()
-
-    if client is None:
-        results = local_results()
-    else:  # in the order they complete
-        results = enumerate(
-            _iter_remote(client, source_path, ensemble, model_input, config, jobs(), detector)
-        )
     i = -1
     for item in results:
         if isinstance(item, Progress):  # classifying a batch of blocks' cells
@@ -452,7 +415,14 @@ def iter_classify_smear(
         info = {"counts": dict(counts)}
         if table is not None and len(table):
             info["cells"] = table
-        yield Progress("blocks", i + 1, len(tiles), f"{sum(counts.values())} cells", info)
+        yield Progress("blocks", i + 1, n_blocks, f"{sum(counts.values())} cells", info)
+    return tables
+
+
+def _smear_table(tables, prep: _Prepared, session, timer, background) -> pd.DataFrame:
+    """The smear's cells in the grid's order, with what the run used in ``df.attrs``."""
+    classes = list(session.ensemble.classes)
+    notes = list(session.notes)
     columns = ["y", "x", "diameter", "class", "confidence", "disagreement", "needs_review"]
     cells = (
         # In the grid's order (blocks cut to adapt to were classified first).
@@ -470,22 +440,22 @@ def iter_classify_smear(
     if notes:
         cells.attrs["warning"] = "; ".join(notes)
     cells.attrs.update(
-        rbc_diameter_px=rbc_px,
-        pixel_size_um=scale.pixel_size_um,
-        scale=scale.note,
-        scale_source=scale.source,
-        crop_px=side,
-        stain_normalized=model_input.normalizer is not None,
+        rbc_diameter_px=prep.rbc_px,
+        pixel_size_um=prep.scale.pixel_size_um,
+        scale=prep.scale.note,
+        scale_source=prep.scale.source,
+        crop_px=prep.side,
+        stain_normalized=prep.model_input.normalizer is not None,
         classes=classes,
-        adapted_cells=adapted_cells,
+        adapted_cells=session.adapted_cells,
         # Seconds per stage on this machine (blocks summed; not on a cluster).
         seconds=timer.rounded(),
         # Overlapped with "classify": spent on the background thread.
         seconds_background=background.rounded(),
     )
-    if route is not None:
-        cells.attrs["model"] = route.model
-        cells.attrs["route"] = route.note
+    if session.route is not None:
+        cells.attrs["model"] = session.route.model
+        cells.attrs["route"] = session.route.note
     return cells
 
 
@@ -497,15 +467,14 @@ def _tiles(shape, side: int, rbc_px: float, detector, config: ClassifyConfig) ->
     return tile_grid(shape, max(int(config.block), side), halo, align)
 
 
-def _iter_route(arr, rbc_px, given, detector, router: ModelRouter, config: ClassifyConfig):
-    """Cut the first cells of the smear for the PBC specialist, and let the router choose.
+def _iter_route_sample(arr, rbc_px, given, detector, specialist, config: ClassifyConfig):
+    """The first cells of the smear cut for the PBC specialist, to choose the model by.
 
     Blocks are read until :data:`napari_wbc.routing.ROUTE_CELLS` cells are
     found (a small field: all of it), so a whole slide costs a few blocks.
+    Returns the crops and the blocks cut (:class:`_Cut`).
     """
-    from .models.build import get_device
-
-    model_input = yield from router.specialist.preprocessor.iter_prepare_smear(
+    model_input = yield from specialist.preprocessor.iter_prepare_smear(
         [arr], rbc_px, config.stain_normalize, config.stain_method
     )
     tiles = _tiles(arr.shape[:2], model_input.side, rbc_px, detector, config)
@@ -521,30 +490,7 @@ def _iter_route(arr, rbc_px, given, detector, router: ModelRouter, config: Class
         ROUTE_CELLS,
         blocks,
     )
-    ensemble, route = yield from router.iter_choose(
-        crops, device=get_device(config.device), batch_size=config.batch_size
-    )
-    head = None
-    if route.passes is not None and ensemble is route.passes.ensemble:
-        # The specialist was chosen: its stain fit, the blocks cut and the
-        # passes run to choose are the first of the smear's classification.
-        head = _Head(model_input, blocks, route.passes)
-    return ensemble, route, head
-
-
-class _Head(NamedTuple):
-    """Blocks already cut, and passes already run, before classifying.
-
-    By the model choice (the specialist's on the first blocks) or by the
-    adaptation (the adapted model's on a sample of blocks).
-    """
-
-    model_input: Any
-    #: ``(block index, cells, crops)`` of the blocks already cut.
-    blocks: list
-    #: The passes run on them (:class:`napari_wbc.inference.ViewSums`, rows:
-    #: indices among the blocks' crops, concatenated in this order), or None.
-    passes: Any
+    return crops, _Cut(model_input, blocks)
 
 
 def _iter_cut_cells(
@@ -577,41 +523,36 @@ def _iter_cut_cells(
     return crops
 
 
-def _iter_adapt(arr, tiles, given, detector, model_input, ensemble, method, quiet=False):
-    """Find and cut the cells of a sample of blocks, and adapt ``ensemble`` to them.
+def _iter_adapt(prep: _Prepared, session, method: str):
+    """Find and cut the cells of a sample of blocks, and adapt the session's model to them.
 
     Blocks are visited in a seeded random order until they hold
     :data:`napari_wbc.adapt.MAX_CELLS` cells (the most adaptation looks at;
-    a smaller image: every block). Returns the ensemble to classify with,
-    the number of cells it was adapted to (0: not adapted), a warning or
-    None (always None when ``quiet``: the default's adaptation, which did
-    not ask for it), and a :class:`_Head`: the blocks cut, and the adapted
-    model's passes over the cells it looked at, for the classification.
+    a smaller image: every block). The blocks cut, and the adapted model's
+    passes over the cells it looked at, are kept for the classification
+    (:meth:`~napari_wbc.session.ClassifySession.adapt_to`; with too few
+    cells, the model as it is, and a warning unless the default's
+    adaptation, which was not asked for).
     """
-    from .adapt import MAX_CELLS, adapt_ensemble_and_passes, cells_needed
+    from .adapt import MAX_CELLS, is_auto
 
     blocks: list = []
-    order = np.random.default_rng(0).permutation(len(tiles))
+    order = np.random.default_rng(0).permutation(len(prep.tiles))
     yield from _iter_cut_cells(
-        arr, tiles, given, detector, model_input, "adapt", "to adapt to", MAX_CELLS, blocks, order
+        prep.arr,
+        prep.tiles,
+        prep.given,
+        prep.detector,
+        prep.model_input,
+        "adapt",
+        "to adapt to",
+        MAX_CELLS,
+        blocks,
+        order,
     )
     blocks.sort(key=lambda block: block[0])  # the grid's order: as if all were cut
-    crops = [crop for _, own, cut in blocks if own is not None for crop in cut]
-    least = cells_needed(method)
-    if len(crops) < least:
-        note = (
-            f"not adapted: {len(crops)} cells found, adaptation needs {least}; "
-            "classified with the model as it is"
-        )
-        head = _Head(model_input, blocks, None)
-        if quiet:
-            log.info("%s", note)
-            return ensemble, 0, None, head
-        log.warning("%s", note)
-        return ensemble, 0, note, head
-    adapted, passes = adapt_ensemble_and_passes(ensemble, crops, method=method)
-    head = _Head(model_input, blocks, passes)
-    return adapted, adapted.metrics["adapted"]["cells"], None, head
+    cut = _Cut(prep.model_input, blocks)
+    session.adapt_to(block_crops(blocks), method, cut, quiet=is_auto(session.adapt))
 
 
 def classify_tile(
@@ -738,6 +679,7 @@ _PER_MEMBER = ("member_probs", "member_logits", "views")
 def _cell_table(own: pd.DataFrame, result: dict, ensemble, config: ClassifyConfig) -> pd.DataFrame:
     """The table rows of one tile's classified cells."""
     from .inference import disagreement
+    from .trust import review_flags
 
     classes = list(ensemble.classes)
     table = pd.DataFrame(
@@ -750,15 +692,18 @@ def _cell_table(own: pd.DataFrame, result: dict, ensemble, config: ClassifyConfi
         }
     )
     table["disagreement"] = disagreement(result["member_probs"], result["probs"])
-    table["needs_review"] = (table["confidence"] < config.review_confidence) | (
-        table["disagreement"] > config.review_disagreement
+    flags = review_flags(
+        table["confidence"].to_numpy(),
+        table["disagreement"].to_numpy(),
+        result.get("ood_distance"),
+        ensemble.trust,
+        config.review_confidence,
+        config.review_disagreement,
     )
-    if "ood_distance" in result:
-        # Distance to the training cells in units of the model's threshold
-        # (the 99th percentile on its validation cells): above 1, unlike them.
-        table["ood_score"] = result["ood_distance"].astype(float) / ensemble.trust.ood_threshold
-        table["out_of_distribution"] = table["ood_score"] > 1.0
-        table["needs_review"] |= table["out_of_distribution"]
+    table["needs_review"] = flags["needs_review"]
+    if flags["ood_score"] is not None:
+        table["ood_score"] = flags["ood_score"]
+        table["out_of_distribution"] = flags["out_of_distribution"]
     table["passes"] = result["passes"]
     for k, name in enumerate(classes):
         table[f"p_{name}"] = result["probs"][:, k].astype(float)

@@ -23,7 +23,8 @@ from .inference import INFERENCE_BATCH, Ensemble, iter_predict_crops
 from .metrics import classification_metrics
 from .models.build import get_device
 from .progress import ProgressGen, run
-from .routing import AUTO_MODEL, ROUTE_CELLS, SPECIALIST, ModelRouter
+from .routing import AUTO_MODEL, ROUTE_CELLS, ModelRouter
+from .session import ClassifySession
 
 __all__ = [
     "evaluate",
@@ -106,29 +107,27 @@ def iter_predict_crop_files(
         ``crop_scale`` (red-cell px and method, or None when taken as they
         are) and, with ``adapt``, ``adapted``.
     """
-    from .adapt import adapt_method, auto_adapts, is_auto
-
-    method = adapt_method(adapt)
-    ensemble = _loaded(model, device, classes)
+    session = ClassifySession(_loaded(model, device, classes), adapt, device, batch_size)
     paths = [str(p) for p in paths]
     if not paths:
         raise DataError("no crops to classify")
-    route = None
-    normalizer = "fit"
-    reader = known = None
-    if isinstance(ensemble, ModelRouter):
+    normalizer, reader = "fit", None
+    if session.router is not None:
         # The scale is the set's, whichever model reads it: measured once.
-        found = ensemble.specialist.preprocessor.resolve_crop_scale(paths, scale)
-        ensemble, route, normalizer, reader = yield from _iter_route_crops(
-            ensemble, paths, stain_source, found, device, batch_size
+        found = session.router.specialist.preprocessor.resolve_crop_scale(paths, scale)
+        pick = np.unique(np.linspace(0, len(paths) - 1, min(len(paths), ROUTE_CELLS)).astype(int))
+        yield from session.iter_choose(
+            lambda specialist: iter_route_sample(specialist, paths, pick, stain_source, found)
         )
+        if session.cut is not None:  # the specialist: read as it read the sample
+            normalizer, reader = session.cut
+            rows = np.arange(len(pick)) if session.passes.rows is None else session.passes.rows
+            session.passes = session.passes._replace(rows=pick[rows])
     else:
-        found = ensemble.preprocessor.resolve_crop_scale(paths, scale)
-    if is_auto(adapt) and not auto_adapts(route, len(paths)):
-        method = None  # the default adapts only sets auto gives the three-lab model
-    if not method and route is not None and route.passes is not None:
-        if ensemble is route.passes.ensemble:
-            known = route.passes
+        found = session.ensemble.preprocessor.resolve_crop_scale(paths, scale)
+    # The default adapts only sets auto gives the three-lab model.
+    method = session.adapt_method(len(paths))
+    ensemble = session.ensemble
     crops = yield from ensemble.preprocessor.iter_read_crop_files(
         paths,
         stain_source,
@@ -136,15 +135,12 @@ def iter_predict_crop_files(
         normalizer,
         reader=reader,
     )
-    adapted = None
     if method:
-        from .adapt import adapt_ensemble_and_passes
         from .progress import Progress
 
         yield Progress("adapt", 0, 1, f"adapting the model to {len(crops)} crops ({method})")
         # The adaptation's look at every crop is the adapted model's first view.
-        adapted, known = adapt_ensemble_and_passes(ensemble, crops, method=method)
-        ensemble = adapted
+        ensemble = session.adapt_to(crops, method, strict=True)
         yield Progress("adapt", 1, 1, "adapted")
     result = yield from iter_predict_crops(
         ensemble,
@@ -153,7 +149,7 @@ def iter_predict_crop_files(
         tta=tta,
         device=get_device(device),
         gate=not exhaustive,
-        known=known,
+        known=session.passes,
     )
     result["paths"] = paths
     result["tta"] = tta if tta is not None else ensemble.tta
@@ -162,10 +158,10 @@ def iter_predict_crop_files(
         if found is None
         else {"rbc_diameter_px": round(found.rbc_diameter_px, 2), "method": found.method}
     )
-    if adapted is not None:
-        result["adapted"] = adapted
-    if route is not None:
-        result["route"] = route.to_dict()
+    if method:
+        result["adapted"] = ensemble
+    if session.route is not None:
+        result["route"] = session.route.to_dict()
     return result
 
 
@@ -182,34 +178,23 @@ def _loaded(model, device, classes=None):
     return load_model(model, device, classes)
 
 
-def _iter_route_crops(router, paths, stain_source, found, device, batch_size):
-    """The ensemble the router picks for these crop files (an even spread of them is read).
+def iter_route_sample(specialist, paths, pick, stain_source, found):
+    """The crop files ``paths[pick]`` read for a router's ``specialist``, to choose the model by.
 
     ``found`` is the set's scale (:meth:`Preprocessor.resolve_crop_scale`).
-    Returns the ensemble, the :class:`~napari_wbc.routing.Route` (its
-    ``passes`` rows index ``paths``), the stain normalizer to read the whole
-    set with (the one fitted for the specialist when it is chosen: it was
-    found on the whole set; else "fit") and the crop reader (the
-    specialist's, holding the crops read so far, when it is chosen).
+    Returns the crops and what reading the whole set as the specialist
+    needs: the stain normalizer fitted for it (on the whole set) and its
+    crop reader, holding the crops read so far.
     """
-    pick = np.unique(np.linspace(0, len(paths) - 1, min(len(paths), ROUTE_CELLS)).astype(int))
     sample = [paths[i] for i in pick]
-    specialist = router.specialist.preprocessor
+    specialist = specialist.preprocessor
     rbc = None if found is None else found.rbc_diameter_px
     reader = specialist.crop_file_reader(rbc)
     normalizer = specialist.crop_files_normalizer(paths, stain_source, rbc, reader=reader)
     crops = yield from specialist.iter_read_crop_files(
         sample, stain_source, rbc, normalizer, reader=reader
     )
-    ensemble, route = yield from router.iter_choose(
-        crops, device=get_device(device), batch_size=batch_size
-    )
-    if route.passes is not None:
-        rows = np.arange(len(pick)) if route.passes.rows is None else route.passes.rows
-        route.passes = route.passes._replace(rows=pick[rows])
-    if route.model == SPECIALIST:  # (the router's answering copy with a panel)
-        return ensemble, route, normalizer, reader
-    return ensemble, route, "fit", None
+    return crops, (normalizer, reader)
 
 
 def evaluate(

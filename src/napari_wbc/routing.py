@@ -64,7 +64,7 @@ class Route:
     ood_share: float | None
     #: The specialist's passes over the cells it looked at (as it answers, with a
     #: count panel: :func:`napari_wbc.panels.restrict_passes`)
-    #: (:class:`napari_wbc.inference.ViewSums`, rows: their indices among the
+    #: (:class:`napari_wbc.passes.ViewSums`, rows: their indices among the
     #: crops given to :meth:`ModelRouter.iter_choose`), so that classifying
     #: the source with it need not run them again.
     passes: Any = field(default=None, repr=False, compare=False)
@@ -170,7 +170,8 @@ class ModelRouter:
         ``crops`` may hold more than :data:`ROUTE_CELLS`; an even spread of
         them is looked at.
         """
-        from .inference import _combine, iter_predict_sums
+        from .gate import iter_predict_sums
+        from .passes import combine
 
         n = len(crops)
         trust = self.specialist.trust
@@ -196,7 +197,7 @@ class ModelRouter:
                 tta="none",
                 device=device,
             )
-            distance = _combine(self.specialist, more.sums, more.views).get("ood_distance")
+            distance = combine(self.specialist, more.sums, more.views).get("ood_distance")
             if distance is None:
                 route = Route(GENERALIST, len(half), None, found=n)
                 yield Progress("route", 1, 1, route.note)
@@ -222,7 +223,7 @@ class ModelRouter:
 
 
 def _join(a, b):
-    """Two :class:`~napari_wbc.inference.ViewSums` of the same model over different cells, as one."""
+    """Two :class:`~napari_wbc.passes.ViewSums` of the same model over different cells, as one."""
     sums = {
         "probs": np.concatenate([a.sums["probs"], b.sums["probs"]], axis=1),
         "logits": None

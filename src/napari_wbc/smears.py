@@ -167,17 +167,24 @@ def _iter_folder_scales(paths) -> ProgressGen[tuple[dict, dict]]:
 
 
 class _Folder:
-    """A folder adapted once: the adapted models, and each image as already cut."""
+    """A folder adapted once: each image's session, already prepared and cut."""
 
     def __init__(self):
         #: ``id(model)`` → its copy adapted to the cells of the images that chose it.
         self.adapted: dict = {}
-        #: Image path → ``(preparation, blocks, passes)`` (``prepared=`` of
-        #: :func:`napari_wbc.pipeline.iter_classify_smear`), taken once.
-        self.cut: dict = {}
+        #: Image path → its :class:`~napari_wbc.session.ClassifySession`
+        #: (``session=`` of :func:`napari_wbc.pipeline.iter_classify_smear`), taken once.
+        self.sessions: dict = {}
 
-    def prepared(self, path):
-        return self.cut.pop(str(path), None)
+    def session(self, path, ensemble, config):
+        """The session of the image ``path``: as cut in the adaptation pass, or a fresh one."""
+        from .session import ClassifySession
+
+        session = self.sessions.pop(str(path), None)
+        if session is None:  # not cut in the adaptation pass: prepared when classified
+            session = ClassifySession(ensemble, config.adapt, config.device, config.batch_size)
+            session.adapted = self.adapted
+        return session
 
 
 def _iter_adapt_folder(paths, ensemble, own_config, method: str) -> ProgressGen[_Folder]:
@@ -193,7 +200,8 @@ def _iter_adapt_folder(paths, ensemble, own_config, method: str) -> ProgressGen[
     which records why.
     """
     from .adapt import adapt_ensemble_and_passes, cells_needed
-    from .pipeline import _block_crops, iter_smear_blocks
+    from .pipeline import block_crops, iter_smear_blocks
+    from .session import ClassifySession, passes_of
 
     folder = _Folder()
     # id(model) -> (model, its images' crops, (path, first row, end row) per image)
@@ -203,13 +211,12 @@ def _iter_adapt_folder(paths, ensemble, own_config, method: str) -> ProgressGen[
             smear = read_smear(path)
         except Exception:  # reported when the image is classified
             continue
+        config = own_config(path)
+        session = ClassifySession(ensemble, config.adapt, config.device, config.batch_size)
         try:
-            prep, blocks = yield from relabel(
+            yield from relabel(
                 iter_smear_blocks(
-                    smear.levels[0],
-                    ensemble,
-                    own_config(path),
-                    file_pixel_size_um=smear.pixel_size_um,
+                    smear.levels[0], session, config, file_pixel_size_um=smear.pixel_size_um
                 ),
                 lambda e, i=i, name=path.name: Progress(
                     "adapt", i, len(paths), f"{name}: cells to adapt to"
@@ -219,11 +226,12 @@ def _iter_adapt_folder(paths, ensemble, own_config, method: str) -> ProgressGen[
             continue
         finally:
             smear.close()
-        crops = _block_crops(blocks)
-        chosen, pool, spans = pooled.setdefault(id(prep.ensemble), (prep.ensemble, [], []))
+        crops = block_crops(session.cut.blocks)
+        chosen, pool, spans = pooled.setdefault(id(session.ensemble), (session.ensemble, [], []))
         spans.append((str(path), len(pool), len(pool) + len(crops)))
         pool.extend(crops)
-        folder.cut[str(path)] = (prep, blocks, None)
+        session.adapted = folder.adapted
+        folder.sessions[str(path)] = session
         yield Progress("adapt", i + 1, len(paths), f"{path.name}: {len(crops)} cells")
     for key, (chosen, crops, spans) in pooled.items():
         if len(crops) < cells_needed(method):
@@ -238,24 +246,8 @@ def _iter_adapt_folder(paths, ensemble, own_config, method: str) -> ProgressGen[
         )
         log.info("%s adapted to %d cells of %d images", chosen.name, len(crops), len(paths))
         for path, start, stop in spans:
-            prep, blocks, _ = folder.cut[path]
-            folder.cut[path] = (prep, blocks, _passes_of(passes, start, stop))
+            folder.sessions[path].passes = passes_of(passes, start, stop)
     return folder
-
-
-def _passes_of(passes, start: int, stop: int):
-    """The part of ``passes`` (rows among a folder's crops) on rows ``start:stop``, rows shifted."""
-    if passes is None:
-        return None
-    from .inference import _take
-
-    rows = np.arange(passes.views.shape[1]) if passes.rows is None else np.asarray(passes.rows)
-    at = np.flatnonzero((rows >= start) & (rows < stop))
-    if not len(at):
-        return None
-    return passes._replace(
-        views=passes.views[:, at], sums=_take(passes.sums, at), rows=rows[at] - start
-    )
 
 
 def _iter_classify_file(
@@ -280,8 +272,7 @@ def _iter_classify_file(
                 client=client,
                 source_path=path,
                 file_pixel_size_um=smear.pixel_size_um,
-                adapted=None if folder is None else folder.adapted,
-                prepared=None if folder is None else folder.prepared(path),
+                session=None if folder is None else folder.session(path, ensemble, config),
             ),
             lambda e: Progress("images", i, n, f"{path.name}: {e.stage} {e.done}/{e.total}"),
         )
@@ -386,8 +377,9 @@ def iter_evaluate_smears(
                     ensemble,
                     image_config,
                     file_pixel_size_um=smear.pixel_size_um,
-                    adapted=None if folder is None else folder.adapted,
-                    prepared=None if folder is None else folder.prepared(path),
+                    session=None
+                    if folder is None
+                    else folder.session(path, ensemble, image_config),
                 )
             )
         except WBCError as exc:

@@ -72,7 +72,7 @@ from napari_wbc.models.build import (
 )
 from napari_wbc.models.files import (
     ModelConfig,
-    load_model,
+    load_network,
     read_model_config,
     save_model,
 )
@@ -340,7 +340,7 @@ class _Trainer:
                     f"stages='stage2' re-trains the classifier of an existing model, but "
                     f"{output} does not exist; train stage 1 first"
                 )
-            _, base_config = load_model(output, cache=False)
+            _, base_config = load_network(output, cache=False)
             spec = base_config.spec
             unknown = sorted(set(labels) - set(spec.classes))
             if unknown:
@@ -539,7 +539,7 @@ class _Trainer:
 
     def _initial_model(self, state: dict) -> torch.nn.Module:
         if self.base_config is not None and state["weights"] is None:
-            model, _ = load_model(self.output, cache=False)
+            model, _ = load_network(self.output, cache=False)
         else:
             torch.manual_seed(self.config.seed)
             if self.init_config is not None:
@@ -825,7 +825,7 @@ def _init_from_base(model, classes: Sequence[str], base_path: str | os.PathLike)
 
     Rows of classes the base model does not know keep their fresh initialisation.
     """
-    base, base_config = load_model(base_path, cache=False)
+    base, base_config = load_network(base_path, cache=False)
     heads = {id(m) for m in classifier_modules(model)}
     head_prefixes = tuple(f"{name}." for name, m in model.named_modules() if id(m) in heads)
     rows = [

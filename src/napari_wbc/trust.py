@@ -14,8 +14,11 @@ model file (``config.trust``):
   distance), divided by the number of dimensions;
 - **disagreement** between the ensemble's members.
 
-:func:`review_flags` combines them with thresholds set from validation
-percentiles (:class:`TrustStats`). Pure numpy: no torch, no Qt.
+:func:`review_flags` combines them: the one review rule, with its defaults
+(:data:`REVIEW_CONFIDENCE`, :data:`REVIEW_DISAGREEMENT`) and the feature
+distance threshold set from validation percentiles (:class:`TrustStats`);
+the smear pipeline's ``needs_review`` column is its answer. Pure numpy: no
+torch, no Qt.
 """
 
 from __future__ import annotations
@@ -29,11 +32,11 @@ from .errors import WBCError
 
 #: Share of the validation cells the feature-distance threshold lets pass.
 OOD_QUANTILE = 0.99
-#: Calibrated confidence below this is flagged.
-MIN_CONFIDENCE = 0.6
-#: Member disagreement (total variation between member and ensemble
-#: probabilities, 0–1) above this is flagged.
-MAX_DISAGREEMENT = 0.3
+#: Calibrated confidence below this is flagged for review.
+REVIEW_CONFIDENCE = 0.6
+#: Member disagreement (the share of members whose top class differs from
+#: the ensemble's, 0–1) above this is flagged for review: any disagreement.
+REVIEW_DISAGREEMENT = 0.0
 #: Share of an image's cells that look out of distribution above which the
 #: whole image is called unlike the training data.
 IMAGE_OOD_SHARE = 0.3
@@ -177,8 +180,6 @@ class TrustStats:
 
     temperature: float = 1.0
     ood_threshold: float = float("inf")
-    min_confidence: float = MIN_CONFIDENCE
-    max_disagreement: float = MAX_DISAGREEMENT
     ece_before: float | None = None
     ece_after: float | None = None
     n_validation: int = 0
@@ -250,26 +251,50 @@ def fit_trust_stats(
 def review_flags(
     confidence: np.ndarray,
     disagreement: np.ndarray,
-    ood_distance: np.ndarray | None,
-    stats: TrustStats,
-) -> dict[str, np.ndarray]:
-    """Per-cell reasons to review and their union (``needs_review``).
+    ood_distance: np.ndarray | None = None,
+    stats: TrustStats | None = None,
+    min_confidence: float = REVIEW_CONFIDENCE,
+    max_disagreement: float = REVIEW_DISAGREEMENT,
+) -> dict[str, np.ndarray | None]:
+    """Per-cell reasons to review and their union (``needs_review``): the review rule.
 
-    Returns a dict of boolean arrays: ``low_confidence``, ``disagreement``,
-    ``out_of_distribution`` and ``needs_review`` (any of them).
+    Parameters
+    ----------
+    confidence : (N,) array
+        The ensemble's (calibrated) top probability per cell.
+    disagreement : (N,) array
+        Share of members disagreeing with the ensemble
+        (:func:`napari_wbc.inference.disagreement`).
+    ood_distance : (N,) array, optional
+        Feature distance to the training cells; with ``stats``' threshold it
+        flags cells unlike them.
+    stats : TrustStats, optional
+        The model's trust statistics (its ``ood_threshold``).
+    min_confidence, max_disagreement : float
+        Flag a confidence below, a disagreement above.
+
+    Returns
+    -------
+    dict
+        Boolean arrays ``low_confidence``, ``disagreement``,
+        ``out_of_distribution`` and ``needs_review`` (any of them), and
+        ``ood_score``: the distance in units of the threshold (above 1:
+        unlike the training cells), or None without a distance and statistics.
     """
-    confidence = np.asarray(confidence, float)
-    low = confidence < stats.min_confidence
-    dis = np.asarray(disagreement, float) > stats.max_disagreement
-    if ood_distance is None or not np.isfinite(stats.ood_threshold):
-        ood = np.zeros_like(low)
-    else:
-        ood = np.asarray(ood_distance, float) > stats.ood_threshold
+    low = np.asarray(confidence) < min_confidence
+    dis = np.asarray(disagreement) > max_disagreement
+    score = None
+    if ood_distance is not None and stats is not None:
+        # In units of the model's threshold (the 99th percentile on its
+        # validation cells): above 1, unlike them.
+        score = np.asarray(ood_distance, float) / stats.ood_threshold
+    ood = np.zeros_like(low) if score is None else score > 1.0
     return {
         "low_confidence": low,
         "disagreement": dis,
         "out_of_distribution": ood,
         "needs_review": low | dis | ood,
+        "ood_score": score,
     }
 
 

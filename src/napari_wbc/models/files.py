@@ -62,7 +62,7 @@ CONFIG_KEY = "napari_wbc"
 DIGEST_KEY = "napari_wbc_sha256"
 #: Test-time augmentation sets an ensemble may name (see napari_wbc.inference).
 TTA_NAMES: tuple[str, ...] = ("none", "flips", "d4")
-#: Built models kept in memory by :func:`load_model`.
+#: Built models kept in memory by :func:`load_network`.
 MODEL_CACHE_SIZE = 6
 
 # A safetensors header larger than this is certainly not one of ours.
@@ -405,12 +405,12 @@ _cache_lock = threading.RLock()
 
 
 def clear_model_cache() -> None:
-    """Forget the models kept in memory by :func:`load_model`."""
+    """Forget the models kept in memory by :func:`load_network`."""
     with _cache_lock:
         _cache.clear()
 
 
-def load_model(
+def load_network(
     path: str | os.PathLike, device: str | torch.device = "cpu", cache: bool = True
 ) -> tuple[torch.nn.Module, ModelConfig]:
     """Load a model file: validate its config, rebuild the model, load the weights.
