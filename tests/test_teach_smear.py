@@ -71,3 +71,12 @@ def test_a_smear_teaches_a_new_model_file_with_provenance(classified, tiny_model
     assert free_model_path(tmp_path, "smear-taught") == tmp_path / "smear-taught-2.json"
     with pytest.raises(TeachError):
         run(iter_teach_smear(image, np.zeros((2, 2)), ["neutrophil"], tiny_model_path, 40.0))
+
+
+def test_taught_model_names_are_plain_file_names(tmp_path):
+    path = free_model_path(tmp_path, "Real smear fields (BCCD)-taught")
+    assert path == tmp_path / "Real-smear-fields-BCCD-taught.json"
+    (tmp_path / "Real-smear-fields-BCCD-taught-0.safetensors").touch()  # a member file left
+    assert free_model_path(tmp_path, "Real smear fields (BCCD)-taught").name == (
+        "Real-smear-fields-BCCD-taught-2.json"
+    )

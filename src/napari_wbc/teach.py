@@ -450,7 +450,8 @@ def free_model_path(folder: str | os.PathLike, stem: str) -> Path:
     (:func:`save_taught`); a name is free when neither exists.
     """
     folder = Path(folder)
-    stem = "".join(c if c.isalnum() or c in "-_." else "-" for c in stem).strip("-.") or "taught"
+    stem = "".join(c if c.isalnum() or c in "-_." else "-" for c in stem)
+    stem = "-".join(part for part in stem.split("-") if part).strip(".") or "taught"
     for k in range(1, 10_000):
         name = stem if k == 1 else f"{stem}-{k}"
         path = folder / f"{name}.json"
