@@ -114,7 +114,7 @@ class TeachPanel:
     def _class_choices(self, _w=None) -> list[str]:
         from ..annotations import EXCLUDED
 
-        layer = self.layer or self.result_layer()
+        layer = self.layer if self.layer is not None else self.result_layer()
         classes = list(layer.metadata.get("classes", [])) if layer is not None else []
         return [*classes, EXCLUDED]
 
