@@ -55,7 +55,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from napari_wbc.errors import WBCError
-from napari_wbc.scale import _weighted_median
+from napari_wbc.scale import weighted_median
 from napari_wbc.threads import thread_map
 
 log = logging.getLogger(__name__)
@@ -220,7 +220,7 @@ def _whole_red_cells(crop: np.ndarray, factor: int = 1) -> np.ndarray:
     (stained, holes filled, nuclei cut out, split by a watershed of the
     distance transform), but in a crop they are few, so the crop's white cell
     and the clumps weigh on an area-weighted median: left out here are the
-    regions that touch a nucleus (the white cell's cytoplasm), the crop's edge
+    regions that cover the crop's centre or touch a nucleus (the white cell), the crop's edge
     or its padding (cells cut short), and those that are not convex (solidity
     below :data:`RBC_SOLIDITY`: overlapping cells the watershed did not split).
     """
@@ -270,6 +270,10 @@ def _whole_red_cells(crop: np.ndarray, factor: int = 1) -> np.ndarray:
     touch = ndi.binary_dilation(nuclear | flat, iterations=3)
     touch[[0, -1], :] = touch[:, [0, -1]] = True
     bad = set(np.unique(regions[touch]).tolist())
+    # The crop is centred on its white cell: what covers the centre is that cell, even
+    # where no nucleus was found in it (a pale or unusual stain), never a red cell.
+    h, w = regions.shape
+    bad.update(np.unique(regions[h // 2 - 1 : h // 2 + 2, w // 2 - 1 : w // 2 + 2]).tolist())
     # A region that meets another was split from it by the watershed: two
     # overlapping cells cut along a line give two convex halves, too small.
     for a, b in ((regions[:, :-1], regions[:, 1:]), (regions[:-1, :], regions[1:, :])):
@@ -391,7 +395,7 @@ def _measure_crop_scale(crops: Sequence[np.ndarray], max_crops: int, seed: int) 
     cells = np.concatenate(per_crop) if per_crop else np.zeros(0)
     whole = np.zeros(0)
     if len(cells):
-        weighted = _weighted_median(cells, cells**2)
+        weighted = weighted_median(cells, cells**2)
         whole = cells[(cells > 0.6 * weighted) & (cells < 1.5 * weighted)]
     whole_crops = (
         sum(int(np.any((c > 0.6 * weighted) & (c < 1.5 * weighted))) for c in per_crop if len(c))

@@ -112,7 +112,7 @@ class ScaleEstimate:
 # ----------------------------------------------------------------- helpers
 
 
-def _weighted_median(values: np.ndarray, weights: np.ndarray) -> float:
+def weighted_median(values: np.ndarray, weights: np.ndarray) -> float:
     """Median of ``values`` under non-negative ``weights``."""
     order = np.argsort(values, kind="stable")
     cum = np.cumsum(weights[order])
@@ -169,7 +169,7 @@ def _count_near(radii: np.ndarray) -> int:
     """How many radii lie between 0.6 and 1.5 times their area-weighted median."""
     if len(radii) == 0:
         return 0
-    radius = _weighted_median(radii, radii**2)
+    radius = weighted_median(radii, radii**2)
     return int(np.count_nonzero((radii > 0.6 * radius) & (radii < 1.5 * radius)))
 
 
@@ -209,7 +209,7 @@ def iter_estimate_rbc_diameter(
     factor = 1
     coarse = _window_radii(first, _COARSE_FACTOR)
     if len(coarse) >= min_cells:
-        rough = 2 * _weighted_median(coarse, coarse**2)
+        rough = 2 * weighted_median(coarse, coarse**2)
         factor = max(1, int(rough // _WORKING_DIAMETER_PX))
     radii = yield from _iter_radii(rgb, boxes, first, factor)
     if factor > 1 and _count_near(radii) < min_cells:
@@ -221,7 +221,7 @@ def iter_estimate_rbc_diameter(
             "stained blood smear. Give the pixel size (µm/px) or the red-cell diameter instead."
         )
     # Area weighting: a cell's share grows with its size, noise maxima count little.
-    radius = _weighted_median(radii, radii**2)
+    radius = weighted_median(radii, radii**2)
     n_cells = _count_near(radii)
     if n_cells < min_cells:
         raise ScaleError(
