@@ -31,7 +31,7 @@ from napari_wbc.features import member_outputs
 from napari_wbc.inference import load_any
 from napari_wbc.metrics import classification_metrics
 from napari_wbc.models.build import classify_features
-from napari_wbc.teach import d4_views, teach
+from napari_wbc.teach import TeachConfig, d4_views, teach
 from napari_wbc.trust import FeatureStats
 
 CACHE = Path("outputs/crosslab/cache")
@@ -79,6 +79,9 @@ def main(argv=None) -> int:
     p.add_argument("--labs", nargs="+", default=["raabin", "lisc", "bccd"])
     p.add_argument("--cells", nargs="+", type=int, default=[0, 1, 3, 5, 10])
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument(
+        "--replay-share", type=float, default=TeachConfig.replay_share, help="TeachConfig's"
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", type=Path, help="also write the figures here")
     args = p.parse_args(argv)
@@ -121,7 +124,8 @@ def main(argv=None) -> int:
                 model = ensemble
                 if n:
                     start = time.perf_counter()
-                    model = teach(ensemble, crops[taught], labels[taught], replay=[stats])
+                    config = TeachConfig(replay_share=args.replay_share)
+                    model = teach(ensemble, crops[taught], labels[taught], config, [stats])
                     seconds.append(time.perf_counter() - start)
                 rest = np.setdiff1d(np.arange(len(y)), taught)
                 probs = d4_probs(model.members[0].model, [f[rest] for f in feats])

@@ -194,13 +194,15 @@ def test_predict_writes_a_table(model_path, disc_dir, tmp_path, capsys):
     assert cli([*argv, "-o", str(table), "--tta", "none", "-q"]) == 0
     rows = list(csv.DictReader(io.StringIO(table.read_text())))
     classes = sorted(DISC_CLASSES)
-    assert list(rows[0]) == ["path", "class", "confidence", "passes", *classes]
+    # no trust statistics in this model: the review rule's confidence and disagreement only
+    assert list(rows[0]) == ["path", "class", "confidence", "needs_review", "passes", *classes]
     assert len(rows) == len(files) + 1
     for row in rows:
         probs = np.array([float(row[c]) for c in classes])
         assert probs.sum() == pytest.approx(1.0, abs=1e-4)
         assert row["class"] == classes[int(probs.argmax())]
         assert float(row["confidence"]) == pytest.approx(probs.max(), abs=1e-6)
+        assert row["needs_review"] == str(float(row["confidence"]) < 0.6)
     hits = np.mean([row["class"] == "small_pink" for row in rows])
     assert hits >= 0.8
 
@@ -342,7 +344,7 @@ def test_teach_writes_a_model_that_works_with_model_everywhere(
     few.write_text("path,label\n" + "\n".join(rows) + "\n")
     out = tmp_path / "my-lab.json"
     argv = ["teach", str(few), "-o", str(out), "--model", str(model_path), "-q"]
-    assert cli(argv + ["--crop-scale", "as-is"]) == 0
+    assert cli([*argv, "--crop-scale", "as-is"]) == 0
     printed = capsys.readouterr().out
     assert "with 12 cells" in printed and f"--model {out}" in printed
     taught = read_ensemble(out)

@@ -128,3 +128,52 @@ def test_a_tighter_field_of_view_is_the_measured_scale_times_it(ensemble, tmp_pa
     np.testing.assert_allclose(as_is["probs"], given["probs"], atol=1e-6)
     plain = run(iter_predict_crop_files(ensemble, paths, scale="as-is", exhaustive=True))
     assert not np.allclose(as_is["probs"], plain["probs"], atol=1e-4)
+
+
+def test_crop_table_flags_crops_unlike_the_training_cells():
+    """predict's table carries the review rule's columns, as classify's cells do."""
+    from napari_wbc.prediction import crop_table
+
+    result = {
+        "classes": ("a", "b"),
+        "paths": ["x.png", "y.png"],
+        "pred": np.array([0, 1]),
+        "confidence": np.array([0.9, 0.55]),
+        "needs_review": np.array([True, True]),
+        "out_of_distribution": np.array([True, False]),
+        "ood_score": np.array([1.7, 0.2]),
+        "passes": np.array([1, 4]),
+        "probs": np.array([[0.9, 0.1], [0.45, 0.55]]),
+        "warning": "most cells look unlike the training cells",
+        "tta": "d4",
+    }
+    table = crop_table(result)
+    assert list(table.columns) == [
+        "path", "class", "confidence", "needs_review", "out_of_distribution", "ood_score",
+        "passes", "a", "b",
+    ]  # fmt: skip
+    assert table["class"].tolist() == ["a", "b"]
+    assert table["out_of_distribution"].tolist() == [True, False]
+    assert table.attrs["warning"].startswith("most cells")
+    del result["out_of_distribution"], result["ood_score"], result["warning"]
+    assert "ood_score" not in crop_table(result) and "warning" not in crop_table(result).attrs
+
+
+@pytest.mark.realdata
+@pytest.mark.slow
+def test_predict_says_when_crops_come_from_a_lab_unlike_the_training_cells(data_dir):
+    from napari_wbc.prediction import crop_table, iter_predict_crop_files
+
+    def flagged(files):
+        result = run(iter_predict_crop_files("wbc-pbc", files, tta="none", device="cpu"))
+        return crop_table(result)
+
+    other = flagged(sorted((data_dir / "lisc" / "images" / "neutrophil").glob("*.jpg"))[:16])
+    own = flagged(sorted((data_dir / "pbc" / "images" / "neutrophil").glob("*.jpg"))[:16])
+    # the PBC specialist on LISC's crops: most unlike its training cells, and it says so
+    assert other["out_of_distribution"].mean() > 0.5
+    assert other["needs_review"][other["out_of_distribution"]].all()
+    assert "warning" in other.attrs
+    # on PBC's own crops: few, and no warning
+    assert own["out_of_distribution"].mean() < 0.2
+    assert "warning" not in own.attrs

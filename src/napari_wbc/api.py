@@ -147,16 +147,15 @@ def classify_crops(
     Returns
     -------
     DataFrame
-        One row per crop: ``path``, ``class``, ``confidence``, ``passes``
-        (forward passes it took) and one probability column per class.
-        ``attrs`` holds ``classes``, ``tta``, ``crop_scale`` and, where they
-        apply, ``route`` (which built-in model ``"auto"`` chose) and
-        ``adapted`` (the ensemble adapted to these crops).
+        One row per crop (:func:`napari_wbc.prediction.crop_table`): ``path``,
+        ``class``, ``confidence``, ``needs_review``, ``out_of_distribution``
+        and ``ood_score`` (with the model's trust statistics), ``passes`` and
+        one probability column per class. ``attrs`` holds ``classes``,
+        ``tta``, ``crop_scale`` and, where they apply, ``route`` (which
+        built-in model ``"auto"`` chose), ``adapted`` and ``warning``.
     """
-    import numpy as np
-    import pandas as pd
 
-    from .prediction import iter_predict_crop_files, list_crop_files
+    from .prediction import crop_table, iter_predict_crop_files, list_crop_files
     from .progress import run
 
     items = [crops] if isinstance(crops, (str, os.PathLike)) else list(crops)
@@ -165,22 +164,4 @@ def classify_crops(
         iter_predict_crop_files(model, paths, device=device, **options),
         callback,
     )
-    classes = [str(c) for c in result["classes"]]
-    table = pd.DataFrame(
-        {
-            "path": result["paths"],
-            "class": [classes[int(i)] for i in result["pred"]],
-            "confidence": np.asarray(result["confidence"], float),
-            "passes": np.asarray(result["passes"], int),
-        }
-    )
-    probs = pd.DataFrame(np.asarray(result["probs"], float), columns=classes)
-    table = pd.concat([table, probs], axis=1)
-    table.attrs.update(
-        {
-            key: result[key]
-            for key in ("classes", "tta", "crop_scale", "route", "adapted")
-            if key in result
-        }
-    )
-    return table
+    return crop_table(result)

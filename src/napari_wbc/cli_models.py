@@ -9,7 +9,6 @@ command is a thin layer over :mod:`napari_wbc.training` or
 from __future__ import annotations
 
 import argparse
-import csv
 import io
 import json
 import sys
@@ -466,7 +465,7 @@ def _evaluate_smears(args, model) -> int:
 
 
 def cmd_predict(args) -> int:
-    from .prediction import iter_predict_crop_files, list_crop_files
+    from .prediction import crop_table, iter_predict_crop_files, list_crop_files
 
     model = resolve_model(args.model)
     if args.save_adapted is not None:
@@ -493,28 +492,13 @@ def cmd_predict(args) -> int:
     _save_adapted(args, result.get("adapted"))
     if result.get("route"):
         print(f"model chosen: {_route_note(result['route'])}", file=sys.stderr)
-    classes = list(result["classes"])
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
+    if result.get("warning"):
+        print(f"warning: {result['warning']}", file=sys.stderr)
+    # needs_review, out_of_distribution, ood_score: the review rule, as classify's cells;
     # passes: forward passes the crop took (members × views; more where in doubt).
-    writer.writerow(["path", "class", "confidence", "passes", *classes])
-    for path, pred, conf, passes, probs in zip(
-        result["paths"],
-        result["pred"],
-        result["confidence"],
-        result["passes"],
-        result["probs"],
-        strict=True,
-    ):
-        writer.writerow(
-            [
-                path,
-                classes[int(pred)],
-                f"{float(conf):.6f}",
-                int(passes),
-                *(f"{float(p):.6f}" for p in probs),
-            ]
-        )
+    table = crop_table(result)
+    buffer = io.StringIO()
+    table.to_csv(buffer, index=False, float_format="%.6f", lineterminator="\n")
     if args.output is None:
         sys.stdout.write(buffer.getvalue())
     else:

@@ -104,6 +104,8 @@ def iter_predict_crop_files(
     dict
         The output of :func:`napari_wbc.inference.iter_predict_crops`
         (``probs``, ``pred``, ``confidence``, ``classes``, ...) plus ``paths``,
+        ``needs_review`` (and with trust statistics ``ood_score``,
+        ``out_of_distribution`` and maybe ``warning``: :func:`_review`),
         ``crop_scale`` (red-cell px and method, or None when taken as they
         are) and, with ``adapt``, ``adapted``.
     """
@@ -151,6 +153,7 @@ def iter_predict_crop_files(
         gate=not exhaustive,
         known=session.passes,
     )
+    result.update(_review(result, ensemble))
     result["paths"] = paths
     result["tta"] = tta if tta is not None else ensemble.tta
     result["crop_scale"] = (
@@ -163,6 +166,62 @@ def iter_predict_crop_files(
     if session.route is not None:
         result["route"] = session.route.to_dict()
     return result
+
+
+def crop_table(result: dict[str, Any]) -> pd.DataFrame:
+    """One row per crop of :func:`iter_predict_crop_files`'s result (``napari-wbc predict``'s table).
+
+    Columns: ``path``, ``class``, ``confidence``, ``needs_review`` (the review
+    rule, as for a smear's cells), with the model's trust statistics
+    ``out_of_distribution`` and ``ood_score`` (above 1: unlike the training
+    cells), ``passes`` (forward passes the crop took) and one probability
+    column per class. ``attrs``: ``classes``, ``tta``, ``crop_scale`` and,
+    where they apply, ``route``, ``adapted`` and ``warning``.
+    """
+    classes = [str(c) for c in result["classes"]]
+    table = pd.DataFrame(
+        {
+            "path": result["paths"],
+            "class": [classes[int(i)] for i in result["pred"]],
+            "confidence": np.asarray(result["confidence"], float),
+            "needs_review": np.asarray(result["needs_review"], bool),
+        }
+    )
+    if "out_of_distribution" in result:
+        table["out_of_distribution"] = np.asarray(result["out_of_distribution"], bool)
+        table["ood_score"] = np.asarray(result["ood_score"], float)
+    table["passes"] = np.asarray(result["passes"], int)
+    probs = pd.DataFrame(np.asarray(result["probs"], float), columns=classes)
+    table = pd.concat([table, probs], axis=1)
+    keys = ("classes", "tta", "crop_scale", "route", "adapted", "warning")
+    table.attrs.update({key: result[key] for key in keys if key in result})
+    return table
+
+
+def _review(result: dict[str, Any], ensemble: Ensemble) -> dict[str, Any]:
+    """The review rule on crops, as on a smear's cells (:func:`napari_wbc.trust.review_flags`).
+
+    ``needs_review`` per crop; with the model's trust statistics also
+    ``ood_score``, ``out_of_distribution`` and, when most crops look unlike
+    the training cells, the set's ``warning``.
+    """
+    from .inference import disagreement
+    from .trust import image_warning, review_flags
+
+    flags = review_flags(
+        result["confidence"],
+        disagreement(result["member_probs"], result["probs"]),
+        result.get("ood_distance"),
+        ensemble.trust,
+    )
+    out: dict[str, Any] = {"needs_review": flags["needs_review"]}
+    if flags["ood_score"] is not None:
+        out["ood_score"] = flags["ood_score"]
+        out["out_of_distribution"] = flags["out_of_distribution"]
+        warning = image_warning(flags["out_of_distribution"])
+        if warning:
+            out["warning"] = warning
+    return out
 
 
 def _loaded(model, device, classes=None):
