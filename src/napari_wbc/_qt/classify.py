@@ -30,6 +30,15 @@ from qtpy.QtWidgets import (
     QToolButton,
 )
 
+from ._cells import (
+    CLASSIFY_WIDGETS,
+    SESSION_MODELS,
+    SYMBOL_CELL,
+    SYMBOL_REVIEW,
+    camera,
+    class_rgba,
+    corrected_count,
+)
 from ._common import (
     OWNER_KEY,
     DockPage,
@@ -55,10 +64,7 @@ MODEL_DEFAULT = "three-lab ensemble (any lab)"
 MODEL_PBC = "PBC specialist (CellaVision-like images)"
 MODEL_FILE = "model file…"
 
-#: Cells flagged for review are drawn as squares: a shape, which no class colour
-#: can be mistaken for; the others as rings. Both are hollow, so the cell shows.
-SYMBOL_CELL = "disc"
-SYMBOL_REVIEW = "square"
+#: Cells are drawn hollow (rings; squares for review: _cells.SYMBOL_*), so the cell shows.
 #: Rings are drawn this much wider than the cell, so they sit around it.
 RING_SCALE = 1.35
 #: Ring line width, relative to the marker size.
@@ -66,35 +72,6 @@ RING_WIDTH = 0.08
 
 #: Milliseconds between the steps that show a new result layer.
 _STEP_MS = 5
-
-#: Models saved by the training widget during this session, offered at once.
-SESSION_MODELS: list[Path] = []
-
-
-def register_session_model(path: str | Path) -> None:
-    """Offer a newly trained model in every Classify widget."""
-    path = Path(path)
-    if path not in SESSION_MODELS:
-        SESSION_MODELS.append(path)
-    for widget in list(_WIDGETS):
-        widget.model.reset_choices()
-
-
-_WIDGETS: list[ClassifyWidget] = []
-
-
-def camera(viewer):
-    """The viewer's camera (``viewer.scene.camera`` since napari 0.9)."""
-    scene = getattr(viewer, "scene", None)
-    return scene.camera if scene is not None and hasattr(scene, "camera") else viewer.camera
-
-
-def class_rgba(names) -> np.ndarray:
-    """RGBA (0–1) of each class name, in the colours the count table and exports use."""
-    from ..export import class_colour
-
-    lookup = {name: (*np.asarray(class_colour(name)) / 255, 1.0) for name in set(names)}
-    return np.array([lookup[n] for n in names], float).reshape(-1, 4)
 
 
 def image_frame(image_layer) -> dict:
@@ -168,44 +145,6 @@ def _refill_points(layer, data: np.ndarray, kwargs: dict) -> None:
     layer.border_width = kwargs["border_width"]
     layer.text = kwargs["text"]
     layer.metadata = kwargs["metadata"]
-    layer.refresh()
-
-
-def set_cells_class(layer, rows, name: str) -> None:
-    """Give cells of a Points layer the class ``name``: a confirmation or a correction.
-
-    The one way every widget sets a class (Train's "Set class", Teach's
-    "Right" and "Set class"): on a Classify result the cells are also marked
-    ``reviewed`` (only reviewed cells are training labels), their ring takes
-    the class colour and is no longer a review square; on other layers the
-    point is filled with it. Setting the features tells the Classify widget
-    to count again.
-    """
-    rows = sorted(int(r) for r in rows)
-    features = layer.features.copy()
-    if "class" not in features.columns:
-        features["class"] = pd.Series([""] * len(layer.data), dtype=object)
-    features["class"] = features["class"].astype(object)
-    features.loc[rows, "class"] = name
-    classified = bool(layer.metadata.get("napari_wbc_cells"))
-    if classified:
-        if "reviewed" not in features.columns:
-            features["reviewed"] = False
-        features.loc[rows, "reviewed"] = True
-    layer.features = features
-    colour = class_rgba([name])[0]
-    if classified:  # hollow rings: colour the ring; reviewed cells are no longer squares
-        border = np.asarray(layer.border_color).copy()
-        border[rows] = colour
-        layer.border_color = border
-        symbols = np.asarray(layer.symbol, dtype=object).copy()
-        if symbols.ndim:
-            symbols[rows] = SYMBOL_CELL
-            layer.symbol = list(symbols)
-    else:
-        face = np.asarray(layer.face_color).copy()
-        face[rows] = colour
-        layer.face_color = face
     layer.refresh()
 
 
@@ -398,9 +337,9 @@ class ClassifyWidget(DockPage):
         self.counts.cellClicked.connect(lambda row, _col: self.step_class(row))
         for event in (napari_viewer.layers.events.inserted, napari_viewer.layers.events.removed):
             event.connect(self._refresh_layers)
-        _WIDGETS.append(self)
+        CLASSIFY_WIDGETS.append(self)
         self.native.destroyed.connect(
-            lambda *_: _WIDGETS.remove(self) if self in _WIDGETS else None
+            lambda *_: CLASSIFY_WIDGETS.remove(self) if self in CLASSIFY_WIDGETS else None
         )
 
     # -- choices -----------------------------------------------------------
@@ -758,26 +697,6 @@ class ClassifyWidget(DockPage):
             out = f"{len(out)} crops in {path}"
         show_info(f"exported {out}")
         return out
-
-
-def corrected_count(features: pd.DataFrame, classes=None) -> pd.DataFrame:
-    """The differential count of the result layer's cells as the user left them.
-
-    A cell excluded (not a white cell) is not counted, a class the user added
-    gets a row, and a cell the user confirmed or corrected no longer waits
-    for review.
-    """
-    from ..annotations import EXCLUDED
-    from ..pipeline import differential_count
-
-    names = features["class"].astype(str)
-    classes = list(classes or [])
-    classes += sorted({n for n in names if n not in classes and n not in ("", EXCLUDED)})
-    cells = features.assign(**{"class": names})
-    if "needs_review" in cells.columns and "reviewed" in cells.columns:
-        reviewed = cells["reviewed"].fillna(False).astype(bool)
-        cells["needs_review"] = cells["needs_review"].fillna(False).astype(bool) & ~reviewed
-    return differential_count(cells, classes)
 
 
 def _count_table(cells: pd.DataFrame) -> pd.DataFrame:

@@ -150,7 +150,7 @@ class TeachPanel:
 
     def show_cell(self) -> int | None:
         """Select and centre on the cell asked about; the class picker starts on its class."""
-        from .classify import camera
+        from ._cells import camera
 
         index = self.current()
         if index is None:
@@ -183,7 +183,7 @@ class TeachPanel:
             self._answer(index, name)
 
     def _answer(self, index: int, name: str) -> None:
-        from .classify import set_cells_class
+        from ._cells import set_cells_class
 
         set_cells_class(self.layer, [index], name)  # as Train's "Set class": the count follows
         self.position += 1
@@ -296,7 +296,7 @@ class TeachPanel:
 
     def _saved(self, path) -> None:
         """The taught model is saved: offer it and classify the smear again with it."""
-        from .classify import register_session_model
+        from ._cells import register_session_model
 
         self.saved = Path(path)
         register_session_model(path)
@@ -318,7 +318,7 @@ class TeachPanel:
     def _reclassified(self) -> None:
         """Keep the user's answers on the cells found again, and say what happened."""
         from ..teach import match_cells
-        from .classify import corrected_count, set_cells_class
+        from ._cells import corrected_count, set_cells_class
 
         yx, labels = self._taught or (np.zeros((0, 2)), [])
         layer = self.result_layer()

@@ -24,6 +24,7 @@ from qtpy.QtGui import QColor, QPainter, QPen, QPolygonF
 from qtpy.QtWidgets import QSizePolicy, QWidget
 
 from ..annotations import DEFAULT_MIN_CONFIDENCE, EXCLUDED
+from ._cells import SESSION_MODELS, camera, register_session_model, set_cells_class
 from ._common import (
     DockPage,
     WorkerRunner,
@@ -35,7 +36,6 @@ from ._common import (
     warm_up_models,
     wrapping_label,
 )
-from .classify import SESSION_MODELS, camera, register_session_model, set_cells_class
 
 if TYPE_CHECKING:
     import napari
