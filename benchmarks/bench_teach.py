@@ -125,7 +125,9 @@ def main(argv=None) -> int:
                 if n:
                     start = time.perf_counter()
                     config = TeachConfig(replay_share=args.replay_share)
-                    model = teach(ensemble, crops[taught], labels[taught], config, [stats])
+                    model = teach(
+                        ensemble, crops[taught], labels[taught], config=config, replay=[stats]
+                    )
                     seconds.append(time.perf_counter() - start)
                 rest = np.setdiff1d(np.arange(len(y)), taught)
                 probs = d4_probs(model.members[0].model, [f[rest] for f in feats])
