@@ -6,13 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from napari_wbc._qt.classify import (
-    MODEL_FILE,
-    SOURCE_POINTS,
-    ClassifyWidget,
-    camera,
-    register_session_model,
-)
+from napari_wbc._qt._cells import camera, register_session_model
+from napari_wbc._qt.classify import MODEL_FILE, SOURCE_POINTS, ClassifyWidget
 
 pytestmark = pytest.mark.gui
 

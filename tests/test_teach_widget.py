@@ -7,7 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from napari_wbc._qt.classify import ClassifyWidget, corrected_count
+from napari_wbc._qt._cells import corrected_count
+from napari_wbc._qt.classify import ClassifyWidget
 
 pytestmark = pytest.mark.gui
 

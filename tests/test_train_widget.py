@@ -6,7 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from napari_wbc._qt.classify import ClassifyWidget, camera
+from napari_wbc._qt._cells import camera
+from napari_wbc._qt.classify import ClassifyWidget
 from napari_wbc._qt.train import (
     BASE_FILE,
     SOURCE_CROPS,
