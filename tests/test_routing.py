@@ -281,3 +281,50 @@ def test_by_default_only_sets_given_to_the_three_lab_model_are_adapted(data_dir,
     assert len(pbc) >= PROTOTYPE_MIN_CELLS
     m = evaluate(router, pbc, tta="none")
     assert m["route"]["model"] == SPECIALIST and m["adapted"] is None
+
+
+def test_the_bccd_sample_goes_to_the_three_lab_model_and_is_classified_right(router):
+    # Six real BCCD cells: once only one of them lay beyond the specialist's threshold
+    # and it classified them (1 of 6 right). Six cells are too few to tell a lab by.
+    from napari_wbc.pipeline import ClassifyConfig, iter_classify_smear
+    from napari_wbc.progress import run
+    from napari_wbc.samples import load_sample
+
+    sample = load_sample("bccd")
+    truth = sample.truth
+    cells = run(
+        iter_classify_smear(
+            sample.image,
+            router,
+            ClassifyConfig(tta="none"),
+            points=truth[["y", "x"]].to_numpy(float),
+        )
+    )
+    assert cells.attrs["model"] == GENERALIST
+    assert "too few" in cells.attrs["route"]
+    # each cell against the truth at its place (the table is in the tiles' order)
+    d = np.hypot(
+        cells["y"].to_numpy()[:, None] - truth["y"].to_numpy()[None],
+        cells["x"].to_numpy()[:, None] - truth["x"].to_numpy()[None],
+    )
+    expected = truth["class"].to_numpy()[d.argmin(axis=1)]
+    assert len(cells) == 6 and len(set(d.argmin(axis=1))) == 6
+    right = int((cells["class"].to_numpy() == expected).sum())
+    assert right >= 5, list(zip(cells["class"], expected, strict=True))
+
+
+@pytest.mark.realdata
+@pytest.mark.slow
+def test_a_mosaic_of_bccd_fields_goes_to_the_three_lab_model(data_dir, router):
+    from PIL import Image
+
+    from napari_wbc.pipeline import ClassifyConfig, iter_classify_smear
+    from napari_wbc.progress import run
+
+    files = sorted((data_dir / "bccd" / "images").glob("*.jpg"))[:20]
+    tiles = [np.asarray(Image.open(f).convert("RGB"))[:480, :640] for f in files]
+    mosaic = np.concatenate([np.concatenate(tiles[r * 5 : r * 5 + 5], 1) for r in range(4)])
+    cells = run(iter_classify_smear(mosaic, router, ClassifyConfig(tta="none")))
+    assert len(cells) >= 15
+    assert cells.attrs["model"] == GENERALIST
+    assert "typical distance" in cells.attrs["route"]

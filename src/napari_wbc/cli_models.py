@@ -420,7 +420,12 @@ def _route_note(route: dict) -> str:
     """What ``--model auto`` chose for a crop set, and why."""
     from .routing import Route
 
-    return Route(route["model"], route["cells"], route["specialist_ood_share"]).note
+    return Route(
+        route["model"],
+        route["cells"],
+        route["specialist_ood_share"],
+        route.get("specialist_median_score"),
+    ).note
 
 
 def _save_adapted(args, adapted) -> None:

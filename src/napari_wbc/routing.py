@@ -11,7 +11,8 @@ its own about 1 % of cells lie beyond its threshold, on other labs' 72-99 %.
 and of the Classify widget) therefore looks at one source at a time (a smear
 or field, or a set of crops): the specialist classifies up to
 :data:`ROUTE_CELLS` of its cells without test-time augmentation, and if at
-most :data:`ROUTE_MAX_OOD_SHARE` of them lie beyond its threshold, and at
+most :data:`ROUTE_MAX_OOD_SHARE` of them lie beyond its threshold, their
+median distance is at most :data:`ROUTE_MAX_MEDIAN_SCORE` of it, and at
 least :data:`ROUTE_MIN_CELLS` were seen, the specialist classifies the
 source; otherwise the three-lab model does. The choice and the share are
 recorded with the result.
@@ -49,10 +50,19 @@ GENERALIST = "wbc-lite"
 #: other labs' 72-100 %): the share above which the specialist would warn
 #: that the image looks unlike its training data (trust.IMAGE_OOD_SHARE).
 ROUTE_MAX_OOD_SHARE = IMAGE_OOD_SHARE
+#: ... and when the median of their distances to its training cells, in units of that
+#: threshold, is at most this. Measured medians: PBC's own cells 0.20-0.26 (64 validation
+#: crops, the gallery; 0.24 re-cut at 0.7x their field of view), the synthetic sample smear
+#: (PBC cells on painted glass) 0.57; a mosaic of 20 BCCD fields 0.99, with only 48 % of its
+#: cells beyond the threshold. A share counts few cells coarsely; the median sees a whole
+#: source lying near the edge of the specialist's training cells.
+ROUTE_MAX_MEDIAN_SCORE = 0.75
 #: Cells the specialist looks at to decide (evenly spread over the source).
 ROUTE_CELLS = 64
-#: Fewer cells than this are too few to decide on: the three-lab model is used.
-ROUTE_MIN_CELLS = 5
+#: Fewer cells than this are too few to decide on: the three-lab model is used. With 6
+#: cells one cell moves the share by 17 %: the built-in BCCD sample's 6 cells had 1 beyond
+#: the threshold (median 0.62) and the specialist got 1 of 6 right; wbc-lite gets 6.
+ROUTE_MIN_CELLS = 8
 
 
 @dataclass
@@ -62,6 +72,9 @@ class Route:
     model: str
     cells: int
     ood_share: float | None
+    #: Median distance of the cells looked at to the specialist's training cells, in
+    #: units of its threshold (None when not measured).
+    median_score: float | None = None
     #: The specialist's passes over the cells it looked at (as it answers, with a
     #: count panel: :func:`napari_wbc.panels.restrict_passes`)
     #: (:class:`napari_wbc.passes.ViewSums`, rows: their indices among the
@@ -79,9 +92,16 @@ class Route:
                 f"{self.model}: {self.cells} cells, too few to tell whether the images "
                 f"are like the PBC specialist's (needs {ROUTE_MIN_CELLS})"
             )
+        median = (
+            ""
+            if self.median_score is None
+            else f", typical distance {self.median_score:.2f} of its limit (at most "
+            f"{ROUTE_MAX_MEDIAN_SCORE:.2f})"
+        )
         return (
             f"{self.model}: {self.ood_share:.0%} of {self.cells} cells look unlike the PBC "
-            f"specialist's training cells (it is used when at most {ROUTE_MAX_OOD_SHARE:.0%} do)"
+            f"specialist's training cells (it is used when at most {ROUTE_MAX_OOD_SHARE:.0%} "
+            f"do{median})"
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -89,6 +109,9 @@ class Route:
             "model": self.model,
             "cells": self.cells,
             "specialist_ood_share": None if self.ood_share is None else round(self.ood_share, 4),
+            "specialist_median_score": None
+            if self.median_score is None
+            else round(self.median_score, 4),
         }
 
 
@@ -187,6 +210,7 @@ class ModelRouter:
         seen = np.zeros(0, int)
         passes = None
         beyond = 0
+        scores = []
         for half in halves:
             if not len(half):
                 continue
@@ -202,13 +226,17 @@ class ModelRouter:
                 route = Route(GENERALIST, len(half), None, found=n)
                 yield Progress("route", 1, 1, route.note)
                 return self.answering(GENERALIST), route
-            beyond += int(np.count_nonzero(np.asarray(distance, float) > trust.ood_threshold))
+            score = np.asarray(distance, float) / trust.ood_threshold
+            scores.append(score)
+            beyond += int(np.count_nonzero(score > 1.0))
             seen = np.concatenate([seen, half])
             passes = more if passes is None else _join(passes, more)
             if beyond > ROUTE_MAX_OOD_SHARE * len(pick):
                 break
         share = beyond / len(seen)
-        chosen = SPECIALIST if share <= ROUTE_MAX_OOD_SHARE else GENERALIST
+        median = float(np.median(np.concatenate(scores)))
+        like = share <= ROUTE_MAX_OOD_SHARE and median <= ROUTE_MAX_MEDIAN_SCORE
+        chosen = SPECIALIST if like else GENERALIST
         answer = self.answering(chosen)
         passes = passes._replace(rows=seen)
         if chosen == SPECIALIST and answer is not passes.ensemble:
@@ -216,7 +244,7 @@ class ModelRouter:
             from .panels import restrict_passes
 
             passes = restrict_passes(passes, answer)
-        route = Route(chosen, len(seen), share, passes, found=n)
+        route = Route(chosen, len(seen), share, median, passes, found=n)
         log.info("model chosen: %s", route.note)
         yield Progress("route", 1, 1, route.note)
         return answer, route
