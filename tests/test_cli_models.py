@@ -231,7 +231,7 @@ def test_predict_to_stdout(model_path, disc_dir, capsys):
     capsys.readouterr()
     assert cli(["predict", str(disc_dir / "big_pink"), "--model", str(model_path)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[0].startswith("path,class,confidence,passes,")
+    assert lines[0].startswith("path,class,confidence,needs_review,passes,")
     assert len(lines) == 1 + len(list((disc_dir / "big_pink").glob("*.png")))
 
 
@@ -293,7 +293,8 @@ def test_predict_with_a_count_panel_answers_with_its_classes_only(model_path, di
         assert cli(argv) == 0
         tables[bool(panel)] = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
     full, two = tables[False], tables[True]
-    assert list(two[0]) == ["path", "class", "confidence", "passes", "big_pink", "small_pink"]
+    header = ["path", "class", "confidence", "needs_review", "passes", "big_pink", "small_pink"]
+    assert list(two[0]) == header
     for f, t in zip(full, two, strict=True):
         kept = np.array([float(f["big_pink"]), float(f["small_pink"])])
         np.testing.assert_allclose(
