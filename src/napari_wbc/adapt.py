@@ -505,8 +505,6 @@ def save_adapted_ensemble(path: str | os.PathLike, ensemble, source: str) -> Pat
     ``<stem>-<i>.safetensors`` beside the ensemble file ``path`` (``.json``).
     Raises :class:`AdaptationError` when any of them exists.
     """
-    from napari_wbc.models.files import save_ensemble
-
     path = Path(path)
     cells = int(ensemble.metrics.get("adapted", {}).get("cells", 0))
     method = ensemble.metrics.get("adapted", {}).get("method", "adabn")
@@ -523,15 +521,7 @@ def save_adapted_ensemble(path: str | os.PathLike, ensemble, source: str) -> Pat
         )
     for file, member in zip(files, ensemble.members, strict=True):
         save_adapted_model(file, member.model, member.config, source, cells, method)
-    return save_ensemble(
-        path,
-        files,
-        [m.weight for m in ensemble.members],
-        ensemble.tta,
-        name=path.stem,
-        metrics=dict(ensemble.metrics),
-        notes=f"{ensemble.name}: adapted without labels ({_NAMES[method]}) to {cells} "
-        f"cells of {source}",
-        trust=ensemble.trust.to_dict() if ensemble.trust is not None else None,
-        fov_scale=ensemble.fov_scale,
+    notes = (
+        f"{ensemble.name}: adapted without labels ({_NAMES[method]}) to {cells} cells of {source}"
     )
+    return ensemble.write_file(path, files, notes)

@@ -37,6 +37,7 @@ from napari_wbc.models.files import (
     check_tta,
     load_network,
     read_ensemble,
+    save_ensemble,
 )
 from napari_wbc.passes import INFERENCE_BATCH, ViewSums, combine
 from napari_wbc.preprocess import Preprocessor
@@ -165,6 +166,24 @@ class Ensemble:
         for member in self.members:
             member.model.to(device)
         return self
+
+    def write_file(self, path: Path, member_files: Sequence[Path], notes: str) -> Path:
+        """Write the ensemble file ``path`` listing ``member_files`` (saved already, in order).
+
+        The file keeps this ensemble's weights, TTA, metrics, trust statistics
+        and field of view; for ensembles made in memory (adapted, taught).
+        """
+        return save_ensemble(
+            path,
+            member_files,
+            [m.weight for m in self.members],
+            self.tta,
+            name=path.stem,
+            metrics=dict(self.metrics),
+            notes=notes,
+            trust=self.trust.to_dict() if self.trust is not None else None,
+            fov_scale=self.fov_scale,
+        )
 
     def predict(self, crops, **kwargs) -> dict[str, Any]:
         """Shortcut for :func:`predict_crops` (``ensemble.predict(crops)``)."""

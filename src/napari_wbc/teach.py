@@ -405,7 +405,7 @@ def save_taught(path: str | os.PathLike, ensemble: Ensemble) -> Path:
     TeachError
         When any of the files exists.
     """
-    from napari_wbc.models.files import save_ensemble, save_model
+    from napari_wbc.models.files import save_model
 
     path = Path(path).with_suffix(".json")
     files = [path.with_name(f"{path.stem}-{i}.safetensors") for i in range(len(ensemble.members))]
@@ -424,17 +424,7 @@ def save_taught(path: str | os.PathLike, ensemble: Ensemble) -> Path:
             f"Classifier refit to {sum(taught.get('cells', {}).values())} taught cells."
         )
         save_model(file, member.model, config)
-    return save_ensemble(
-        path,
-        files,
-        [m.weight for m in ensemble.members],
-        ensemble.tta,
-        name=path.stem,
-        metrics=dict(ensemble.metrics),
-        notes=ensemble.notes,
-        trust=ensemble.trust.to_dict() if ensemble.trust is not None else None,
-        fov_scale=ensemble.fov_scale,
-    )
+    return ensemble.write_file(path, files, ensemble.notes)
 
 
 def taught_models_dir() -> Path:
