@@ -6,7 +6,7 @@
 Protocol. The labelled labs are PBC, LISC and BCCD, scored on the five
 classes they share (basophil, eosinophil, lymphocyte, monocyte, neutrophil).
 A fold model ``<run>/<aug>-<lab>/model.safetensors`` (written by
-``scripts/train_crosslab.py --holdout <lab>``) never saw ``<lab>``: not in
+``napari-wbc train --labs ... --holdout <lab>``) never saw ``<lab>``: not in
 training, not in choosing epochs (both stages keep their last epoch). Here
 it is scored on every cell of ``<lab>`` that has one of the five classes:
 
@@ -48,7 +48,13 @@ import torch.nn.functional as F
 
 from napari_wbc.adapt import adapt_batchnorm
 from napari_wbc.crop_scale import measure_crop_scale, to_field_of_view
-from napari_wbc.datasets import SHARED_CLASSES, cached_lab_crops, decode_image, stratified_split
+from napari_wbc.datasets import (
+    LABS,
+    SHARED_CLASSES,
+    cached_lab_crops,
+    decode_image,
+    stratified_split,
+)
 from napari_wbc.metrics import classification_metrics
 from napari_wbc.models.files import load_network
 
@@ -203,10 +209,15 @@ def main(argv=None) -> int:
         # an 8-class model is an error, not skipped.
         classes = tuple(config.spec.classes)
         holdout = config.training.get("holdout")
+        if isinstance(holdout, list):
+            holdout = holdout[0] if len(holdout) == 1 else None
+        elif holdout is None and "labs" in config.training:  # napari_wbc.crosslab's models
+            left = [lab for lab in LABS if lab not in config.training["labs"]]
+            holdout = left[0] if len(left) == 1 else None
         fov_rbc = config.spec.fov_rbc
         name = model_file.parent.name
         t0 = time.time()
-        if holdout in ("pbc", "lisc", "bccd"):
+        if holdout in LABS:
             table, crops = cached_lab_crops(holdout, cache, 128, round(fov_rbc, 2))
             if holdout == "pbc":
                 pass  # the whole of PBC: the model never saw it

@@ -3,7 +3,7 @@
     python benchmarks/bench_teach.py outputs/crosslab --prefix in- --cells 0 1 3 5 10 --seeds 3
 
 Protocol (issue #33). A fold model ``<root>/<prefix><lab>/model.safetensors``
-(``scripts/train_crosslab.py --holdout <lab>``) never saw ``<lab>``. For
+(``napari-wbc train --labs ... --holdout <lab>``) never saw ``<lab>``. For
 each number of cells per class and each seed, that many cells of every class
 of the lab are drawn at random (seeded) and taught with
 :func:`napari_wbc.teach.teach` (defaults; the replayed statistics are those
@@ -51,14 +51,16 @@ def d4_probs(model, feats: list[torch.Tensor]) -> np.ndarray:
     return torch.stack([classify_features(model, f).softmax(1) for f in feats]).mean(0).numpy()
 
 
-def replay_stats(ensemble, holdout: str, classes: tuple[str, ...]) -> FeatureStats:
+def replay_stats(
+    ensemble, holdout: str, classes: tuple[str, ...], fov: float = 4.8
+) -> FeatureStats:
     """Feature statistics of the fold's training labs (a class-balanced sample)."""
     rng = np.random.default_rng(0)
     feats, labels = [], []
     for lab in LABS:
         if lab == holdout:
             continue
-        table, crops = cached_lab_crops(lab, CACHE, 128, 4.8)
+        table, crops = cached_lab_crops(lab, CACHE, 128, fov)
         if lab == "pbc":
             tr, _ = stratified_split(table["label"].tolist(), 0.2, seed=0)
             table, crops = table.iloc[tr], crops[tr]
@@ -96,14 +98,15 @@ def main(argv=None) -> int:
         ensemble = load_any(model_file, tta="d4")
         classes = tuple(ensemble.classes)
         assert classes == SHARED_CLASSES, classes
-        table, crops = cached_lab_crops(lab, CACHE, 128, 4.8)
+        fov = round(ensemble.members[0].config.spec.fov_rbc, 2)
+        table, crops = cached_lab_crops(lab, CACHE, 128, fov)
         labels = table["label"].to_numpy()
         scored = [c for c in classes if (labels == c).sum() > 2]
         keep = np.isin(labels, scored)
         table, crops, labels = table[keep], crops[keep], labels[keep]
         y = np.array([classes.index(v) for v in labels])
         t0 = time.perf_counter()
-        stats = replay_stats(ensemble, lab, classes)
+        stats = replay_stats(ensemble, lab, classes, fov)
         feats = view_features(ensemble, crops)
         print(f"{lab}: {len(y)} cells, features in {time.perf_counter() - t0:.0f} s")
         out[lab] = {}

@@ -28,6 +28,11 @@ sees them): two models that learned from different labels agreeing against
 a label is where the label itself is most in doubt.
 
 Runs are resumable: a fold whose model file exists is not retrained.
+
+It ran with the retired experimental trainer, whose ``--init-from`` and
+``--extra`` the product's trainer (napari_wbc.crosslab) does not have:
+restore it with ``git show 878e6a3:scripts/train_crosslab.py >
+scripts/train_crosslab.py`` to run this study again.
 """
 
 from __future__ import annotations
@@ -41,9 +46,9 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
-from scripts.train_crosslab import lab_crops, predict
 
-from napari_wbc.datasets import SHARED_CLASSES
+from napari_wbc.crosslab import predict_crops
+from napari_wbc.datasets import SHARED_CLASSES, cached_lab_crops
 from napari_wbc.metrics import classification_metrics
 from napari_wbc.models.files import load_network
 
@@ -157,7 +162,7 @@ def main(argv=None) -> int:
     out = args.output
     out.mkdir(parents=True, exist_ok=True)
 
-    table, crops = lab_crops("bccd", Path("outputs/crosslab/cache"))
+    table, crops = cached_lab_crops("bccd", Path("outputs/crosslab/cache"), 128, 4.8)
     labels = table["label"].tolist()
     fold = image_folds(table["path"].tolist(), labels, args.folds, args.split_seed)
     y = np.array([SHARED_CLASSES.index(v) for v in labels])
@@ -176,7 +181,7 @@ def main(argv=None) -> int:
     def run(model_path: Path, idx: np.ndarray) -> np.ndarray:
         model, config = load_network(model_path, cache=False)
         spec = config.spec
-        return predict(model, crops[idx], spec.input_size, spec.mean, spec.std).argmax(1)
+        return predict_crops(model, crops[idx], spec).argmax(1)
 
     # transfer and control never saw a BCCD cell: one pass over all of them each
     every = np.arange(len(y))

