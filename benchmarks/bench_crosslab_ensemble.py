@@ -3,7 +3,7 @@
     python benchmarks/bench_crosslab_ensemble.py outputs/lolo8c outputs/lolo8c-s1
 
 Each root holds ``<aug>-<lab>/model.safetensors`` fold models (one seed per
-root, from scripts/train_crosslab.py). Models of the same held-out lab are
+root, from napari-wbc train --labs). Models of the same held-out lab are
 averaged (probabilities, each over no TTA or D4) and scored on every cell of
 that lab, which none of them read; each member alone is listed too. Prints a
 markdown table (macro-F1 over the lab's classes; all the model's classes open).

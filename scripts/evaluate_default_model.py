@@ -3,7 +3,7 @@
     python scripts/evaluate_default_model.py [--model M] [-o outputs/default/evaluation.json]
 
 1. PBC validation split (20 % per class, seed 0, of PBC's 8-class table: the
-   split scripts/train_crosslab.py never trains on): the ensemble and each
+   split ``napari-wbc train --labs`` never trains on): the ensemble and each
    member, with D4 and without test-time augmentation, crops as they are and
    with the scale measured (what ``napari-wbc evaluate`` does by default),
    plus a confusion-matrix PNG.

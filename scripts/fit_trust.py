@@ -10,10 +10,9 @@ distance above which a cell looks unlike the training cells (the 99th
 percentile on validation cells). They are fitted on the cells the model
 learned from and on cells it kept out of training, as its training split them:
 
-* ``--split crosslab`` (the built-in model, scripts/train_crosslab.py
-  ``--holdout none --classes pbc``): feature centres on a seeded sample of
-  the training cells of all three labelled labs (PBC's training split, LISC,
-  BCCD), temperature and threshold on a seeded sample of PBC's validation
+* ``--split crosslab`` (the built-in model, ``napari-wbc train --labs``):
+  feature centres on a seeded sample of the training cells of every lab the
+  model was trained on (PBC's training split and the others), temperature and threshold on a seeded sample of PBC's validation
   split (20 % per class, seed 0), the one split never trained on;
 * ``--split pbc-subset`` (the earlier PBC-only model,
   scripts/train_default_model.sh): both on PBC, from that script's subset.
@@ -62,12 +61,12 @@ def pbc_samples(per_class: int):
     return train.assign(**as_lab), val.assign(**as_lab)
 
 
-def crosslab_samples(per_class: int, classes):
-    """Seeded samples as scripts/train_crosslab.py split the labs (all of them trained on)."""
+def crosslab_samples(per_class: int, classes, labs=("pbc", "lisc", "bccd")):
+    """Seeded samples as ``napari-wbc train --labs`` split the labs the model was trained on."""
     pbc = load_lab_table("pbc", classes=classes)
     tr, va = stratified_split(pbc["label"].tolist(), 0.2, seed=0)
     parts = [balanced_subset(pbc.iloc[tr], per_class=per_class, seed=1)]
-    for lab in ("lisc", "bccd"):
+    for lab in [lab for lab in labs if lab != "pbc"]:
         parts.append(balanced_subset(load_lab_table(lab), per_class=per_class // 2, seed=1))
     train = pd.concat(parts, ignore_index=True)
     val = balanced_subset(pbc.iloc[va], per_class=per_class, seed=2)
@@ -95,7 +94,8 @@ def main(argv=None) -> int:
     tta = args.tta or ens.tta
     index = {c: i for i, c in enumerate(ens.classes)}
     if args.split == "crosslab":
-        train, val = crosslab_samples(args.per_class, ens.classes)
+        labs = ens.members[0].config.training.get("labs", ("pbc", "lisc", "bccd"))
+        train, val = crosslab_samples(args.per_class, ens.classes, labs)
     else:
         train, val = pbc_samples(args.per_class)
     fit = member_outputs(ens, model_crops(ens, train), tta=tta)

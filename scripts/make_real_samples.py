@@ -87,7 +87,7 @@ def build_bccd(data: Path) -> None:
 
 
 def build_gallery(data: Path) -> None:
-    # The validation split of the built-in model (scripts/train_crosslab.py:
+    # The validation split of the built-in model (napari_wbc.crosslab.pbc_split:
     # 20 % of each class of PBC's 8-class table, seed 0; never trained on).
     table = load_lab_table("pbc", root=data, classes=PBC_CLASSES)
     _, va = stratified_split(table["label"].tolist(), 0.2, seed=0)

@@ -1,6 +1,6 @@
 """Package trained members as the built-in ensemble (half precision, inside the package).
 
-    python scripts/package_default_model.py outputs/builtin/dr-all-8c-s*/model.safetensors
+    python scripts/package_default_model.py outputs/builtin/wbc-lite.safetensors
 
 Re-saves every member with float16 weights into
 src/napari_wbc/resources/models/ as ``wbc-lite-<i>.safetensors``, removes the
@@ -9,8 +9,9 @@ wbc-lite.json there (test-time augmentation ``--tta``, d4 by default: chosen
 on PBC's validation split, see docs/results.md). Refit its trust statistics
 afterwards (scripts/fit_trust.py) and rerun scripts/evaluate_default_model.py.
 
-The members are those of scripts/train_crosslab.py ``--holdout none
---classes pbc``: trained on PBC (its training split), LISC and BCCD.
+The members are made by ``napari-wbc train --labs all --classes pbc``
+(scripts/train_default_model.sh): trained on PBC (its training split),
+LISC, BCCD and Raabin.
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ from napari_wbc.models.files import load_network, save_ensemble, save_model
 
 TARGET = Path(__file__).resolve().parents[1] / "src/napari_wbc/resources/models"
 NOTES = (
-    "napari-wbc default: resnet10t members trained from scratch on three labs (PBC, "
-    "Acevedo et al. 2020, CC BY 4.0; LISC; BCCD, MIT) with domain randomization and the "
-    "paper's two stages (scripts/train_crosslab.py --holdout none --classes pbc); "
+    "napari-wbc default: EfficientNet-Lite0 from ImageNet weights, trained on four labs (PBC, "
+    "Acevedo et al. 2020, CC BY 4.0; LISC; BCCD, MIT; Raabin-WBC) with domain randomization "
+    "and the paper's two stages (napari-wbc train --labs all --classes pbc --fov-rbc 3.2); "
     "see MODEL_CARD.md"
 )
 
