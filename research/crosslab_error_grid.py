@@ -29,7 +29,12 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(2)
     model, config = load_network(args.run / "model.safetensors", cache=False)
-    lab = config.training["holdout"]
+    lab = config.training.get("holdout")
+    if not isinstance(lab, str):  # napari_wbc.crosslab: the labs left out, or read them off
+        from napari_wbc.datasets import LABS
+
+        left = lab or [x for x in LABS if x not in config.training["labs"]]
+        lab = left[0]
     classes = tuple(config.spec.classes)
     table, crops = cached_lab_crops(
         lab, "outputs/crosslab/cache", 128, round(config.spec.fov_rbc, 2)

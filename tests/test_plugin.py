@@ -73,8 +73,9 @@ def test_wheel_contains_manifest_and_resources(wheel):
     models = {n for n in names if n.startswith("napari_wbc/resources/models/")}
     assert "napari_wbc/resources/models/wbc-lite.json" in models
     assert "napari_wbc/resources/models/wbc-pbc.json" in models
-    # Three members each: the three-lab default and the PBC specialist.
-    assert sum(n.endswith(".safetensors") for n in models) == 6
+    # Every member either ensemble file names: wbc-lite's one and the PBC specialist's three.
+    assert sum(n.endswith(".safetensors") for n in models) == 4
+    assert "napari_wbc/resources/models/wbc-lite-0.safetensors" in models
     # The real samples travel with their licences, within 1 MB.
     for name in ("bccd-fields.jpg", "bccd-fields.csv", "LICENSE-BCCD.txt"):
         assert f"napari_wbc/resources/samples/{name}" in samples
