@@ -670,7 +670,9 @@ def add_model_commands(subparsers) -> None:
         help="PBC's eight classes (default) or the five every lab has",
     )
     labs.add_argument("--arch", help="timm architecture (default tf_efficientnet_lite0)")
-    labs.add_argument("--fov-rbc", type=float, help="crop side in red-cell diameters")
+    labs.add_argument(
+        "--fov-rbc", type=float, help="crop side in red-cell diameters (default 3.2)"
+    )
     labs.add_argument(
         "--seeds", type=int, nargs="+", help="one member per seed, saved as an ensemble"
     )

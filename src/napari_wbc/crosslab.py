@@ -126,7 +126,7 @@ class LabsTrainConfig:
     arch: str = "tf_efficientnet_lite0"
     imagenet: bool = True
     input_size: int = 96
-    fov_rbc: float = 4.8
+    fov_rbc: float = 3.2
     epochs1: int = 24
     epochs2: int = 6
     steps: int = 40
