@@ -296,10 +296,6 @@ def predict_crops(model, crops: np.ndarray, spec: ModelSpec, d4: bool = False, b
 # -------------------------------------------------------------------- training
 
 
-def _checkpoint_dir(output: Path) -> Path:
-    return output.with_name(output.name + ".ckpt")
-
-
 def _write_checkpoint(folder: Path, model, opt, meta: dict) -> None:
     """Weights, optimizer tensors and a JSON state, swapped in whole (a crash keeps the old)."""
     import safetensors.torch
@@ -399,7 +395,9 @@ def iter_train_labs(
     mean = torch.tensor(spec.mean)[:, None, None]
     std = torch.tensor(spec.std)[:, None, None]
 
-    ckpt = _checkpoint_dir(output)
+    from napari_wbc.training import checkpoint_dir
+
+    ckpt = checkpoint_dir(output)
     state = _read_checkpoint(ckpt, config, model, opt) if resume else None
     start, history = (state["epoch"], state["history"]) if state else (0, [])
     total = config.epochs1 * config.steps
