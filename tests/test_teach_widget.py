@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+from qtpy.QtCore import Qt
 
 from napari_wbc._qt._cells import corrected_count
 from napari_wbc._qt.classify import ClassifyWidget
@@ -46,12 +47,20 @@ def test_five_corrected_cells_teach_the_model_and_count(
         assert 1 <= int((predicted[asked] == name).sum()) <= 5
     classes = list(result.metadata["classes"])
     taught: dict[tuple[float, float], str] = {}
-    for k in range(5):  # five corrections through the widget's class picker
+    assert teacher.class_names()[: len(classes)] == classes
+    for k in range(5):  # five corrections: two by number key, three by the class picker
         index = teacher.current()
         assert result.selected_data == {index}
         new = next(c for c in classes[k:] + classes if c != predicted[index])
-        teacher.pick.value = new
-        teacher.set_class_button.clicked()
+        if k < 2:
+            number = classes.index(new) + 1
+            assert teacher.pick.native.itemText(number - 1) == f"{number} {new}"
+            teacher.right_button.native.setFocus()
+            qtbot.keyClick(teacher.right_button.native, getattr(Qt.Key, f"Key_{number}"))
+        else:
+            teacher.pick.value = new
+            teacher.set_class_button.clicked()
+        assert teacher.current() != index
         taught[tuple(result.data[index])] = new
     index = teacher.current()  # and one confirmed as it is
     teacher.right_button.clicked()

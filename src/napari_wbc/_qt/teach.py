@@ -2,8 +2,9 @@
 
 After a Classify run, "Teach this lab" picks about five cells per predicted
 class (:func:`napari_wbc.teach.choose_cells_to_teach`) and shows them one by
-one; the user confirms each ("Right", or Enter) or corrects it (class, then
-"Set class"), as the Train widget's "Set class" does, so the count follows.
+one; the user confirms each ("Right", or Enter) or corrects it (its class's
+number key, or the class then "Set class"), as the Train widget's "Set class"
+does, so the count follows.
 "Refit" teaches the model the confirmed and corrected cells in a worker
 (:func:`napari_wbc.teach.iter_teach_smear`), saves it as a new model file,
 offers it in the Classify model choice and classifies the smear again with it.
@@ -16,8 +17,7 @@ from pathlib import Path
 import numpy as np
 from magicgui.widgets import ComboBox, PushButton
 from napari.layers import Points
-from qtpy.QtCore import Qt, QTimer
-from qtpy.QtGui import QKeySequence, QShortcut
+from qtpy.QtCore import QEvent, QObject, Qt, QTimer
 from qtpy.QtWidgets import QHBoxLayout, QStackedWidget, QWidget
 
 from ._common import WorkerRunner, image_levels, narrow_combo, same_layer
@@ -28,6 +28,30 @@ CELLS_PER_CLASS = 5
 
 def _is_result(layer) -> bool:
     return isinstance(layer, Points) and bool(layer.metadata.get("napari_wbc_cells"))
+
+
+def _key(value) -> int:
+    return int(getattr(value, "value", value))
+
+
+class _AnswerKeys(QObject):
+    """While cells are asked about: Enter confirms, 1-9 correct to the class numbered so."""
+
+    def __init__(self, panel):
+        super().__init__()
+        self.panel = panel
+
+    def eventFilter(self, obj, event) -> bool:
+        if event.type() != QEvent.Type.KeyPress or not self.panel.asking:
+            return False
+        key = _key(event.key())
+        if key in (_key(Qt.Key.Key_Return), _key(Qt.Key.Key_Enter)):
+            self.panel.confirm()
+            return True
+        if _key(Qt.Key.Key_1) <= key <= _key(Qt.Key.Key_9):
+            self.panel.key_class(key - _key(Qt.Key.Key_0))
+            return True
+        return False
 
 
 class TeachPanel:
@@ -96,10 +120,11 @@ class TeachPanel:
         self.right_button.clicked.connect(lambda: self.confirm())
         self.set_class_button.clicked.connect(lambda: self.correct(self.pick.value))
         self.refit_button.clicked.connect(lambda: self.refit())
-        shortcut = QShortcut(QKeySequence(Qt.Key.Key_Return), classify.native)
-        shortcut.setContext(Qt.ShortcutContext.WidgetWithChildrenShortcut)
-        shortcut.activated.connect(lambda: self.confirm())
-        self._shortcut = shortcut
+        # Enter confirms; the number keys 1-9 set the class numbered so in the picker.
+        # Keys the dock's focused widget leaves unused; not the canvas's, where napari's
+        # layer modes use the numbers.
+        self._keys = _AnswerKeys(self)
+        classify.native.installEventFilter(self._keys)
 
     # -- the cells ------------------------------------------------------------
     def result_layer(self) -> Points | None:
@@ -111,12 +136,24 @@ class TeachPanel:
         results = [other for other in viewer.layers if _is_result(other)]
         return results[-1] if results else None
 
-    def _class_choices(self, _w=None) -> list[str]:
+    def class_names(self) -> list[str]:
+        """The classes a cell can be given, in the picker's (and the number keys') order."""
         from ..annotations import EXCLUDED
 
         layer = self.layer if self.layer is not None else self.result_layer()
         classes = list(layer.metadata.get("classes", [])) if layer is not None else []
         return [*classes, EXCLUDED]
+
+    def _class_choices(self, _w=None) -> list[tuple[str, str]]:
+        # Shown with the number key that sets it ("3 lymphocyte"); the value is the name.
+        names = self.class_names()
+        return [(f"{i} {name}" if i <= 9 else name, name) for i, name in enumerate(names, 1)]
+
+    def key_class(self, number: int) -> None:
+        """Number key ``number`` (1-based, as shown in the picker): correct the cell to that class."""
+        names = self.class_names()
+        if 1 <= number <= len(names):
+            self.correct(names[number - 1])
 
     def result_shown(self) -> None:
         """A Classify run finished: the cells asked about so far belong to the last result."""
@@ -166,7 +203,7 @@ class TeachPanel:
             self.pick.value = name
         self.status.value = (
             f"Cell {self.position + 1} of {len(self.queue)}: {name}? "
-            "Right ✓ (Enter), or pick its class: Set class."
+            "Right ✓ (Enter), or its class's number key (as in the list), or pick it: Set class."
         )
         return index
 
