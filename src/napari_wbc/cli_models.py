@@ -465,12 +465,7 @@ def cmd_evaluate(args) -> int:
         f"forward passes per crop: {metrics['passes_per_crop']:g}"
         + (" (every view of every member)" if args.exhaustive else " (more only where in doubt)")
     )
-    found = metrics.get("crop_scale")
-    print(
-        "crop scale: taken as the model's field of view"
-        if found is None
-        else f"crop scale: red cell {found['rbc_diameter_px']:.1f} px ({found['method']})"
-    )
+    print(f"crop scale: {scale_note(metrics.get('crop_scale'))}")
     if metrics.get("route"):
         print(f"model chosen: {_route_note(metrics['route'])}")
     if metrics.get("adapted"):
@@ -542,6 +537,23 @@ def _evaluate_smears(args, model) -> int:
 # --------------------------------------------------------------------- predict
 
 
+def scale_note(found: dict | None) -> str:
+    """The crop scale used, in words (``crop_scale`` of a prediction)."""
+    if found is None:
+        return "taken as the model's field of view"
+    text = f"red cell {found['rbc_diameter_px']:.1f} px ({found['method']})"
+    if found.get("unsure"):
+        factors = [f for f in found.get("factors", [1.0]) if f != 1.0]
+        text += (
+            "; the measurement is unsure, so the crops were also classified with red cells "
+            + " and ".join(f"{f:g}×" for f in factors)
+            + " as large and the answers averaged (give --crop-scale to trust one figure)"
+            if factors
+            else "; the measurement is unsure (give --crop-scale if you know it)"
+        )
+    return text
+
+
 def cmd_predict(args) -> int:
     from .prediction import crop_table, iter_predict_crop_files, list_crop_files
 
@@ -568,6 +580,9 @@ def cmd_predict(args) -> int:
         args.quiet or args.output is None,
     )
     _save_adapted(args, result.get("adapted"))
+    found = result.get("crop_scale")
+    if found is not None and found.get("unsure"):
+        print(f"crop scale: {scale_note(found)}", file=sys.stderr)
     if result.get("route"):
         print(f"model chosen: {_route_note(result['route'])}", file=sys.stderr)
     if result.get("warning"):

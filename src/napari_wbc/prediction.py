@@ -27,11 +27,18 @@ from .routing import AUTO_MODEL, ROUTE_CELLS, ModelRouter
 from .session import ClassifySession
 
 __all__ = [
+    "UNSURE_SCALE_FACTORS",
     "evaluate",
     "iter_evaluate",
     "iter_predict_crop_files",
     "list_crop_files",
 ]
+
+
+#: When a crop set's measured scale is unsure, its crops are also classified
+#: with the red cell taken this many times as large, and the probabilities of
+#: the three scales averaged (docs/results.md, "A scale that is unsure").
+UNSURE_SCALE_FACTORS = (0.8, 1.25)
 
 
 def list_crop_files(items: Sequence[str | os.PathLike]) -> list[Path]:
@@ -57,6 +64,7 @@ def iter_predict_crop_files(
     adapt: bool | str = "auto",
     exhaustive: bool = False,
     classes: str | Sequence[str] | None = None,
+    several_scales: bool = True,
 ) -> ProgressGen[dict[str, Any]]:
     """Classify crop image files with a model or ensemble, as it was trained.
 
@@ -98,6 +106,11 @@ def iter_predict_crop_files(
     classes : str or sequence of str, optional
         A count panel to answer with: ``"5-part"``, class names, or None for
         every class of the model (:func:`napari_wbc.panels.restrict_classes`).
+    several_scales : bool
+        When the measured scale is unsure (:class:`napari_wbc.crop_scale.CropScale`),
+        also classify the crops with the red cell taken
+        :data:`UNSURE_SCALE_FACTORS` times as large and average the three
+        (default); False trusts the one figure. A given scale is always trusted.
 
     Returns
     -------
@@ -106,8 +119,9 @@ def iter_predict_crop_files(
         (``probs``, ``pred``, ``confidence``, ``classes``, ...) plus ``paths``,
         ``needs_review`` (and with trust statistics ``ood_score``,
         ``out_of_distribution`` and maybe ``warning``: :func:`_review`),
-        ``crop_scale`` (red-cell px and method, or None when taken as they
-        are) and, with ``adapt``, ``adapted``.
+        ``crop_scale`` (red-cell px, method, ``unsure`` and the ``factors``
+        classified at; None when taken as they are) and, with ``adapt``,
+        ``adapted``.
     """
     session = ClassifySession(_loaded(model, device, classes), adapt, device, batch_size)
     paths = [str(p) for p in paths]
@@ -153,19 +167,69 @@ def iter_predict_crop_files(
         gate=not exhaustive,
         known=session.passes,
     )
+    factors = [1.0]
+    if several_scales and found is not None and found.unsure:
+        from .progress import Progress
+
+        runs = [result]
+        for factor in UNSURE_SCALE_FACTORS:
+            yield Progress(
+                "scale",
+                len(runs) - 1,
+                len(UNSURE_SCALE_FACTORS),
+                f"the scale is unsure: classifying again with red cells {factor:g}× as large",
+            )
+            other = yield from ensemble.preprocessor.iter_read_crop_files(
+                paths, stain_source, found.rbc_diameter_px * factor
+            )
+            runs.append(
+                (
+                    yield from iter_predict_crops(
+                        ensemble,
+                        other,
+                        batch_size=batch_size,
+                        tta=tta,
+                        device=get_device(device),
+                        gate=not exhaustive,
+                    )
+                )
+            )
+            factors.append(factor)
+        result = merge_scales(runs)
     result.update(_review(result, ensemble))
     result["paths"] = paths
     result["tta"] = tta if tta is not None else ensemble.tta
     result["crop_scale"] = (
         None
         if found is None
-        else {"rbc_diameter_px": round(found.rbc_diameter_px, 2), "method": found.method}
+        else {
+            "rbc_diameter_px": round(found.rbc_diameter_px, 2),
+            "method": found.method,
+            "unsure": bool(found.unsure),
+            "factors": factors,
+        }
     )
     if method:
         result["adapted"] = ensemble
     if session.route is not None:
         result["route"] = session.route.to_dict()
     return result
+
+
+def merge_scales(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One prediction from :func:`~napari_wbc.inference.iter_predict_crops` results of the
+    same crops read at several scales: probabilities (and each member's, logits and the
+    out-of-distribution distance) averaged, passes and views added up."""
+    out = dict(runs[0])
+    for key in ("probs", "member_probs", "member_logits", "ood_distance"):
+        if all(run.get(key) is not None for run in runs):
+            out[key] = np.mean([np.asarray(run[key]) for run in runs], axis=0).astype(np.float32)
+    for key in ("passes", "views"):
+        out[key] = np.sum([np.asarray(run[key]) for run in runs], axis=0)
+    probs = np.asarray(out["probs"])
+    out["pred"] = probs.argmax(axis=1).astype(np.int64)
+    out["confidence"] = (probs.max(axis=1) if len(probs) else np.zeros(0)).astype(np.float32)
+    return out
 
 
 def crop_table(result: dict[str, Any]) -> pd.DataFrame:
@@ -281,6 +345,7 @@ def iter_evaluate(
     adapt: bool | str = "auto",
     exhaustive: bool = False,
     classes: str | Sequence[str] | None = None,
+    several_scales: bool = True,
 ) -> ProgressGen[dict[str, Any]]:
     """Classify labelled crops and score the predictions.
 
@@ -298,7 +363,7 @@ def iter_evaluate(
         Where to run.
     stain_source : {"auto", "fit", "training"}
         See :func:`iter_predict_crop_files`.
-    scale, adapt, exhaustive, classes
+    scale, adapt, exhaustive, classes, several_scales
         See :func:`iter_predict_crop_files`.
 
     Returns
@@ -340,6 +405,7 @@ def iter_evaluate(
         scale=scale,
         adapt=adapt,
         exhaustive=exhaustive,
+        several_scales=several_scales,
     )
     names = list(result["classes"])
     metrics = classification_metrics(list(map(str, df["label"])), result["pred"], names)
