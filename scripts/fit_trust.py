@@ -12,8 +12,11 @@ learned from and on cells it kept out of training, as its training split them:
 
 * ``--split crosslab`` (the built-in model, ``napari-wbc train --labs``):
   feature centres on a seeded sample of the training cells of every lab the
-  model was trained on (PBC's training split and the others), temperature and threshold on a seeded sample of PBC's validation
-  split (20 % per class, seed 0), the one split never trained on;
+  model was trained on (PBC's training split and the others), the temperature
+  on a seeded sample of PBC's validation split (20 % per class, seed 0), the one
+  split never trained on, and the threshold on that sample together with as many
+  other cells of each other lab (none of those the centres came from), so that a
+  cell is flagged when it is unlike every training lab, not only unlike PBC;
 * ``--split pbc-subset`` (the earlier PBC-only model,
   scripts/train_default_model.sh): both on PBC, from that script's subset.
 
@@ -62,15 +65,24 @@ def pbc_samples(per_class: int):
 
 
 def crosslab_samples(per_class: int, classes, labs=("pbc", "lisc", "bccd")):
-    """Seeded samples as ``napari-wbc train --labs`` split the labs the model was trained on."""
+    """Seeded samples as ``napari-wbc train --labs`` split the labs the model was trained on.
+
+    Returns the cells for the feature centres, PBC's validation sample and, for
+    the threshold, a sample of each other lab disjoint from the centres' cells.
+    """
     pbc = load_lab_table("pbc", classes=classes)
     tr, va = stratified_split(pbc["label"].tolist(), 0.2, seed=0)
     parts = [balanced_subset(pbc.iloc[tr], per_class=per_class, seed=1)]
+    others = []
     for lab in [lab for lab in labs if lab != "pbc"]:
-        parts.append(balanced_subset(load_lab_table(lab), per_class=per_class // 2, seed=1))
+        table = load_lab_table(lab)
+        fit = balanced_subset(table, per_class=per_class // 2, seed=1)
+        parts.append(fit)
+        rest = table[~table["path"].isin(fit["path"]) | ~table["cy"].isin(fit["cy"])]
+        others.append(balanced_subset(rest, per_class=per_class // 2, seed=2))
     train = pd.concat(parts, ignore_index=True)
     val = balanced_subset(pbc.iloc[va], per_class=per_class, seed=2)
-    return train, val
+    return train, val, pd.concat(others, ignore_index=True) if others else val.iloc[:0]
 
 
 def model_crops(ens, rows) -> np.ndarray:
@@ -95,11 +107,18 @@ def main(argv=None) -> int:
     index = {c: i for i, c in enumerate(ens.classes)}
     if args.split == "crosslab":
         labs = ens.members[0].config.training.get("labs", ("pbc", "lisc", "bccd"))
-        train, val = crosslab_samples(args.per_class, ens.classes, labs)
+        train, val, others = crosslab_samples(args.per_class, ens.classes, labs)
     else:
         train, val = pbc_samples(args.per_class)
+        others = val.iloc[:0]
     fit = member_outputs(ens, model_crops(ens, train), tta=tta)
     check = member_outputs(ens, model_crops(ens, val), tta=tta)
+    ood_features = None
+    if len(others):
+        more = member_outputs(ens, model_crops(ens, others), tta=tta)["features"]
+        ood_features = [
+            np.concatenate([a, b]) for a, b in zip(check["features"], more, strict=True)
+        ]
     stats = fit_trust_stats(
         fit["logits"],
         fit["features"],
@@ -108,11 +127,19 @@ def main(argv=None) -> int:
         check["features"],
         np.array([index[v] for v in val["label"]]),
         ens.weights,
+        ood_features=ood_features,
     )
     stats.extra = {
         "fitted_on": f"{len(train)} training cells "
         f"({', '.join(f'{k} {v}' for k, v in train['lab'].value_counts().items())}) and "
-        f"{len(val)} PBC validation crops (split {args.split}, seeds 1 and 2), TTA {tta}",
+        f"{len(val)} PBC validation crops (split {args.split}, seeds 1 and 2)"
+        + (
+            f"; threshold also on {len(others)} other cells "
+            f"({', '.join(f'{k} {v}' for k, v in others['lab'].value_counts().items())})"
+            if len(others)
+            else ""
+        )
+        + f", TTA {tta}",
         "script": "scripts/fit_trust.py",
     }
     config = read_ensemble(args.model)

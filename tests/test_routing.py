@@ -322,6 +322,19 @@ def test_the_bccd_sample_goes_to_the_three_lab_model_and_is_classified_right(rou
     assert right >= 5, list(zip(cells["class"], expected, strict=True))
 
 
+def test_the_bccd_sample_is_not_called_unlike_the_training_labs():
+    # wbc-lite trained on BCCD: its out-of-distribution threshold is set on
+    # cells of all four labs, so BCCD's own cells do not raise the image
+    # warning (with PBC's validation cells alone, 3 of the 6 did).
+    from napari_wbc.api import classify_smear
+    from napari_wbc.samples import load_sample
+
+    cells = classify_smear(load_sample("bccd").image)
+    assert cells.attrs["model"] == GENERALIST
+    assert "warning" not in cells.attrs, cells.attrs.get("warning")
+    assert int(cells["out_of_distribution"].sum()) <= 1
+
+
 @pytest.mark.realdata
 @pytest.mark.slow
 def test_a_mosaic_of_bccd_fields_goes_to_the_three_lab_model(data_dir, router):

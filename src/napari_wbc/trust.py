@@ -226,19 +226,22 @@ def fit_trust_stats(
     val_features: list[np.ndarray],
     val_labels: np.ndarray,
     weights: np.ndarray | None = None,
+    ood_features: list[np.ndarray] | None = None,
 ) -> TrustStats:
     """Trust statistics from the model's own lab, never from the cells it will judge.
 
     Feature centres come from training cells (``fit_*``); the temperature and
     the out-of-distribution threshold from validation cells (``val_*``).
     Logits are (M, N, C) per member, features a list of (N, D_m) arrays and
-    labels class indices.
+    labels class indices. ``ood_features``: the cells the threshold is set on
+    instead of the validation cells (a model trained on several labs: cells of
+    every one of them, none of those the centres came from).
     """
     n_classes = np.asarray(fit_logits).shape[-1]
     features = [FeatureStats.fit(f, fit_labels, n_classes) for f in fit_features]
     temperature = fit_temperature(val_logits, val_labels, weights)
     stats = TrustStats(temperature=temperature, features=features)
-    distance = stats.ood_distance(val_features)
+    distance = stats.ood_distance(val_features if ood_features is None else ood_features)
     stats.ood_threshold = float(np.quantile(distance, OOD_QUANTILE))
     stats.ece_before = expected_calibration_error(ensemble_probs(val_logits, weights), val_labels)
     stats.ece_after = expected_calibration_error(
