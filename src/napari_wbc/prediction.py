@@ -158,15 +158,19 @@ def iter_predict_crop_files(
         # The adaptation's look at every crop is the adapted model's first view.
         ensemble = session.adapt_to(crops, method, strict=True)
         yield Progress("adapt", 1, 1, "adapted")
-    result = yield from iter_predict_crops(
-        ensemble,
-        crops,
-        batch_size=batch_size,
-        tta=tta,
-        device=get_device(device),
-        gate=not exhaustive,
-        known=session.passes,
-    )
+
+    def classify(crops, known=None):
+        return iter_predict_crops(
+            ensemble,
+            crops,
+            batch_size=batch_size,
+            tta=tta,
+            device=get_device(device),
+            gate=not exhaustive,
+            known=known,
+        )
+
+    result = yield from classify(crops, session.passes)
     factors = [1.0]
     if several_scales and found is not None and found.unsure:
         from .progress import Progress
@@ -182,18 +186,7 @@ def iter_predict_crop_files(
             other = yield from ensemble.preprocessor.iter_read_crop_files(
                 paths, stain_source, found.rbc_diameter_px * factor
             )
-            runs.append(
-                (
-                    yield from iter_predict_crops(
-                        ensemble,
-                        other,
-                        batch_size=batch_size,
-                        tta=tta,
-                        device=get_device(device),
-                        gate=not exhaustive,
-                    )
-                )
-            )
+            runs.append((yield from classify(other)))
             factors.append(factor)
         result = merge_scales(runs)
     result.update(_review(result, ensemble))
