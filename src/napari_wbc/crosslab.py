@@ -29,7 +29,6 @@ file is written atomically at the very end.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -66,6 +65,7 @@ from napari_wbc.models.files import ModelConfig, save_model
 from napari_wbc.models.registry import PBC_CLASSES, ModelSpec
 from napari_wbc.progress import Progress, ProgressGen
 from napari_wbc.settings import data_root
+from napari_wbc.training import CheckedConfig
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ CHECKPOINT_VERSION = 1
 
 
 @dataclass
-class LabsTrainConfig:
+class LabsTrainConfig(CheckedConfig):
     """One network trained on several labs.
 
     Parameters
@@ -158,12 +158,6 @@ class LabsTrainConfig:
             out.append(f"fov_rbc must be between 1 and 10 red-cell diameters, got {self.fov_rbc}")
         return out
 
-    def validate(self) -> LabsTrainConfig:
-        problems = self.problems()
-        if problems:
-            raise WBCError("invalid training config: " + "; ".join(problems))
-        return self
-
     @property
     def class_names(self) -> tuple[str, ...]:
         return SHARED_CLASSES if self.classes == "shared" else PBC_CLASSES
@@ -182,9 +176,6 @@ class LabsTrainConfig:
             std=half if self.imagenet else ModelSpec.std,
             pretrained=self.imagenet,
         )
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 # ------------------------------------------------------------------------ data

@@ -43,7 +43,7 @@ import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 import pandas as pd
@@ -99,8 +99,26 @@ STAGES = ("both", "stage1", "stage2")
 CHECKPOINT_VERSION = 1
 
 
+class CheckedConfig:
+    """``validate`` and ``to_dict`` for a dataclass config that lists its ``problems``."""
+
+    def problems(self) -> list[str]:
+        raise NotImplementedError
+
+    def validate(self) -> Self:
+        """Raise :class:`WBCError` listing every problem; return self when fine."""
+        problems = self.problems()
+        if problems:
+            raise WBCError("invalid training config: " + "; ".join(problems))
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON-able dict."""
+        return dataclasses.asdict(self)
+
+
 @dataclass
-class TrainConfig:
+class TrainConfig(CheckedConfig):
     """How to train one model.
 
     Parameters
@@ -199,17 +217,6 @@ class TrainConfig:
                 "re-trains the model already at the output path"
             )
         return out
-
-    def validate(self) -> TrainConfig:
-        """Raise :class:`WBCError` listing every problem; return self when fine."""
-        problems = self.problems()
-        if problems:
-            raise WBCError("invalid training config: " + "; ".join(problems))
-        return self
-
-    def to_dict(self) -> dict[str, Any]:
-        """Return a JSON-able dict."""
-        return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
