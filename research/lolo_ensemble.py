@@ -41,14 +41,14 @@ def macro_f1(prob, labels, classes, present) -> float:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("roots", type=Path, nargs="+")
+    p.add_argument("roots", type=Path, nargs="*")
     p.add_argument("--default", type=Path, nargs="*", default=[])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     out: dict[str, dict] = {}
-    for lab in FOLDS:
+    for lab in FOLDS if args.roots else ():
         probs, row = [], {}
         for root in args.roots:
             model, config = load_network(root / f"in-{lab}" / "model.safetensors", cache=False)
@@ -74,7 +74,7 @@ def main(argv=None) -> int:
             _, va = pbc_split(table)
             labels = table["label"].iloc[va].tolist()
             probs.append(probabilities(model, to_input(crops[va], config), tta=True))
-            row[f"{file.name} ({config.spec.arch})"] = macro_f1(
+            row[f"{file.parent.name}/{file.name} ({config.spec.arch})"] = macro_f1(
                 probs[-1], labels, classes, classes
             )
         row["ensemble"] = macro_f1(np.mean(probs, axis=0), labels, classes, classes)
