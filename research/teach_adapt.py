@@ -132,7 +132,10 @@ def main(argv=None) -> int:
     for lab in FOLDS:
         others = [o for o in FOLDS if o != lab]
         best = max(VARIANTS, key=lambda v: np.mean([np.mean(scores[o][v]) for o in others]))
-        choice[lab] = {"chosen on other folds": best, "score": round(np.mean(scores[lab][best]), 4)}
+        choice[lab] = {
+            "chosen on other folds": best,
+            "score": round(np.mean(scores[lab][best]), 4),
+        }
         print(lab, choice[lab])
     if args.json:
         args.json.write_text(json.dumps({"scores": scores, "choice": choice}, indent=1))
