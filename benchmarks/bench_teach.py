@@ -74,6 +74,26 @@ def replay_stats(
     return FeatureStats.fit(np.concatenate(feats), np.asarray(labels), len(classes))
 
 
+def held_out_cells(model_file: Path, lab: str):
+    """A fold model and the cells of ``lab`` it is scored on.
+
+    Returns ``(ensemble, fov, table, crops, labels, y, scored)``: the model
+    (D4), its field of view, the lab's rows and crops cut at it, their labels
+    and class indices, and the classes with more than two cells (the only
+    ones kept).
+    """
+    ensemble = load_any(model_file, tta="d4")
+    classes = tuple(ensemble.classes)
+    fov = round(ensemble.members[0].config.spec.fov_rbc, 2)
+    table, crops = cached_lab_crops(lab, CACHE, 128, fov)
+    labels = table["label"].to_numpy()
+    scored = [c for c in classes if (labels == c).sum() > 2]
+    keep = np.isin(labels, scored)
+    table, crops, labels = table[keep], crops[keep], labels[keep]
+    y = np.array([classes.index(v) for v in labels])
+    return ensemble, fov, table, crops, labels, y, scored
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("root", type=Path)
@@ -95,16 +115,9 @@ def main(argv=None) -> int:
         if not model_file.is_file():
             print(f"{lab}: no fold model at {model_file}; skipped")
             continue
-        ensemble = load_any(model_file, tta="d4")
+        ensemble, fov, _, crops, labels, y, scored = held_out_cells(model_file, lab)
         classes = tuple(ensemble.classes)
         assert classes == SHARED_CLASSES, classes
-        fov = round(ensemble.members[0].config.spec.fov_rbc, 2)
-        table, crops = cached_lab_crops(lab, CACHE, 128, fov)
-        labels = table["label"].to_numpy()
-        scored = [c for c in classes if (labels == c).sum() > 2]
-        keep = np.isin(labels, scored)
-        table, crops, labels = table[keep], crops[keep], labels[keep]
-        y = np.array([classes.index(v) for v in labels])
         t0 = time.perf_counter()
         stats = replay_stats(ensemble, lab, classes, fov)
         feats = view_features(ensemble, crops)

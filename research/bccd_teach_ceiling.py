@@ -18,10 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from benchmarks.bench_teach import CACHE, d4_probs, replay_stats, view_features
+from benchmarks.bench_teach import d4_probs, held_out_cells, replay_stats, view_features
 
-from napari_wbc.datasets import cached_lab_crops
-from napari_wbc.inference import load_any
 from napari_wbc.metrics import classification_metrics
 from napari_wbc.teach import teach
 
@@ -34,15 +32,8 @@ def main(argv=None) -> int:
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    ensemble = load_any(args.model, tta="d4")
+    ensemble, fov, table, crops, labels, y, scored = held_out_cells(args.model, "bccd")
     classes = tuple(ensemble.classes)
-    fov = round(ensemble.members[0].config.spec.fov_rbc, 2)
-    table, crops = cached_lab_crops("bccd", CACHE, 128, fov)
-    labels = table["label"].to_numpy()
-    scored = [c for c in classes if (labels == c).sum() > 2]
-    keep = np.isin(labels, scored)
-    table, crops, labels = table[keep], crops[keep], labels[keep]
-    y = np.array([classes.index(v) for v in labels])
     fields = table["path"].to_numpy()
     unique = np.unique(fields)
     fold_of_field = dict(

@@ -28,10 +28,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from benchmarks.bench_teach import CACHE, replay_stats, view_features
+from benchmarks.bench_teach import held_out_cells, replay_stats, view_features
 
-from napari_wbc.datasets import cached_lab_crops
-from napari_wbc.inference import load_any
 from napari_wbc.metrics import classification_metrics
 from napari_wbc.models.build import classifier_modules
 from napari_wbc.teach import teach
@@ -84,15 +82,10 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     scores: dict[str, dict[str, list[float]]] = {}
     for lab in FOLDS:
-        ensemble = load_any(args.root / f"in-{lab}" / "model.safetensors", tta="d4")
+        ensemble, fov, _, crops, labels, y, scored = held_out_cells(
+            args.root / f"in-{lab}" / "model.safetensors", lab
+        )
         classes = tuple(ensemble.classes)
-        fov = round(ensemble.members[0].config.spec.fov_rbc, 2)
-        table, crops = cached_lab_crops(lab, CACHE, 128, fov)
-        labels = table["label"].to_numpy()
-        scored = [c for c in classes if (labels == c).sum() > 2]
-        keep = np.isin(labels, scored)
-        crops, labels = crops[keep], labels[keep]
-        y = np.array([classes.index(v) for v in labels])
         stats = replay_stats(ensemble, lab, classes, fov)
         views = [f.numpy().astype(np.float64) for f in view_features(ensemble, crops)]
         scores[lab] = {v: [] for v in VARIANTS}
