@@ -11,11 +11,16 @@ where in doubt. Each with ``adapt=False`` and with prototype adaptation
 more). BCCD's cells are cut from its fields at twice the field of view (as
 ``benchmarks/bench_gate.py`` does) and scored on its four classes with more
 than two cells. Nothing is chosen on the lab scored.
+
+``--three-scales``: classify every set as if its measured scale were unsure
+(×0.8, ×1 and ×1.25 averaged, ``prediction.UNSURE_SCALE_FACTORS``), to see
+whether always hedging the scale pays.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import tempfile
 from pathlib import Path
@@ -27,6 +32,7 @@ from benchmarks.bench_gate import lab_sets
 from napari_wbc.datasets import load_lab_table
 from napari_wbc.inference import Ensemble, EnsembleMember
 from napari_wbc.models.files import load_network
+from napari_wbc.preprocess import Preprocessor
 from napari_wbc.prediction import evaluate
 from napari_wbc.threads import configure_threads
 
@@ -46,7 +52,16 @@ def main(argv=None) -> int:
     p.add_argument("--methods", nargs="+", default=["none", "prototypes"])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--three-scales", action="store_true")
     args = p.parse_args(argv)
+    if args.three_scales:
+        measure = Preprocessor.resolve_crop_scale
+
+        def unsure(self, *a, **k):
+            found = measure(self, *a, **k)
+            return None if found is None else dataclasses.replace(found, unsure=True)
+
+        Preprocessor.resolve_crop_scale = unsure
     configure_threads(args.threads)
     sets = lab_sets(0, Path(tempfile.mkdtemp()))
     tables = {"lisc": sets["LISC"], "bccd": sets["BCCD"], "raabin": load_lab_table("raabin")}
@@ -60,6 +75,8 @@ def main(argv=None) -> int:
             m = evaluate(ensemble, table, adapt=False if method == "none" else method)
             f1 = [m["per_class"][c]["f1"] for c in classes]
             row = metric_row(m, fold=lab, members=len(args.roots), adapt=method)
+            row["roots"] = [str(r) for r in args.roots]
+            row["three_scales"] = args.three_scales
             row["macro_f1_scored"] = round(float(np.mean(f1)), 4)
             row["scored_classes"] = classes
             row["crop_scale"] = m.get("crop_scale")

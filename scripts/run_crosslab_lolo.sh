@@ -6,6 +6,7 @@
 #   nohup bash scripts/run_crosslab_lolo.sh > outputs/crosslab2/queue.log 2>&1 &
 #   OUT=outputs/crosslab2-lite1 ARCH=tf_efficientnet_lite1 nohup bash scripts/run_crosslab_lolo.sh ...
 #   OUT=outputs/crosslab3-e36 EPOCHS1=36 nohup bash scripts/run_crosslab_lolo.sh ...
+#   OUT=outputs/crosslab2-s1 SEED=1 SCORE=0 nohup bash scripts/run_crosslab_lolo.sh ...
 #
 # Each fold leaves one lab out (never read). Its field of view was chosen
 # without the held-out lab (research/fov_probe.py, docs/results.md); every
@@ -17,6 +18,7 @@ OUT=${OUT:-outputs/crosslab2}
 SEED=${SEED:-0}
 ARCH=${ARCH:-tf_efficientnet_lite0}
 EPOCHS1=${EPOCHS1:-}  # stage-1 epochs; empty: the recipe's default
+SCORE=${SCORE:-1}  # 0: train only (score with research/lolo_ensemble.py)
 fold() {  # fold HELD_OUT FOV
   local dir=$OUT/in-$1
   [[ -f $dir/model.safetensors ]] && return 0
@@ -25,4 +27,5 @@ fold() {  # fold HELD_OUT FOV
     --arch "$ARCH" ${EPOCHS1:+--epochs1 "$EPOCHS1"} --threads 1 -q -o "$dir/model.safetensors" > "$dir/train.log" 2>&1
 }
 fold raabin 3.2 & fold lisc 4.8 & fold bccd 3.2 & wait
+[[ $SCORE == 0 ]] && exit 0
 python benchmarks/bench_crosslab.py "$OUT" --json "$OUT/lolo.json"
