@@ -32,8 +32,8 @@ from benchmarks.bench_gate import lab_sets
 from napari_wbc.datasets import load_lab_table
 from napari_wbc.inference import Ensemble, EnsembleMember
 from napari_wbc.models.files import load_network
-from napari_wbc.preprocess import Preprocessor
 from napari_wbc.prediction import evaluate
+from napari_wbc.preprocess import Preprocessor
 from napari_wbc.threads import configure_threads
 
 

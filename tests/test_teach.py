@@ -109,6 +109,9 @@ def test_bad_teaching_input_says_what_to_do(tiny_model_path):
         teach(ensemble, crops[:0], [])
     with pytest.raises(TeachError, match="one label per crop"):
         teach(ensemble, crops, ["basophil", "monocyte"])
+    # Every bad setting is named at once.
+    with pytest.raises(TeachError, match=r"invalid teach settings: steps .*; replay_share"):
+        teach(ensemble, crops, ["a"], config=TeachConfig(steps=0, replay_share=1.0))
 
 
 def test_d4_views_are_the_eight_symmetries():

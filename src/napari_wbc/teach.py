@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from napari_wbc.errors import WBCError
+from napari_wbc.errors import Checked, WBCError
 from napari_wbc.features import iter_member_outputs
 from napari_wbc.inference import Ensemble, EnsembleMember
 from napari_wbc.losses import HybridLoss
@@ -68,7 +68,7 @@ class TeachError(WBCError, ValueError):
 
 
 @dataclass
-class TeachConfig:
+class TeachConfig(Checked):
     """How the classifier is refit to the taught cells.
 
     Parameters
@@ -97,12 +97,16 @@ class TeachConfig:
     gamma: float = 2.0
     seed: int = 0
 
-    def validate(self) -> TeachConfig:
+    error = TeachError
+    label = "teach settings"
+
+    def problems(self) -> list[str]:
+        out = []
         if self.steps < 1 or self.batch_size < 2:
-            raise TeachError("steps must be ≥ 1 and batch_size ≥ 2")
+            out.append("steps must be ≥ 1 and batch_size ≥ 2")
         if not 0 <= self.replay_share < 1:
-            raise TeachError(f"replay_share must be in [0, 1), got {self.replay_share}")
-        return self
+            out.append(f"replay_share must be in [0, 1), got {self.replay_share}")
+        return out
 
 
 def d4_views(crops: np.ndarray) -> list[np.ndarray]:

@@ -43,7 +43,7 @@ import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -58,7 +58,7 @@ from napari_wbc.datasets import (
     load_labelled_crops,
     stratified_split,
 )
-from napari_wbc.errors import DataError, WBCError
+from napari_wbc.errors import Checked, DataError, WBCError
 from napari_wbc.losses import HybridLoss
 from napari_wbc.metrics import classification_metrics
 from napari_wbc.models.build import (
@@ -99,18 +99,10 @@ STAGES = ("both", "stage1", "stage2")
 CHECKPOINT_VERSION = 1
 
 
-class CheckedConfig:
-    """``validate`` and ``to_dict`` for a dataclass config that lists its ``problems``."""
+class CheckedConfig(Checked):
+    """A training config: ``validate`` (:class:`~napari_wbc.errors.Checked`) and ``to_dict``."""
 
-    def problems(self) -> list[str]:
-        raise NotImplementedError
-
-    def validate(self) -> Self:
-        """Raise :class:`WBCError` listing every problem; return self when fine."""
-        problems = self.problems()
-        if problems:
-            raise WBCError("invalid training config: " + "; ".join(problems))
-        return self
+    label = "training config"
 
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-able dict."""

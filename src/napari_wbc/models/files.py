@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from napari_wbc.atomic import atomic_write
-from napari_wbc.errors import ModelFileError, WBCError
+from napari_wbc.errors import Checked, ModelFileError, WBCError
 from napari_wbc.models.registry import ModelSpec
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -70,7 +70,7 @@ _MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(Checked):
     """Everything needed to use a trained model again.
 
     Parameters
@@ -113,6 +113,9 @@ class ModelConfig:
     torch_version: str = ""
     timm_version: str = ""
 
+    error = ModelFileError
+    label = "model config"
+
     @property
     def classes(self) -> tuple[str, ...]:
         return self.spec.classes
@@ -147,13 +150,6 @@ class ModelConfig:
             except (TypeError, ValueError) as exc:
                 out.append(f"not JSON-serialisable: {exc}")
         return out
-
-    def validate(self) -> ModelConfig:
-        """Raise :class:`ModelFileError` listing every problem; return self when fine."""
-        problems = self.problems()
-        if problems:
-            raise ModelFileError("invalid model config: " + "; ".join(problems))
-        return self
 
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-able dict."""

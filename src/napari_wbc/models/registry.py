@@ -17,7 +17,7 @@ import logging
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from napari_wbc.errors import WBCError
+from napari_wbc.errors import Checked, WBCError
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ HALF_STD: tuple[float, float, float] = (0.5, 0.5, 0.5)
 
 
 @dataclass
-class ModelSpec:
+class ModelSpec(Checked):
     """How to build one classifier and how to prepare its input.
 
     Parameters
@@ -128,12 +128,8 @@ class ModelSpec:
             out.append("timm_kwargs must be a dict")
         return out
 
-    def validate(self) -> ModelSpec:
-        """Raise :class:`WBCError` listing every problem; return self when fine."""
-        problems = self.problems()
-        if problems:
-            raise WBCError(f"invalid model spec {self.name!r}: " + "; ".join(problems))
-        return self
+    def describe(self) -> str:
+        return f"model spec {self.name!r}"
 
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-able dict (tuples become lists)."""
