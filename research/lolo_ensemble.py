@@ -74,9 +74,9 @@ def main(argv=None) -> int:
             _, va = pbc_split(table)
             labels = table["label"].iloc[va].tolist()
             probs.append(probabilities(model, to_input(crops[va], config), tta=True))
-            row[f"{file.parent.name}/{file.name} ({config.spec.arch})"] = macro_f1(
-                probs[-1], labels, classes, classes
-            )
+            row[
+                f"{file.parent.parent.name}/{file.parent.name}/{file.name} ({config.spec.arch})"
+            ] = macro_f1(probs[-1], labels, classes, classes)
         row["ensemble"] = macro_f1(np.mean(probs, axis=0), labels, classes, classes)
         out["pbc validation (8 classes)"] = row
         print("pbc validation", row, flush=True)
