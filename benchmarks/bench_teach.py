@@ -13,6 +13,11 @@ more than two cells (its two basophils are neither taught nor scored).
 
 The refit time is the wall time of ``teach`` (features of the taught cells
 under eight views, then the classifier refit), on the threads given.
+Several roots make one ensemble of their fold models (one member each, e.g.
+two training seeds): each member's classifier is refit on its own features
+(``teach`` does this for every member), and the members' D4 probabilities
+are averaged.
+
 Nothing here changes the fold model or chooses anything on the lab scored.
 """
 
@@ -38,11 +43,12 @@ CACHE = Path("outputs/crosslab/cache")
 REPLAY_PER_GROUP = 200
 
 
-def view_features(ensemble, crops: np.ndarray) -> list[torch.Tensor]:
-    """The single member's features of every crop under each D4 view."""
+def view_features(ensemble, crops: np.ndarray) -> list[list[torch.Tensor]]:
+    """Each member's features of every crop under each D4 view (``[member][view]``)."""
+    outs = [member_outputs(ensemble, v)["features"] for v in d4_views(crops)]
     return [
-        torch.from_numpy(np.asarray(member_outputs(ensemble, v)["features"][0], np.float32))
-        for v in d4_views(crops)
+        [torch.from_numpy(np.asarray(o[m], np.float32)) for o in outs]
+        for m in range(len(ensemble.members))
     ]
 
 
@@ -53,10 +59,11 @@ def d4_probs(model, feats: list[torch.Tensor]) -> np.ndarray:
 
 def replay_stats(
     ensemble, holdout: str, classes: tuple[str, ...], fov: float = 4.8
-) -> FeatureStats:
-    """Feature statistics of the fold's training labs (a class-balanced sample)."""
+) -> list[FeatureStats]:
+    """Each member's feature statistics of the fold's training labs (a class-balanced sample)."""
     rng = np.random.default_rng(0)
-    feats, labels = [], []
+    feats: list[list[np.ndarray]] = [[] for _ in ensemble.members]
+    labels = []
     for lab in LABS:
         if lab == holdout:
             continue
@@ -69,20 +76,24 @@ def replay_stats(
             rows = np.flatnonzero(lab_labels == c)
             pick = rng.choice(rows, size=min(REPLAY_PER_GROUP, len(rows)), replace=False)
             if len(pick):
-                feats.append(member_outputs(ensemble, crops[pick])["features"][0])
+                for m, f in enumerate(member_outputs(ensemble, crops[pick])["features"]):
+                    feats[m].append(f)
                 labels += [classes.index(c)] * len(pick)
-    return FeatureStats.fit(np.concatenate(feats), np.asarray(labels), len(classes))
+    return [FeatureStats.fit(np.concatenate(f), np.asarray(labels), len(classes)) for f in feats]
 
 
-def held_out_cells(model_file: Path, lab: str):
-    """A fold model and the cells of ``lab`` it is scored on.
+def held_out_cells(model_file: Path | list[Path], lab: str):
+    """A fold model (or several, as one ensemble) and the cells of ``lab`` it is scored on.
 
     Returns ``(ensemble, fov, table, crops, labels, y, scored)``: the model
     (D4), its field of view, the lab's rows and crops cut at it, their labels
     and class indices, and the classes with more than two cells (the only
     ones kept).
     """
-    ensemble = load_any(model_file, tta="d4")
+    files = model_file if isinstance(model_file, list) else [model_file]
+    ensemble = load_any(files[0], tta="d4")
+    for extra in files[1:]:
+        ensemble.members += load_any(extra, tta="d4").members
     classes = tuple(ensemble.classes)
     fov = round(ensemble.members[0].config.spec.fov_rbc, 2)
     table, crops = cached_lab_crops(lab, CACHE, 128, fov)
@@ -96,7 +107,7 @@ def held_out_cells(model_file: Path, lab: str):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("root", type=Path)
+    p.add_argument("root", type=Path, nargs="+", help="one or more runs (their members pooled)")
     p.add_argument("--prefix", default="in-")
     p.add_argument("--labs", nargs="+", default=["raabin", "lisc", "bccd"])
     p.add_argument("--cells", nargs="+", type=int, default=[0, 1, 3, 5, 10])
@@ -111,9 +122,10 @@ def main(argv=None) -> int:
 
     rows, out = [], {}
     for lab in args.labs:
-        model_file = args.root / f"{args.prefix}{lab}" / "model.safetensors"
-        if not model_file.is_file():
-            print(f"{lab}: no fold model at {model_file}; skipped")
+        model_file = [root / f"{args.prefix}{lab}" / "model.safetensors" for root in args.root]
+        missing = [str(f) for f in model_file if not f.is_file()]
+        if missing:
+            print(f"{lab}: no fold model at {', '.join(missing)}; skipped")
             continue
         ensemble, fov, _, crops, labels, y, scored = held_out_cells(model_file, lab)
         classes = tuple(ensemble.classes)
@@ -142,11 +154,17 @@ def main(argv=None) -> int:
                     start = time.perf_counter()
                     config = TeachConfig(replay_share=args.replay_share)
                     model = teach(
-                        ensemble, crops[taught], labels[taught], config=config, replay=[stats]
+                        ensemble, crops[taught], labels[taught], config=config, replay=stats
                     )
                     seconds.append(time.perf_counter() - start)
                 rest = np.setdiff1d(np.arange(len(y)), taught)
-                probs = d4_probs(model.members[0].model, [f[rest] for f in feats])
+                probs = np.mean(
+                    [
+                        d4_probs(member.model, [f[rest] for f in feats[m]])
+                        for m, member in enumerate(model.members)
+                    ],
+                    axis=0,
+                )
                 m = classification_metrics(y[rest], probs.argmax(1), classes)
                 f1 = [m["per_class"][c]["f1"] for c in scored]
                 scores.append(float(np.mean(f1)))

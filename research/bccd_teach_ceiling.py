@@ -44,8 +44,8 @@ def main(argv=None) -> int:
         )
     )
     fold = np.array([fold_of_field[f] for f in fields])
-    stats = replay_stats(ensemble, "bccd", classes, fov)
-    feats = view_features(ensemble, crops)
+    stats = replay_stats(ensemble, "bccd", classes, fov)[0]
+    feats = view_features(ensemble, crops)[0]
     pred = np.zeros(len(y), int)
     for k in range(args.folds):
         train, test = np.flatnonzero(fold != k), np.flatnonzero(fold == k)

@@ -86,8 +86,8 @@ def main(argv=None) -> int:
             args.root / f"in-{lab}" / "model.safetensors", lab
         )
         classes = tuple(ensemble.classes)
-        stats = replay_stats(ensemble, lab, classes, fov)
-        views = [f.numpy().astype(np.float64) for f in view_features(ensemble, crops)]
+        stats = replay_stats(ensemble, lab, classes, fov)[0]
+        views = [f.numpy().astype(np.float64) for f in view_features(ensemble, crops)[0]]
         scores[lab] = {v: [] for v in VARIANTS}
         for seed in range(args.seeds):
             rng = np.random.default_rng([seed, args.cells])

@@ -48,8 +48,8 @@ def main(argv=None) -> int:
             args.root / f"in-{lab}" / "model.safetensors", lab
         )
         classes = tuple(ensemble.classes)
-        stats = replay_stats(ensemble, lab, classes, fov)
-        feats = view_features(ensemble, crops)
+        stats = replay_stats(ensemble, lab, classes, fov)[0]
+        feats = view_features(ensemble, crops)[0]
         scores[lab] = {}
         for name, (share, steps, lr) in zip(names, grid, strict=True):
             f1s = []

@@ -18,12 +18,13 @@ OUT=${OUT:-outputs/crosslab2}
 SEED=${SEED:-0}
 ARCH=${ARCH:-tf_efficientnet_lite0}
 EPOCHS1=${EPOCHS1:-}  # stage-1 epochs; empty: the recipe's default
+TRAIN=${TRAIN:-napari-wbc}  # the trainer's command (a research wrapper of it, e.g. "python -m research.mixstyle_train")
 SCORE=${SCORE:-1}  # 0: train only (score with research/lolo_ensemble.py)
 fold() {  # fold HELD_OUT FOV
   local dir=$OUT/in-$1
   [[ -f $dir/model.safetensors ]] && return 0
   mkdir -p "$dir"
-  napari-wbc train --labs all --holdout "$1" --classes shared --fov-rbc "$2" --seed "$SEED" \
+  $TRAIN train --labs all --holdout "$1" --classes shared --fov-rbc "$2" --seed "$SEED" \
     --arch "$ARCH" ${EPOCHS1:+--epochs1 "$EPOCHS1"} --threads 1 -q -o "$dir/model.safetensors" > "$dir/train.log" 2>&1
 }
 fold raabin 3.2 & fold lisc 4.8 & fold bccd 3.2 & wait
