@@ -57,6 +57,14 @@ def d4_probs(model, feats: list[torch.Tensor]) -> np.ndarray:
     return torch.stack([classify_features(model, f).softmax(1) for f in feats]).mean(0).numpy()
 
 
+def ensemble_probs(ensemble, feats: list[list[torch.Tensor]], rows: np.ndarray) -> np.ndarray:
+    """The members' D4 probabilities of ``rows`` (features from :func:`view_features`), averaged."""
+    return np.mean(
+        [d4_probs(m.model, [f[rows] for f in feats[i]]) for i, m in enumerate(ensemble.members)],
+        axis=0,
+    )
+
+
 def replay_stats(
     ensemble, holdout: str, classes: tuple[str, ...], fov: float = 4.8
 ) -> list[FeatureStats]:
@@ -158,13 +166,7 @@ def main(argv=None) -> int:
                     )
                     seconds.append(time.perf_counter() - start)
                 rest = np.setdiff1d(np.arange(len(y)), taught)
-                probs = np.mean(
-                    [
-                        d4_probs(member.model, [f[rest] for f in feats[m]])
-                        for m, member in enumerate(model.members)
-                    ],
-                    axis=0,
-                )
+                probs = ensemble_probs(model, feats, rest)
                 m = classification_metrics(y[rest], probs.argmax(1), classes)
                 f1 = [m["per_class"][c]["f1"] for c in scored]
                 scores.append(float(np.mean(f1)))

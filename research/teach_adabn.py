@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from benchmarks.bench_teach import d4_probs, held_out_cells, replay_stats, view_features
+from benchmarks.bench_teach import ensemble_probs, held_out_cells, replay_stats, view_features
 
 from napari_wbc.adapt import adapt_ensemble
 from napari_wbc.metrics import classification_metrics
@@ -62,13 +62,7 @@ def main(argv=None) -> int:
                 if n:
                     model = teach(adapted, crops[taught], labels[taught], replay=stats)
                 rest = np.setdiff1d(np.arange(len(y)), taught)
-                probs = np.mean(
-                    [
-                        d4_probs(member.model, [f[rest] for f in feats[m]])
-                        for m, member in enumerate(model.members)
-                    ],
-                    axis=0,
-                )
+                probs = ensemble_probs(model, feats, rest)
                 met = classification_metrics(y[rest], probs.argmax(1), classes)
                 scores.append(float(np.mean([met["per_class"][c]["f1"] for c in scored])))
             out[lab][n] = scores
