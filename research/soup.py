@@ -46,13 +46,12 @@ def soup(files: list[Path], output: Path) -> Path:
             mixed[key] = torch.stack([s[key].float() for s in states]).mean(0).to(value.dtype)
         else:  # counters (num_batches_tracked): keep the first model's
             mixed[key] = value
-    soup_model = copy.deepcopy(first)
-    soup_model.load_state_dict(mixed)
+    first.load_state_dict(mixed)  # a private copy (cache=False): nothing else holds it
     config = copy.deepcopy(config)
     config.notes = f"uniform weight average of {len(files)} models: " + ", ".join(map(str, files))
     config.created = ""
     output.parent.mkdir(parents=True, exist_ok=True)
-    return save_model(output, soup_model, config)
+    return save_model(output, first, config)
 
 
 def main(argv=None) -> int:
